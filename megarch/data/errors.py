@@ -1,0 +1,5 @@
+"""The one error type for bad data input: the message names the file (and line or field) and the fix."""
+
+
+class DataError(ValueError):
+    """Bad input data or a corrupt dataset file; the message says where and what to do."""
