@@ -1,0 +1,7 @@
+"""``python -m megarch.data`` is ``megarch-data``."""
+
+import sys
+
+from megarch.cli.data import main
+
+sys.exit(main())
