@@ -1,4 +1,7 @@
-"""The one error type for bad data input: the message names the file (and line or field) and the fix."""
+"""The one error type for bad data input.
+
+Its message names the file (and line or field) and says the fix.
+"""
 
 
 class DataError(ValueError):
