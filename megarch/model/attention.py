@@ -1,0 +1,156 @@
+"""One attention function for every mask the study needs, named as the samples name them.
+
+Mask semantics (the contract with megarch.data.samples, and with the attention kernel):
+
+- ``segment_ids`` [batch, len]: 1, 2, ... per packed segment, 0 = padding. Attention never
+  crosses segments, and a padding key (segment 0) is visible to no query. A padding query
+  therefore sees nothing; its output is exactly zero (no NaN, forward or backward).
+- ``CAUSAL``: key j is visible from query i iff same segment and ``j <= i``.
+- ``PREFIX``: same segment and (``j <= i`` or ``j < prefix_len[i]``). ``prefix_len`` is [batch]
+  (one prefix per row) or [batch, len] (one value per query position, for packed rows), in row
+  positions; 0 gives the causal mask.
+- ``BIDIRECTIONAL``: same segment.
+- ``CROSS``: decoder query i sees encoder key j iff ``q_segment_ids[i] == k_segment_ids[j]``
+  (and the key is not padding).
+
+Omitted segment ids mean one segment with no padding. Tensors are laid out
+``[batch, heads, len, head_dim]``.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+import torch.nn.functional as F
+
+
+class MaskMode(enum.IntEnum):
+    """Which keys a query may see (integers so a kernel can take them as a compile-time mode)."""
+
+    CAUSAL = 0
+    PREFIX = 1
+    BIDIRECTIONAL = 2
+    CROSS = 3
+
+
+def build_mask(
+    mode: MaskMode,
+    q_len: int,
+    k_len: int,
+    q_segment_ids: torch.Tensor | None = None,
+    k_segment_ids: torch.Tensor | None = None,
+    prefix_len: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """The boolean visibility mask ``[batch or 1, q_len, k_len]`` (True = key visible).
+
+    For the self-attention modes ``k_segment_ids`` defaults to ``q_segment_ids`` and
+    ``q_len == k_len``. See the module docstring for the rules.
+    """
+    mode = MaskMode(mode)
+    if mode != MaskMode.CROSS:
+        if q_len != k_len:
+            raise ValueError(f"{mode.name} self-attention needs q_len == k_len, got {q_len}, "
+                             f"{k_len}")
+        if k_segment_ids is None:
+            k_segment_ids = q_segment_ids
+    if q_segment_ids is not None:
+        device = q_segment_ids.device
+    elif k_segment_ids is not None:
+        device = k_segment_ids.device
+    q_idx = torch.arange(q_len, device=device)[:, None]  # [q_len, 1]
+    k_idx = torch.arange(k_len, device=device)[None, :]  # [1, k_len]
+    mask = torch.ones(1, q_len, k_len, dtype=torch.bool, device=device)  # [1, q_len, k_len]
+    if mode == MaskMode.CAUSAL:
+        mask = mask & (k_idx <= q_idx)
+    elif mode == MaskMode.PREFIX:
+        if prefix_len is None:
+            raise ValueError("MaskMode.PREFIX needs prefix_len ([batch] or [batch, q_len])")
+        prefix = prefix_len.to(device)
+        prefix = prefix.reshape(-1, 1) if prefix.dim() <= 1 else prefix  # [batch, 1 or q_len]
+        mask = mask & ((k_idx <= q_idx) | (k_idx < prefix[:, :, None]))  # [batch, q, k]
+    if k_segment_ids is not None:
+        mask = mask & (k_segment_ids != 0)[:, None, :]  # padding keys: [batch, 1, k_len]
+        if q_segment_ids is not None:
+            mask = mask & (q_segment_ids[:, :, None] == k_segment_ids[:, None, :])
+    elif q_segment_ids is not None:
+        mask = mask & (q_segment_ids != 0)[:, :, None]  # padding queries see nothing
+    return mask
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mode: MaskMode,
+    *,
+    q_segment_ids: torch.Tensor | None = None,
+    k_segment_ids: torch.Tensor | None = None,
+    prefix_len: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Masked multi-head attention: softmax(q k^T * scale + bias, masked) v.
+
+    Args:
+        q: [batch, heads, q_len, head_dim].
+        k, v: [batch, heads, k_len, head_dim].
+        mode: the mask rule (module docstring).
+        q_segment_ids, k_segment_ids: [batch, q_len] / [batch, k_len]; 0 = padding.
+        prefix_len: PREFIX only: [batch] or [batch, q_len].
+        bias: additive, broadcastable to [batch, heads, q_len, k_len] (relative positions).
+        scale: logit scale, default ``head_dim ** -0.5``.
+        dropout_p: dropout on the attention probabilities (apply only while training).
+
+    Returns [batch, heads, q_len, head_dim] in q's dtype; rows with no visible key are zero.
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    # ---- Kernel dispatch point ---------------------------------------------------------------
+    # On CUDA the Triton attention kernel (kernels/, same MaskMode integers and arguments) is
+    # called here; until it lands every device takes the PyTorch reference path below.
+    out = _kernel_attention(q, k, v, mode, q_segment_ids, k_segment_ids, prefix_len, bias, scale,
+                            dropout_p)
+    if out is not None:
+        return out
+    mask = build_mask(mode, q.shape[-2], k.shape[-2], q_segment_ids, k_segment_ids, prefix_len,
+                      device=q.device)
+    return attention_reference(q, k, v, mask[:, None], bias=bias, scale=scale,
+                               dropout_p=dropout_p)
+
+
+def _kernel_attention(q, k, v, mode, q_segment_ids, k_segment_ids, prefix_len, bias, scale,
+                      dropout_p) -> torch.Tensor | None:
+    """The fused kernel's output, or None where it does not apply (today: always None)."""
+    return None
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    scale: float,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Plain PyTorch attention with an explicit boolean ``mask`` [batch or 1, 1, q_len, k_len].
+
+    Scores and softmax run in float32 (float64 inputs stay float64). Fully masked rows give
+    zeros, and zero gradients, instead of NaN.
+    """
+    compute = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.matmul(q.to(compute), k.to(compute).transpose(-1, -2)) * scale  # [b,h,q,k]
+    if bias is not None:
+        scores = scores + bias.to(compute)
+    visible_row = mask.any(dim=-1, keepdim=True)  # [batch, 1, q_len, 1]
+    # -inf on hidden keys; rows with nothing visible get 0 scores, then 0 probabilities.
+    scores = scores.masked_fill(~mask, float("-inf")).masked_fill(~visible_row, 0.0)
+    probs = torch.softmax(scores, dim=-1).masked_fill(~visible_row, 0.0)  # [b, h, q, k]
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p, training=True)
+    out = torch.matmul(probs, v.to(compute))  # [batch, heads, q_len, head_dim]
+    return out.to(q.dtype)

@@ -1,0 +1,98 @@
+"""Pre-norm transformer blocks. Each block is self-contained: it holds its own relative position
+bias table (when the model uses T5 biases) and computes everything it needs from the sample
+fields it is given, so a pipeline stage can hold any run of blocks.
+
+Block layout (T5 v1.1 / T5X, pre-norm, dropout on each sub-layer's output)::
+
+    x = x + dropout(self_attention(norm(x)))
+    x = x + dropout(cross_attention(norm(x), encoder_out))     # encoder-decoder decoder only
+    x = x + dropout(feed_forward(norm(x)))
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from megarch.config.model import ModelConfig
+from megarch.model.attention import MaskMode
+from megarch.model.layers import CrossAttention, FeedForward, RMSNorm, SelfAttention
+from megarch.model.position import RelativePositionBias
+
+
+def _position_parts(
+    cfg: ModelConfig, n_heads: int, bidirectional: bool
+) -> tuple[RelativePositionBias | None, float | None]:
+    """This block's bias table (T5 relative) or rotary base (rotary); the other is None."""
+    if cfg.position == "rotary":
+        return None, cfg.rotary_base
+    bias = RelativePositionBias(n_heads, bidirectional, cfg.rel_buckets, cfg.rel_max_distance)
+    return bias, None
+
+
+class SelfAttentionBlock(nn.Module):
+    """Self-attention + GEGLU: the decoder-only layer (CD and ND) and the encoder layer.
+
+    The mask mode is a forward argument, not part of the block: the same parameters serve the
+    causal, prefix and bidirectional masks. ``bidirectional_buckets`` picks the relative
+    position bucketing (see megarch.model.position).
+    """
+
+    def __init__(self, cfg: ModelConfig, bidirectional_buckets: bool, n_heads: int | None = None):
+        super().__init__()
+        n_heads = n_heads or cfg.n_heads  # a tensor-parallel rank passes its local head count
+        self.rel_bias, rotary_base = _position_parts(cfg, n_heads, bidirectional_buckets)
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = SelfAttention(cfg.d_model, n_heads, cfg.kv_dim, cfg.dropout, rotary_base)
+        self.ff_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mode: MaskMode,
+        positions: torch.Tensor,
+        segment_ids: torch.Tensor | None = None,
+        prefix_len: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: [batch, len, d_model]; positions, segment_ids: [batch, len]."""
+        bias = self.rel_bias(positions, positions) if self.rel_bias is not None else None
+        h = self.attn(self.attn_norm(x), mode, positions=positions, segment_ids=segment_ids,
+                      prefix_len=prefix_len, bias=bias)
+        x = x + self.dropout(h)
+        return x + self.dropout(self.ff(self.ff_norm(x)))  # [batch, len, d_model]
+
+
+class CrossAttentionBlock(nn.Module):
+    """The encoder-decoder's decoder layer: causal self-attention, cross-attention, GEGLU."""
+
+    def __init__(self, cfg: ModelConfig, n_heads: int | None = None):
+        super().__init__()
+        n_heads = n_heads or cfg.n_heads
+        self.rel_bias, rotary_base = _position_parts(cfg, n_heads, bidirectional=False)
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = SelfAttention(cfg.d_model, n_heads, cfg.kv_dim, cfg.dropout, rotary_base)
+        self.cross_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.cross = CrossAttention(cfg.d_model, n_heads, cfg.kv_dim, cfg.dropout)
+        self.ff_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        segment_ids: torch.Tensor | None,
+        encoder_out: torch.Tensor,
+        encoder_segment_ids: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """x: [batch, dec_len, d_model]; encoder_out: [batch, enc_len, d_model]."""
+        bias = self.rel_bias(positions, positions) if self.rel_bias is not None else None
+        h = self.attn(self.attn_norm(x), MaskMode.CAUSAL, positions=positions,
+                      segment_ids=segment_ids, bias=bias)
+        x = x + self.dropout(h)
+        h = self.cross(self.cross_norm(x), encoder_out, segment_ids=segment_ids,
+                       encoder_segment_ids=encoder_segment_ids)
+        x = x + self.dropout(h)
+        return x + self.dropout(self.ff(self.ff_norm(x)))  # [batch, dec_len, d_model]

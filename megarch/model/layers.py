@@ -1,0 +1,164 @@
+"""The layers of the study's blocks: RMS "T5 LayerNorm", GEGLU feed-forward, self- and
+cross-attention. No biases anywhere (PAPER.md).
+
+Every layer takes its sizes explicitly (not a ModelConfig), so a tensor-parallel rank can build
+the same class with its share of heads (attention) or hidden units (feed-forward): the head /
+hidden dimension of ``q, k, v, wi_*`` is column-sharded and the input dimension of ``o, wo``
+row-sharded, Megatron-style.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megarch.model.attention import MaskMode, attention
+from megarch.model.position import apply_rotary, rotary_cos_sin
+
+
+@functools.cache
+def apex_rms_norm() -> Callable | None:
+    """NVIDIA apex's fused RMS norm function when that apex is installed, else None.
+
+    Another package may also be called ``apex``: only one exposing
+    ``apex.normalization.FusedRMSNorm`` counts. Absence is normal and silent.
+    """
+    try:
+        import apex.normalization as normalization
+        from apex.normalization.fused_layer_norm import fused_rms_norm_affine
+    except Exception:  # ImportError, or a foreign "apex" failing in its own way
+        return None
+    if not hasattr(normalization, "FusedRMSNorm"):
+        return None
+    return fused_rms_norm_affine
+
+
+class RMSNorm(nn.Module):
+    """T5's LayerNorm: ``x / sqrt(mean(x^2) + eps) * weight``; no mean subtraction, no bias.
+
+    Computed in float32 and returned in the input's dtype. On CUDA it uses apex's fused kernel
+    when NVIDIA apex is installed.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            fused = apex_rms_norm()
+            if fused is not None:
+                return fused(x, self.weight, self.weight.shape, self.eps)
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class FeedForward(nn.Module):
+    """GEGLU: ``wo(gelu(wi_gate x) * wi_up x)``, tanh-approximated GELU as T5 v1.1/T5X."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0):
+        super().__init__()
+        self.wi_gate = nn.Linear(d_model, d_ff, bias=False)
+        self.wi_up = nn.Linear(d_model, d_ff, bias=False)
+        self.wo = nn.Linear(d_ff, d_model, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [batch, len, d_model]
+        hidden = F.gelu(self.wi_gate(x), approximate="tanh") * self.wi_up(x)  # [b, len, d_ff]
+        return self.wo(self.dropout(hidden))  # [batch, len, d_model]
+
+
+def _split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    batch, length, _ = x.shape
+    return x.view(batch, length, n_heads, -1).transpose(1, 2)  # [batch, heads, len, head_dim]
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    batch, _, length, _ = x.shape
+    return x.transpose(1, 2).reshape(batch, length, -1)  # [batch, len, heads * head_dim]
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention: projections ``q, k, v, o`` without biases.
+
+    Logits are scaled by ``head_dim ** -0.5`` explicitly (T5 folds that factor into the query
+    initialisation instead; the two are equivalent under Adafactor, and this one also under Adam).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, head_dim: int, dropout: float = 0.0,
+                 rotary_base: float | None = None):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, head_dim
+        self.dropout = dropout
+        self.rotary_base = rotary_base  # None: no rotary (positions come as a bias)
+        inner = n_heads * head_dim
+        self.q = nn.Linear(d_model, inner, bias=False)
+        self.k = nn.Linear(d_model, inner, bias=False)
+        self.v = nn.Linear(d_model, inner, bias=False)
+        self.o = nn.Linear(inner, d_model, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mode: MaskMode,
+        *,
+        positions: torch.Tensor,
+        segment_ids: torch.Tensor | None = None,
+        prefix_len: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: [batch, len, d_model]; positions/segment_ids: [batch, len]; bias: [b, h, len, len]."""
+        q = _split_heads(self.q(x), self.n_heads)  # [batch, heads, len, head_dim]
+        k = _split_heads(self.k(x), self.n_heads)
+        v = _split_heads(self.v(x), self.n_heads)
+        if self.rotary_base is not None:
+            cos, sin = rotary_cos_sin(positions, self.head_dim, self.rotary_base, dtype=q.dtype)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = attention(
+            q, k, v, mode, q_segment_ids=segment_ids, k_segment_ids=segment_ids,
+            prefix_len=prefix_len, bias=bias, dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.o(_merge_heads(out))  # [batch, len, d_model]
+
+
+class CrossAttention(nn.Module):
+    """Decoder-to-encoder attention (``MaskMode.CROSS``): queries from the decoder stream, keys
+    and values from the encoder output. No position information, as in T5."""
+
+    def __init__(self, d_model: int, n_heads: int, head_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, head_dim
+        self.dropout = dropout
+        inner = n_heads * head_dim
+        self.q = nn.Linear(d_model, inner, bias=False)
+        self.k = nn.Linear(d_model, inner, bias=False)
+        self.v = nn.Linear(d_model, inner, bias=False)
+        self.o = nn.Linear(inner, d_model, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        encoder_out: torch.Tensor,
+        *,
+        segment_ids: torch.Tensor | None = None,
+        encoder_segment_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: [batch, dec_len, d_model]; encoder_out: [batch, enc_len, d_model]."""
+        q = _split_heads(self.q(x), self.n_heads)  # [batch, heads, dec_len, head_dim]
+        k = _split_heads(self.k(encoder_out), self.n_heads)  # [batch, heads, enc_len, head_dim]
+        v = _split_heads(self.v(encoder_out), self.n_heads)
+        out = attention(
+            q, k, v, MaskMode.CROSS, q_segment_ids=segment_ids,
+            k_segment_ids=encoder_segment_ids, dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.o(_merge_heads(out))  # [batch, dec_len, d_model]

@@ -1,0 +1,1 @@
+"""Tests of megarch.model and the model config."""
