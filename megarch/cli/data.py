@@ -141,7 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, help="'bytes', a .model, or a tokenizer.json")
     p.add_argument("--json-keys", nargs="+", default=["text"],
                    help="keys to store, e.g. 'text' or 'inputs targets' for prompted data")
-    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--no-eos", action="store_true", help="do not append EOS to each document")
     p.add_argument("--skip-bad-lines", action="store_true",
                    help="skip and count malformed lines instead of stopping")
@@ -169,7 +169,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default="data", help="where to write (reused when present)")
     p.add_argument("--vocab-size", type=int, default=8000)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.set_defaults(run=_demo)
     return parser
 
