@@ -248,3 +248,22 @@ def test_blend_proportions(corpus, tmp_path):
     for i in (0, 5, 77):
         part = ds.datasets[which[i]][int(ds.index[i])]
         assert all(torch.equal(part[k], ds[i][k]) for k in part)
+
+
+def _build_in_process(args):
+    prefix, cache = args
+    cfg = DataConfig(paths=[prefix], objective="mlm", seq_len=L, split="1", cache_dir=cache)
+    ds = build_dataset(cfg, TOKENIZER, "train", 300)
+    return [ds[i]["tokens"].tolist() for i in (0, 7, 299)]
+
+
+def test_concurrent_ranks_share_one_index(corpus, tmp_path):
+    import multiprocessing
+
+    cache = str(tmp_path / "shared")
+    with multiprocessing.get_context("spawn").Pool(3) as pool:
+        results = pool.map(_build_in_process, [(corpus["prefix"], cache)] * 3)
+    assert results[0] == results[1] == results[2]
+    built = [p for p in (tmp_path / "shared").iterdir() if p.is_dir()]
+    assert len(built) == 1 and not [p for p in built if ".tmp-" in p.name]
+    assert results[0] == _build_in_process((corpus["prefix"], str(tmp_path / "alone")))
