@@ -88,7 +88,21 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(batch, length, -1)  # [batch, len, heads * head_dim]
 
 
-class SelfAttention(nn.Module):
+class _MultiHead(nn.Module):
+    """The projections ``q, k, v, o`` (no biases) that self- and cross-attention share."""
+
+    def __init__(self, d_model: int, n_heads: int, head_dim: int, dropout: float):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, head_dim
+        self.dropout = dropout
+        inner = n_heads * head_dim
+        self.q = nn.Linear(d_model, inner, bias=False)
+        self.k = nn.Linear(d_model, inner, bias=False)
+        self.v = nn.Linear(d_model, inner, bias=False)
+        self.o = nn.Linear(inner, d_model, bias=False)
+
+
+class SelfAttention(_MultiHead):
     """Multi-head self-attention: projections ``q, k, v, o`` without biases.
 
     Logits are scaled by ``head_dim ** -0.5`` explicitly (T5 folds that factor into the query
@@ -97,15 +111,8 @@ class SelfAttention(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, head_dim: int, dropout: float = 0.0,
                  rotary_base: float | None = None):
-        super().__init__()
-        self.n_heads, self.head_dim = n_heads, head_dim
-        self.dropout = dropout
+        super().__init__(d_model, n_heads, head_dim, dropout)
         self.rotary_base = rotary_base  # None: no rotary (positions come as a bias)
-        inner = n_heads * head_dim
-        self.q = nn.Linear(d_model, inner, bias=False)
-        self.k = nn.Linear(d_model, inner, bias=False)
-        self.v = nn.Linear(d_model, inner, bias=False)
-        self.o = nn.Linear(inner, d_model, bias=False)
 
     def forward(
         self,
@@ -131,19 +138,12 @@ class SelfAttention(nn.Module):
         return self.o(_merge_heads(out))  # [batch, len, d_model]
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_MultiHead):
     """Decoder-to-encoder attention (``MaskMode.CROSS``): queries from the decoder stream, keys
     and values from the encoder output. No position information, as in T5."""
 
     def __init__(self, d_model: int, n_heads: int, head_dim: int, dropout: float = 0.0):
-        super().__init__()
-        self.n_heads, self.head_dim = n_heads, head_dim
-        self.dropout = dropout
-        inner = n_heads * head_dim
-        self.q = nn.Linear(d_model, inner, bias=False)
-        self.k = nn.Linear(d_model, inner, bias=False)
-        self.v = nn.Linear(d_model, inner, bias=False)
-        self.o = nn.Linear(inner, d_model, bias=False)
+        super().__init__(d_model, n_heads, head_dim, dropout)
 
     def forward(
         self,
