@@ -81,26 +81,15 @@ def _inspect(args: argparse.Namespace, overrides: list[str]) -> None:
 
 def _demo(args: argparse.Namespace) -> None:
     """The embedded corpus end to end: corpus -> tokenizer -> dataset -> a sample per objective."""
-    from megarch.data.corpus import build_stdlib_corpus
     from megarch.data.datasets import build_dataset
+    from megarch.data.embedded import embedded_paths, prepare_embedded
     from megarch.data.inspect import render_text
-    from megarch.data.preprocess import preprocess
-    from megarch.data.tokenizers import load_tokenizer, train_sentencepiece
+    from megarch.data.tokenizers import load_tokenizer
 
-    os.makedirs(args.dir, exist_ok=True)
-    corpus = os.path.join(args.dir, "stdlib.jsonl")
-    model = os.path.join(args.dir, "stdlib_sp.model")
-    prefix = os.path.join(args.dir, "stdlib")
-    if not os.path.exists(corpus):
-        build_stdlib_corpus(corpus, progress=not args.quiet)
-    print(f"corpus    : {corpus}")
-    if not os.path.exists(model):
-        train_sentencepiece([corpus], model[: -len(".model")], vocab_size=args.vocab_size,
-                            progress=not args.quiet)
+    prefix, model = prepare_embedded(args.dir, vocab_size=args.vocab_size, workers=args.workers,
+                                     progress=not args.quiet)
+    print(f"corpus    : {embedded_paths(args.dir)[0]}")
     print(f"tokenizer : {model}")
-    if not os.path.exists(prefix + "_text_document.idx"):
-        print(preprocess([corpus], prefix, model, workers=args.workers,
-                         progress=not args.quiet).format())
     print(f"dataset   : {prefix}_text_document.{{bin,idx}}")
     tokenizer = load_tokenizer(model)
     for objective, layout in DEMO_OBJECTIVES:
