@@ -28,6 +28,7 @@ setup(
     entry_points={
         "console_scripts": [
             "megarch-data=megarch.cli.data:main",
+            "megarch-train=megarch.train:main",
         ],
     },
 )

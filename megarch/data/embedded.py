@@ -58,7 +58,6 @@ def prepare_embedded(
         train_sentencepiece([corpus], model[: -len(".model")], vocab_size=vocab_size,
                             progress=progress)
     if not os.path.exists(prefix + "_text_document.idx"):
-        summary = preprocess([corpus], prefix, model, workers=workers, progress=progress)
-        log.info("%s", summary.format())
+        preprocess([corpus], prefix, model, workers=workers, progress=progress)  # logs a summary
     log.info("embedded corpus ready: %s (tokenizer %s)", prefix, model)
     return prefix, model

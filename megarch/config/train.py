@@ -1,0 +1,361 @@
+"""The training config: model, data, optimizer, run and parallelism sections, and study presets.
+
+One :class:`TrainConfig` holds everything a run needs. It comes from a named preset
+(:func:`get_train_preset`), optionally a JSON file holding any subset of the sections, and dotted
+command-line overrides, in that order (:func:`load_train_config`)::
+
+    megarch-train --preset cd_flm_tiny --config my.json --model.n_layers 4 --run.steps 50
+
+Presets (PAPER.md): ``cd_flm``, ``cd_mlm``, ``nd_plm``, ``nd_mlm``, ``ed_plm``, ``ed_mlm`` are the
+study's six architecture/objective pairs at full scale (Adafactor, 1/sqrt(max(step, 1e4)),
+2048 x 626 tokens, 131,072 steps, z-loss 1e-4, dropout 0). ``<pair>_tiny`` trains the same pair
+on a CPU in about a minute: 100 steps of 16 x 128 tokens on the embedded corpus (``data/stdlib``,
+built on first use).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from megarch.config.data import DataConfig
+from megarch.config.model import ModelConfig
+from megarch.config.overrides import ConfigError, apply_overrides
+from megarch.config.presets import study_model, tiny_model
+
+OPTIMIZERS = ("adafactor", "adamw")
+SCHEDULES = ("inverse_sqrt", "cosine", "constant")
+PRECISIONS = ("fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+NONFINITE = ("stop", "skip")
+EMBEDDED_DIR = "data"
+"""Directory of the embedded corpus: the tiny presets train on ``data/stdlib``."""
+VOCAB_MULTIPLE = 128
+"""``model.vocab_size = 0`` means the tokenizer's vocabulary padded up to a multiple of this."""
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule (see megarch.training.optim)."""
+
+    name: str = "adamw"
+    """adafactor (torch.optim.Adafactor, the study's) or adamw."""
+    lr: float = 3e-3
+    """Peak learning rate. Adafactor caps it at 1/sqrt(step) itself, so lr=0.01 with the
+    constant schedule is the study's 1/sqrt(max(step, 1e4))."""
+    schedule: str = "constant"
+    """inverse_sqrt (linear warm-up, then lr * sqrt(warmup / step)), cosine (linear warm-up,
+    then cosine decay to lr * min_lr_ratio at decay_steps) or constant (warm-up, then lr)."""
+    warmup_steps: int = 0
+    """Steps of linear warm-up from lr / warmup_steps to lr (0: none)."""
+    decay_steps: int = 0
+    """Cosine: the step where the decay ends (0: run.steps)."""
+    min_lr_ratio: float = 0.1
+    """Cosine: the final learning rate as a fraction of lr."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW; Adafactor multiplies it by lr)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW's (beta1, beta2)."""
+    eps: float = 1e-8
+    """AdamW's epsilon."""
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping; the study clips updates only)."""
+    adafactor_decay: float = -0.8
+    """Adafactor: second-moment decay exponent, beta2_t = 1 - t^decay (the study's -0.8)."""
+    adafactor_clip: float = 1.0
+    """Adafactor: update clipping threshold d (RMS of the update capped at d)."""
+    adafactor_scale_eps: float = 1e-3
+    """Adafactor: parameter scaling, step = rho_t * max(this, RMS(param))."""
+
+    def validate(self) -> None:
+        """Refuse impossible settings with the field names and the fix."""
+        if self.name not in OPTIMIZERS:
+            raise ConfigError(f"optim.name={self.name!r}: use one of {OPTIMIZERS}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"optim.schedule={self.schedule!r}: use one of {SCHEDULES}")
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr={self.lr}: must be > 0")
+        if self.warmup_steps < 0 or self.decay_steps < 0:
+            raise ConfigError("optim.warmup_steps and optim.decay_steps must be >= 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas={self.betas}: give two values in [0, 1)")
+        if self.clip_grad < 0 or self.weight_decay < 0:
+            raise ConfigError("optim.clip_grad and optim.weight_decay must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"optim.min_lr_ratio={self.min_lr_ratio}: must be in [0, 1]")
+
+
+@dataclass
+class RunConfig:
+    """How long, how big a batch, where to write, how often to log, evaluate and save."""
+
+    steps: int = 100
+    """Optimizer steps to train for (a resumed run continues to this total)."""
+    micro_batch: int = 8
+    """Samples per forward/backward pass on one device."""
+    global_batch: int = 8
+    """Samples per optimizer step; gradient accumulation = global / (micro * dp)."""
+    out_dir: str = "runs/default"
+    """Checkpoints (``checkpoints/step_*``), tensorboard (``tb``) and ``metrics.jsonl``."""
+    log_every: int = 10
+    """Steps between progress lines (and tensorboard points)."""
+    eval_every: int = 0
+    """Steps between validation losses on the valid split (0: only at the end)."""
+    eval_batches: int = 4
+    """Micro-batches of the valid split per validation (0: no validation)."""
+    save_every: int = 0
+    """Steps between checkpoints (0: only at the end and on SIGTERM/SIGINT)."""
+    keep_last: int = 2
+    """Checkpoints kept; older ones are deleted (0: keep all)."""
+    resume: str = "auto"
+    """auto (the newest complete checkpoint in out_dir, if any), none, or a checkpoint path."""
+    seed: int = 1234
+    """Seed of the model init and of dropout (the data order is data.seed)."""
+    precision: str = "fp32"
+    """fp32, or bf16 (autocast on CUDA; ignored with a warning on CPU)."""
+    device: str = "auto"
+    """auto (CUDA when available), cpu or cuda."""
+    on_nonfinite: str = "stop"
+    """A NaN/inf loss or gradient: stop (with a diagnostic) or skip the step."""
+    peak_tflops: float = 0.0
+    """Peak TFLOP/s of one device for MFU (0: from the GPU's name; no MFU on CPU)."""
+    deterministic: bool = True
+    """torch.use_deterministic_algorithms while training: bit-exact reruns and resumes on CPU
+    (e.g. the position-bias gather's backward is otherwise thread-order dependent); on CUDA
+    in warn-only mode, as some kernels have no deterministic version."""
+
+    def validate(self) -> None:
+        """Refuse impossible settings with the field names and the fix."""
+        for name in ("steps", "micro_batch", "global_batch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"run.{name}={getattr(self, name)}: must be >= 1")
+        for name in ("log_every", "eval_every", "eval_batches", "save_every", "keep_last"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"run.{name}={getattr(self, name)}: must be >= 0")
+        if self.global_batch % self.micro_batch:
+            raise ConfigError(
+                f"run.global_batch={self.global_batch} is not divisible by "
+                f"run.micro_batch={self.micro_batch}: make it a multiple"
+            )
+        for name, allowed in (("precision", PRECISIONS), ("device", DEVICES),
+                              ("on_nonfinite", NONFINITE)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"run.{name}={getattr(self, name)!r}: use one of {allowed}")
+        if not self.resume:
+            raise ConfigError("run.resume is empty: use auto, none or a checkpoint path")
+
+
+@dataclass
+class ParallelConfig:
+    """Model and data parallelism (tensor, pipeline, data)."""
+
+    tp: int = 1
+    """Tensor-parallel size (only 1 is supported for now)."""
+    pp: int = 1
+    """Pipeline-parallel size (only 1 is supported for now)."""
+    dp: int = 0
+    """Data-parallel size (0: auto, the launcher's world size; only 1 process for now)."""
+
+    def validate(self) -> None:
+        """Refuse the sizes this version does not run yet."""
+        for name in ("tp", "pp"):
+            if getattr(self, name) != 1:
+                raise ConfigError(
+                    f"parallel.{name}={getattr(self, name)}: not yet supported; use 1"
+                )
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if self.dp not in (0, 1) or world != 1:
+            raise ConfigError(
+                f"parallel.dp={self.dp} (WORLD_SIZE={world}): data parallelism is not yet "
+                "supported; run one process with parallel.dp 0 (auto) or 1"
+            )
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The network (megarch.config.model)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The samples (megarch.config.data)."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """Length, batch, outputs, logging, checkpoints."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel sizes."""
+
+    def resolve_vocab(self, tokenizer_vocab: int) -> None:
+        """Set ``model.vocab_size = 0`` to the tokenizer's vocabulary padded to 128."""
+        if self.model.vocab_size == 0:
+            self.model.vocab_size = -(-tokenizer_vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+    def validate(self, tokenizer_vocab: int | None = None) -> TrainConfig:
+        """Check every section and the conflicts between them; return self.
+
+        ``tokenizer_vocab`` (the tokenizer's vocabulary) also resolves ``model.vocab_size = 0``
+        and refuses an embedding smaller than the tokenizer.
+        """
+        if tokenizer_vocab is not None:
+            self.resolve_vocab(tokenizer_vocab)
+        model = self.model
+        if model.vocab_size == 0:  # resolved later, once the tokenizer is loaded
+            model = dataclasses.replace(model, vocab_size=VOCAB_MULTIPLE)
+        model.validate()
+        self.data.validate()
+        self.optim.validate()
+        self.run.validate()
+        self.parallel.validate()
+        self._validate_cross(tokenizer_vocab)
+        return self
+
+    def _validate_cross(self, tokenizer_vocab: int | None) -> None:
+        arch, layout, objective = self.model.arch, self.data.layout, self.data.objective
+        if arch == "encoder_decoder" and objective == "flm":
+            raise ConfigError(
+                "model.arch=encoder_decoder with data.objective=flm: full language modeling has "
+                "no inputs for the encoder; use data.objective plm or mlm"
+            )
+        if arch == "encoder_decoder" and layout != "encoder_decoder":
+            raise ConfigError(
+                f"model.arch=encoder_decoder needs data.layout=encoder_decoder (got {layout!r})"
+            )
+        if arch != "encoder_decoder" and layout != "decoder":
+            raise ConfigError(
+                f"model.arch={arch} needs data.layout=decoder (got {layout!r}); "
+                "data.layout=encoder_decoder is for model.arch=encoder_decoder"
+            )
+        if tokenizer_vocab is not None and self.model.vocab_size < tokenizer_vocab:
+            raise ConfigError(
+                f"model.vocab_size={self.model.vocab_size} is smaller than the tokenizer's "
+                f"vocabulary ({tokenizer_vocab}, data.tokenizer={self.data.tokenizer!r}): "
+                "raise it, or set model.vocab_size 0 for the tokenizer's padded to 128"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain JSON-able data."""
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        """The config as indented JSON (what is saved beside each checkpoint)."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+
+def apply_dict(config: Any, values: dict[str, Any], where: str = "") -> Any:
+    """Set the fields of dataclass ``config`` from a (nested) dict; unknown keys are refused."""
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    for key, value in values.items():
+        name = f"{where}.{key}" if where else key
+        if key not in fields:
+            raise ConfigError(f"{name}: unknown field; known: {', '.join(sorted(fields))}")
+        current = getattr(config, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{name}: expected a section (an object), got {value!r}")
+            apply_dict(current, value, name)
+        else:
+            setattr(config, key, value)
+    return config
+
+
+def _study(arch: str, objective: str) -> TrainConfig:
+    """A study pair at full scale (PAPER.md)."""
+    model = study_model(arch)
+    model.dropout, model.z_loss = 0.0, 1e-4
+    layout = "encoder_decoder" if arch == "encoder_decoder" else "decoder"
+    ed_plm = arch == "encoder_decoder" and objective == "plm"
+    return TrainConfig(
+        model=model,
+        data=DataConfig(paths=["data/c4"], tokenizer="data/spiece.model", objective=objective,
+                        layout=layout, seq_len=626),
+        # torch's Adafactor takes min(lr, 1/sqrt(t)): lr 0.01 = 1/sqrt(max(step, 1e4)).
+        optim=OptimConfig(name="adafactor", lr=0.01, schedule="constant", clip_grad=0.0),
+        run=RunConfig(steps=131072, micro_batch=8, global_batch=1024 if ed_plm else 2048,
+                      out_dir=f"runs/{_short(arch)}_{objective}", log_every=100,
+                      eval_every=1000, eval_batches=16, save_every=1000, keep_last=3,
+                      precision="bf16", deterministic=False),  # speed over bit-exact reruns
+    )
+
+
+def _tiny(arch: str, objective: str) -> TrainConfig:
+    """A study pair small enough to train on a CPU in about a minute."""
+    model = tiny_model(arch)
+    model.vocab_size = 0  # the tokenizer's, padded to 128
+    layout = "encoder_decoder" if arch == "encoder_decoder" else "decoder"
+    return TrainConfig(
+        model=model,
+        data=DataConfig(paths=[f"{EMBEDDED_DIR}/stdlib"],
+                        tokenizer=f"{EMBEDDED_DIR}/stdlib_sp.model", objective=objective,
+                        layout=layout, seq_len=128, num_workers=0),
+        # 1e-2 rather than 3e-3: with T5's unit-variance embeddings a tiny model learns
+        # visibly faster (60 steps: loss 8.3 -> 6.1 vs 8.3 -> 6.9 at 3e-3).
+        optim=OptimConfig(name="adamw", lr=1e-2, schedule="cosine", warmup_steps=10,
+                          weight_decay=0.01, clip_grad=1.0),
+        run=RunConfig(steps=100, micro_batch=8, global_batch=16,
+                      out_dir=f"runs/{_short(arch)}_{objective}_tiny", log_every=10,
+                      eval_every=50, eval_batches=4, save_every=50, keep_last=2),
+    )
+
+
+def _short(arch: str) -> str:
+    return {"causal_decoder": "cd", "nonc_decoder": "nd", "encoder_decoder": "ed"}[arch]
+
+
+STUDY_PAIRS = (
+    ("cd_flm", "causal_decoder", "flm"),
+    ("cd_mlm", "causal_decoder", "mlm"),
+    ("nd_plm", "nonc_decoder", "plm"),
+    ("nd_mlm", "nonc_decoder", "mlm"),
+    ("ed_plm", "encoder_decoder", "plm"),
+    ("ed_mlm", "encoder_decoder", "mlm"),
+)
+"""(preset name, model.arch, data.objective) of the study's six pairs."""
+
+
+def _train_presets() -> dict[str, Callable[[], TrainConfig]]:
+    table: dict[str, Callable[[], TrainConfig]] = {}
+    for name, arch, objective in STUDY_PAIRS:
+        table[name] = lambda a=arch, o=objective: _study(a, o)
+        table[f"{name}_tiny"] = lambda a=arch, o=objective: _tiny(a, o)
+    return table
+
+
+TRAIN_PRESETS: tuple[str, ...] = tuple(_train_presets())
+"""Every training preset name."""
+
+
+def get_train_preset(name: str) -> TrainConfig:
+    """A fresh :class:`TrainConfig` for preset ``name`` (see :data:`TRAIN_PRESETS`)."""
+    table = _train_presets()
+    if name not in table:
+        raise ConfigError(f"unknown training preset {name!r}: use one of {', '.join(table)}")
+    return table[name]()
+
+
+def load_train_config(
+    preset: str | None = None, config_file: str | None = None, overrides: list[str] | None = None
+) -> TrainConfig:
+    """Preset (default: the plain defaults), then a JSON file of sections, then dotted
+    ``--section.field VALUE`` overrides; validated (without the tokenizer check)."""
+    config = get_train_preset(preset) if preset else TrainConfig()
+    if config_file:
+        try:
+            with open(config_file, encoding="utf-8") as f:
+                values = json.load(f)
+        except (OSError, json.JSONDecodeError) as err:
+            raise ConfigError(f"--config {config_file}: {err}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"--config {config_file}: expected a JSON object of sections")
+        apply_dict(config, values)
+    apply_overrides(config, overrides or [])
+    return config.validate()
+
+
+def config_from_json(text: str) -> TrainConfig:
+    """The :class:`TrainConfig` saved by :meth:`TrainConfig.to_json`."""
+    return apply_dict(TrainConfig(), json.loads(text))

@@ -1,0 +1,400 @@
+"""The training loop: accumulation, clipping, non-finite guards, validation, checkpoints, MFU.
+
+One optimizer step reads the global batch as ``global_batch / micro_batch`` micro-batches, counts
+the loss tokens of all of them first and divides every micro-batch's loss sums by that count
+(``lm_loss(num_tokens=...)``), so the accumulated gradient is the gradient of the global batch's
+token mean whatever the split. Before the update the loss and the gradients are checked: a NaN
+or inf stops the run with a diagnostic naming the step and the first non-finite tensor
+(``run.on_nonfinite=stop``) or skips the update (``skip``); either way the weights are never
+touched by a non-finite step.
+
+Usage::
+
+    from megarch.config.train import get_train_preset
+    from megarch.training import Trainer
+
+    result = Trainer(get_train_preset("cd_flm_tiny")).train()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from megarch.config.overrides import ConfigError
+from megarch.config.train import TrainConfig, config_from_json
+from megarch.data.datasets import build_dataset
+from megarch.data.embedded import (
+    EMBEDDED_PREFIX,
+    EMBEDDED_TOKENIZER,
+    is_prepared,
+    prepare_embedded,
+)
+from megarch.data.loader import MicroBatchSampler, make_loader
+from megarch.data.tokenizers import load_tokenizer
+from megarch.model import build_model, lm_loss, model_flops_per_token, peak_flops
+from megarch.training.checkpoint import (
+    TrainState,
+    find_latest,
+    load_checkpoint,
+    save_checkpoint,
+)
+from megarch.training.logging import MetricsWriter
+from megarch.training.optim import build_optimizer, lr_at, set_lr
+from megarch.training.signals import STOP_SIGNALS, StopFlag
+
+log = logging.getLogger(__name__)
+
+
+SHAPE_FIELDS = ("vocab_size", "d_model", "n_heads", "head_dim", "d_ff", "n_layers",
+                "n_decoder_layers", "position", "rel_buckets", "tie_embeddings")
+"""Model fields a checkpoint must share with the config resuming it (the arch may change
+between causal_decoder and nonc_decoder: adaptation only changes the mask)."""
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN or inf loss or gradient with ``run.on_nonfinite=stop``; the message says where."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or stopped) run leaves."""
+
+    state: TrainState
+    """Where the run ended."""
+    final_loss: float | None
+    """The last step's training loss (None if no step ran)."""
+    valid_loss: float | None
+    """The last validation loss (None without validation)."""
+    checkpoint: str | None
+    """The last checkpoint written or loaded."""
+    out_dir: str
+    """The run's output directory."""
+    tensorboard_dir: str
+    """Where the tensorboard events are."""
+    stopped_by_signal: bool = False
+    """True when SIGTERM/SIGINT ended the run early (after saving)."""
+
+
+def ensure_embedded_corpus(cfg: TrainConfig) -> None:
+    """Build the embedded corpus when ``data.paths`` names it (``<dir>/stdlib`` with the
+    tokenizer ``<dir>/stdlib_sp.model``) and it does not exist yet."""
+    if len(cfg.data.paths) != 1:
+        return
+    directory, name = os.path.split(cfg.data.paths[0])
+    expected_tokenizer = os.path.join(directory, EMBEDDED_TOKENIZER)
+    if name != EMBEDDED_PREFIX or os.path.normpath(cfg.data.tokenizer) != os.path.normpath(
+        expected_tokenizer
+    ):
+        return
+    if is_prepared(directory or "."):
+        return
+    log.info("building the embedded corpus in %s (first use)", directory or ".")
+    prepare_embedded(directory or ".", progress=False)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device=cuda but no CUDA device is available: use auto or cpu")
+    return torch.device(name)
+
+
+def _batch_fields(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    if "decoder_labels" in batch:
+        return batch["decoder_labels"], batch["decoder_loss_mask"]
+    return batch["labels"], batch["loss_mask"]
+
+
+def _tokens_in(batch: dict) -> int:
+    if "encoder_tokens" in batch:
+        return batch["encoder_tokens"].numel() + batch["decoder_tokens"].numel()
+    return batch["tokens"].numel()
+
+
+def _iterate(loader: torch.utils.data.DataLoader):
+    """``iter(loader)`` without touching the global torch RNG (a DataLoader draws its workers'
+    base seed from it), so resuming, which starts a new iterator mid-run, changes no dropout."""
+    with torch.random.fork_rng(devices=[]):
+        return iter(loader)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Data-loader workers ignore SIGTERM/SIGINT: a scheduler signals the whole process group,
+    and the main process stops them itself after saving its checkpoint."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def first_nonfinite(model: torch.nn.Module) -> str:
+    """Names the first parameter, then the first gradient, holding a NaN or inf."""
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param).all():
+            return f"parameter {name}"
+    for name, param in model.named_parameters():
+        if param.grad is not None and not torch.isfinite(param.grad).all():
+            return f"gradient of {name}"
+    return "no parameter or gradient (the loss alone)"
+
+
+class Trainer:
+    """One training run of a :class:`TrainConfig` (see the module docstring)."""
+
+    def __init__(self, cfg: TrainConfig):
+        cfg.validate()
+        ensure_embedded_corpus(cfg)
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        cfg.validate(tokenizer_vocab=self.tokenizer.vocab_size)
+        self.cfg = cfg
+        self.device = resolve_device(cfg.run.device)
+        self.autocast = cfg.run.precision == "bf16" and self.device.type == "cuda"
+        if cfg.run.precision == "bf16" and not self.autocast:
+            log.warning("run.precision=bf16 applies on CUDA only: training in float32 on %s",
+                        self.device)
+        if cfg.run.deterministic and self.device.type == "cuda":
+            # cuBLAS is deterministic only with a fixed workspace (set before its first use)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        random.seed(cfg.run.seed)
+        np.random.seed(cfg.run.seed)
+        torch.manual_seed(cfg.run.seed)
+        self.model = build_model(cfg.model, self.device).train()
+        self.optimizer = build_optimizer(cfg.optim, self.model)
+        self.state = TrainState()
+        self.checkpoint: str | None = None
+        self.train_data = build_dataset(cfg.data, self.tokenizer, "train",
+                                        cfg.run.steps * cfg.run.global_batch)
+        self.valid_data = None
+        if cfg.run.eval_batches:
+            self.valid_data = build_dataset(cfg.data, self.tokenizer, "valid",
+                                            cfg.run.eval_batches * cfg.run.micro_batch)
+        self.flops_per_token: float | None = None
+        self.peak = self._peak_flops()
+
+    def _peak_flops(self) -> float | None:
+        if self.cfg.run.peak_tflops > 0:
+            return self.cfg.run.peak_tflops * 1e12
+        if self.device.type != "cuda":
+            return None
+        try:
+            return peak_flops()
+        except ValueError as err:
+            log.warning("no MFU: %s (set run.peak_tflops)", err)
+            return None
+
+    def resume(self) -> None:
+        """Load the checkpoint ``run.resume`` names (auto: the newest in out_dir, if any)."""
+        run = self.cfg.run
+        if run.resume == "none":
+            existing = find_latest(run.out_dir)
+            if existing is not None:
+                raise ConfigError(
+                    f"run.resume=none but run.out_dir={run.out_dir!r} already holds checkpoints "
+                    f"({existing}): choose another run.out_dir, delete them, or resume (auto)"
+                )
+            return
+        path = find_latest(run.out_dir) if run.resume == "auto" else run.resume
+        if path is None:
+            return
+        if not os.path.isdir(path):
+            raise ConfigError(f"run.resume={path!r}: no such checkpoint directory")
+        self._check_shapes(path)
+        self.state = load_checkpoint(path, self.model, self.optimizer)
+        self.checkpoint = path
+        log.info("resuming from %s at step %d (%d samples consumed)", path, self.state.step,
+                 self.state.consumed_samples)
+
+    def _check_shapes(self, path: str) -> None:
+        """Refuse a checkpoint whose model has other shapes, naming the fields."""
+        config_path = os.path.join(path, "config.json")
+        if not os.path.exists(config_path):
+            return
+        with open(config_path, encoding="utf-8") as f:
+            saved = config_from_json(f.read()).model
+        differ = [
+            f"model.{name}={getattr(saved, name)!r} there, {getattr(self.cfg.model, name)!r} here"
+            for name in SHAPE_FIELDS
+            if getattr(saved, name) != getattr(self.cfg.model, name)
+        ]
+        if saved.is_encoder_decoder != self.cfg.model.is_encoder_decoder:
+            differ.append(f"model.arch={saved.arch} there, {self.cfg.model.arch} here")
+        if differ:
+            raise ConfigError(f"checkpoint {path} does not fit this model: {'; '.join(differ)}")
+
+    def save(self) -> str:
+        """Checkpoint the current state (see megarch.training.checkpoint)."""
+        self.checkpoint = save_checkpoint(self.cfg.run.out_dir, self.state, self.model,
+                                          self.optimizer, self.cfg.to_json(),
+                                          self.cfg.run.keep_last)
+        return self.checkpoint
+
+    def compute_loss(self, batch: dict, num_tokens: float) -> dict[str, torch.Tensor]:
+        """Forward one micro-batch; its loss sums divided by the global batch's ``num_tokens``."""
+        labels, mask = _batch_fields(batch)
+        ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast
+               else contextlib.nullcontext())
+        with ctx:
+            logits = self.model(**batch)
+        return lm_loss(logits, labels, mask, self.cfg.model.z_loss, num_tokens=num_tokens)
+
+    def _set_flops(self, batch: dict) -> None:
+        if "encoder_tokens" in batch:
+            self.flops_per_token = model_flops_per_token(
+                self.cfg.model, encoder_len=batch["encoder_tokens"].shape[1],
+                decoder_len=batch["decoder_tokens"].shape[1])
+        else:
+            self.flops_per_token = model_flops_per_token(self.cfg.model,
+                                                         seq_len=batch["tokens"].shape[1])
+
+    def train_step(self, micro_batches: list[dict], start: float | None = None) -> dict:
+        """One optimizer step over the micro-batches of one global batch; the step's record.
+
+        ``start`` (a ``time.perf_counter()``) is when the step began, data loading included;
+        by default now. Throughput and MFU are measured from it.
+        """
+        start = time.perf_counter() if start is None else start
+        step = self.state.step + 1
+        batches = [{k: v.to(self.device, non_blocking=True) for k, v in b.items()}
+                   for b in micro_batches]
+        if self.flops_per_token is None:
+            self._set_flops(batches[0])
+        num_tokens = float(sum(_batch_fields(b)[1].sum().item() for b in batches))
+        self.optimizer.zero_grad(set_to_none=True)
+        totals = {"loss": 0.0, "ce": 0.0, "z_loss": 0.0}
+        for batch in batches:
+            out = self.compute_loss(batch, max(num_tokens, 1.0))
+            out["loss"].backward()
+            for key in totals:
+                totals[key] = totals[key] + out[key].detach()
+        totals = {k: float(v) for k, v in totals.items()}
+        lr = lr_at(self.cfg.optim, step, self.cfg.run.steps)
+        grad_norm = self._clip_and_step(step, totals["loss"], lr)
+        tokens = sum(_tokens_in(b) for b in batches)
+        self.state.step = step
+        self.state.consumed_samples += self.cfg.run.global_batch
+        self.state.tokens_seen += tokens
+        seconds = time.perf_counter() - start
+        tokens_per_s = tokens / max(seconds, 1e-9)
+        mfu = (self.flops_per_token * tokens_per_s / self.peak) if self.peak else None
+        return {"step": step, **totals, "lr": lr, "grad_norm": grad_norm,
+                "tokens_per_s": tokens_per_s, "mfu": mfu, "tokens_seen": self.state.tokens_seen,
+                "skipped": grad_norm is None or not np.isfinite(grad_norm)}
+
+    def _clip_and_step(self, step: int, loss: float, lr: float) -> float:
+        """Check, clip and apply the gradients; returns the pre-clip norm (inf/nan if skipped)."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params]).item()
+        if np.isfinite(loss) and np.isfinite(norm):
+            if self.cfg.optim.clip_grad > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, self.cfg.optim.clip_grad,
+                                                     torch.tensor(norm))
+            set_lr(self.optimizer, lr)
+            self.optimizer.step()
+            return norm
+        where = first_nonfinite(self.model)
+        message = (f"step {step}: non-finite training loss {loss} / gradient norm {norm}; "
+                   f"first non-finite tensor: {where}")
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.cfg.run.on_nonfinite == "stop":
+            raise NonFiniteError(message + " (weights left as they were after step "
+                                 f"{step - 1}; lower optim.lr or set run.on_nonfinite skip)")
+        self.state.skipped_steps += 1
+        log.warning("%s: update skipped (%d skipped so far)", message, self.state.skipped_steps)
+        return float("nan")
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float] | None:
+        """Token-weighted (loss, ce) on ``run.eval_batches`` micro-batches of the valid split."""
+        if self.valid_data is None:
+            return None
+        micro = self.cfg.run.micro_batch
+        loader = make_loader(self.valid_data, micro, micro, num_workers=0)
+        self.model.eval()
+        sums, tokens = torch.zeros(2, dtype=torch.float64), 0.0
+        for index, batch in enumerate(_iterate(loader)):
+            if index >= self.cfg.run.eval_batches:
+                break
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            count = float(_batch_fields(batch)[1].sum().item())
+            out = self.compute_loss(batch, max(count, 1.0))
+            sums += torch.tensor([out["loss"].item(), out["ce"].item()],
+                                 dtype=torch.float64) * count
+            tokens += count
+        self.model.train()
+        loss, ce = (sums / max(tokens, 1.0)).tolist()
+        return loss, ce
+
+    def _micro_batches(self):
+        run = self.cfg.run
+        workers = self.cfg.data.num_workers
+        sampler = MicroBatchSampler(len(self.train_data), run.micro_batch, run.global_batch,
+                                    consumed_samples=self.state.consumed_samples)
+        loader = torch.utils.data.DataLoader(
+            self.train_data, batch_sampler=sampler, num_workers=workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
+            prefetch_factor=4 if workers else None,
+            worker_init_fn=ignore_stop_signals if workers else None,
+        )
+        accumulation = run.global_batch // run.micro_batch
+        iterator = _iterate(loader)
+        while True:
+            yield [next(iterator) for _ in range(accumulation)]
+
+    def train(self) -> TrainResult:
+        """Resume if asked, train to ``run.steps``, save; return a :class:`TrainResult`."""
+        was_deterministic = torch.are_deterministic_algorithms_enabled()
+        was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+        torch.use_deterministic_algorithms(self.cfg.run.deterministic,
+                                           warn_only=self.device.type == "cuda")
+        try:
+            return self._train()
+        finally:
+            torch.use_deterministic_algorithms(was_deterministic, warn_only=was_warn_only)
+
+    def _train(self) -> TrainResult:
+        self.resume()
+        run = self.cfg.run
+        os.makedirs(run.out_dir, exist_ok=True)
+        with open(os.path.join(run.out_dir, "config.json"), "w", encoding="utf-8") as f:
+            f.write(self.cfg.to_json())
+        metrics = MetricsWriter(run.out_dir, run.steps, run.log_every, self.state.step)
+        final_loss, valid, stopped = None, None, False
+        try:
+            with StopFlag() as stop:
+                batches = self._micro_batches() if self.state.step < run.steps else iter(())
+                step_start = time.perf_counter()
+                for micro_batches in batches:
+                    record = self.train_step(micro_batches, step_start)
+                    metrics.step(record)
+                    final_loss = record["loss"]
+                    step = self.state.step
+                    if run.eval_every and step % run.eval_every == 0 and step < run.steps:
+                        valid = self._eval(metrics)
+                    if stop or step >= run.steps or (run.save_every and step % run.save_every
+                                                     == 0):
+                        self.save()
+                    if stop or step >= run.steps:
+                        stopped = bool(stop)
+                        break
+                    step_start = time.perf_counter()  # validation and saving not counted
+            if not stopped and run.eval_batches:
+                valid = self._eval(metrics)
+        finally:
+            metrics.close()
+        return TrainResult(self.state, final_loss, valid[0] if valid else None, self.checkpoint,
+                           run.out_dir, metrics.tb_dir, stopped)
+
+    def _eval(self, metrics: MetricsWriter) -> tuple[float, float] | None:
+        result = self.evaluate()
+        if result is not None:
+            metrics.eval(self.state.step, *result)
+        return result

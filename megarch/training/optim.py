@@ -1,0 +1,89 @@
+"""Optimizers and learning-rate schedules.
+
+The schedule is a pure function of the optimizer step (:func:`lr_at`): the loop sets each
+group's ``lr`` before every update, so a checkpoint needs only the step to restore it.
+Steps are counted from 1 (the first update is step 1), as Adafactor's own counter.
+
+- ``constant``: ``lr`` (after the warm-up).
+- ``inverse_sqrt``: ``lr * sqrt(warmup / step)`` after the warm-up (``lr / sqrt(step)`` with
+  none): T5's ``1 / sqrt(max(step, warmup))`` when ``lr = 1 / sqrt(warmup)``, with a ramp.
+- ``cosine``: from ``lr`` at the end of the warm-up to ``lr * min_lr_ratio`` at
+  ``decay_steps``, then flat.
+- warm-up (all): ``lr * step / warmup_steps`` for ``step <= warmup_steps``.
+
+Adafactor (``torch.optim.Adafactor``) scales each update by ``rho_t * max(eps2, RMS(param))``
+with ``rho_t = min(lr, 1 / sqrt(t))``: with the constant schedule and ``lr = 0.01`` this is the
+study's ``1 / sqrt(max(step, 10^4))`` (PAPER.md) with no external schedule at all.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from megarch.config.train import OptimConfig
+
+
+def lr_at(cfg: OptimConfig, step: int, total_steps: int) -> float:
+    """The learning rate of update ``step`` (1-based) of a ``total_steps``-step run."""
+    step = max(step, 1)
+    warmup = cfg.warmup_steps
+    if warmup and step <= warmup:
+        return cfg.lr * step / warmup
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "inverse_sqrt":
+        return cfg.lr * math.sqrt(max(warmup, 1) / step)
+    end = cfg.decay_steps or total_steps
+    if end <= warmup:
+        return cfg.lr * cfg.min_lr_ratio
+    progress = min(1.0, (step - warmup) / (end - warmup))
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only (not norms, biases or position-bias tables)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_matrix = param.dim() >= 2 and "rel_bias" not in name and "table" not in name
+        (decay if is_matrix else no_decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer ``cfg.name`` over ``model``'s trainable parameters."""
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(
+            _decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
+            eps=cfg.eps,
+        )
+    if cfg.name == "adafactor":
+        return torch.optim.Adafactor(
+            [p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+            beta2_decay=cfg.adafactor_decay, eps=(None, cfg.adafactor_scale_eps),
+            d=cfg.adafactor_clip, weight_decay=cfg.weight_decay,
+        )
+    raise ValueError(f"unknown optimizer {cfg.name!r}")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every parameter group's learning rate."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def effective_lr(cfg: OptimConfig, step: int, total_steps: int) -> float:
+    """The step size the optimizer applies at ``step``: ``lr_at``, and for Adafactor the
+    relative step ``min(lr_at, 1 / sqrt(step))`` (multiplied by RMS(param) inside)."""
+    lr = lr_at(cfg, step, total_steps)
+    if cfg.name == "adafactor":
+        return min(lr, 1.0 / math.sqrt(max(step, 1)))
+    return lr
