@@ -24,11 +24,17 @@ setup(
         "tokenizers>=0.19",
         "tqdm>=4.60",
     ],
-    extras_require={"dev": ["pytest>=8", "ruff>=0.5"]},
+    extras_require={
+        "dev": ["pytest>=8", "ruff>=0.5"],
+        # The lm-evaluation-harness adapter (megarch-lm-eval); megarch imports without it.
+        "lm-eval": ["lm-eval>=0.4.13,<0.5"],
+    },
     entry_points={
         "console_scripts": [
             "megarch-data=megarch.cli.data:main",
             "megarch-train=megarch.train:main",
+            "megarch-eval=megarch.eval.cli:main",
+            "megarch-lm-eval=megarch.eval.lm_eval_adapter:main",
         ],
     },
 )
