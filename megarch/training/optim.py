@@ -58,13 +58,34 @@ def _decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def apex_fused_adam() -> type | None:
+    """NVIDIA apex's ``FusedAdam`` when that apex is installed, else None (silently).
+
+    Another PyPI package is also called ``apex``: only one exposing
+    ``apex.optimizers.FusedAdam`` counts.
+    """
+    try:
+        from apex.optimizers import FusedAdam
+    except Exception:  # ImportError, or a foreign "apex" failing in its own way
+        return None
+    return FusedAdam
+
+
 def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """The optimizer ``cfg.name`` over ``model``'s trainable parameters."""
+    """The optimizer ``cfg.name`` over ``model``'s trainable parameters.
+
+    AdamW on CUDA uses apex's ``FusedAdam`` (in AdamW mode: the same update) when NVIDIA apex
+    is installed, else torch's fused AdamW; on CPU, torch's AdamW.
+    """
     if cfg.name == "adamw":
-        return torch.optim.AdamW(
-            _decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
-            eps=cfg.eps,
-        )
+        groups = _decay_groups(model, cfg.weight_decay)
+        on_cuda = next(model.parameters()).is_cuda
+        fused_adam = apex_fused_adam() if on_cuda else None
+        if fused_adam is not None:
+            return fused_adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                              adam_w_mode=True)
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                 fused=True if on_cuda else None)
     if cfg.name == "adafactor":
         return torch.optim.Adafactor(
             [p for p in model.parameters() if p.requires_grad], lr=cfg.lr,

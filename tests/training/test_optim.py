@@ -75,3 +75,26 @@ def test_adamw_decays_matrices_only():
     optimizer = build_optimizer(OptimConfig(name="adamw", weight_decay=0.1), model)
     decayed = [p for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]]
     assert len(decayed) == 1 and decayed[0] is model[0].weight
+
+
+@pytest.mark.gpu
+def test_apex_fused_adam_matches_torch_adamw():
+    """Where NVIDIA apex and a GPU exist, its FusedAdam gives torch's AdamW update."""
+    from megarch.training.optim import apex_fused_adam
+
+    if not torch.cuda.is_available() or apex_fused_adam() is None:
+        pytest.skip("needs CUDA and NVIDIA apex")
+    torch.manual_seed(0)
+    reference = torch.nn.Linear(64, 64, bias=False).cuda()
+    fused = torch.nn.Linear(64, 64, bias=False).cuda()
+    fused.load_state_dict(reference.state_dict())
+    opt_ref = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1)
+    opt_fused = apex_fused_adam()(fused.parameters(), lr=1e-2, weight_decay=0.1,
+                                  adam_w_mode=True)
+    for _ in range(5):
+        x = torch.randn(8, 64, device="cuda")
+        for model, opt in ((reference, opt_ref), (fused, opt_fused)):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    torch.testing.assert_close(fused.weight, reference.weight, rtol=1e-5, atol=1e-6)
