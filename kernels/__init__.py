@@ -1,0 +1,1 @@
+"""Triton kernels (each file stands alone: it imports torch and triton, never megarch)."""

@@ -1,0 +1,819 @@
+"""FlashAttention-2 style fused attention with the study's masks and T5 relative position bias.
+
+One Triton kernel family covers every attention of the study, the mask being a compile-time
+mode (same integers as ``megarch.model.attention.MaskMode``; this file does not import megarch,
+so it can be taken alone):
+
+- ``CAUSAL`` (0): key j is visible from query i iff same segment and ``j <= i``.
+- ``PREFIX`` (1): same segment and (``j <= i`` or ``j < prefix_len[i]``); ``prefix_len`` is
+  [batch] (one prefix per row) or [batch, q_len] (one value per query, for packed rows).
+- ``BIDIRECTIONAL`` (2): same segment.
+- ``CROSS`` (3): q_len may differ from k_len; query i sees key j iff their segments match.
+
+Segment ids ([batch, len], 1, 2, ... per packed segment, 0 = padding): attention never crosses
+segments and a padding key is visible to no query; a query that sees no key outputs exactly 0
+(and gets zero gradients), never NaN. Omitted segment ids mean one segment without padding.
+
+The optional T5 relative position bias is computed in the kernel from ``q_positions`` /
+``k_positions`` ([batch, len], positions within each segment) and the learned table
+``[num_buckets, heads]``: the launcher turns the table into a per-head bias by clamped distance
+(``[heads, 2 R + 1]``, exact because T5 buckets saturate beyond ``max_distance``) and the
+kernels gather from it; its gradient is accumulated with atomics and flows back to the table
+through ordinary autograd indexing.
+
+Layout: q [batch, heads, q_len, head_dim], k/v [batch, heads, k_len, head_dim] (any strides);
+fp16 / bf16 / fp32 inputs (fp32 dots in 3xTF32), fp32 accumulation; any sequence length; head
+dims up to 256 (32/64/128 tuned).
+
+Tiles no query of a block can see are skipped: past the diagonal (causal; prefix beyond the
+block's longest prefix) and outside the blocks' segments (packed rows). The forward saves the
+log-sum-exp; the backward recomputes the probabilities (FlashAttention-2), one kernel for
+dK/dV over key blocks and one for dQ over query blocks, which also adds the bias gradient with
+atomics (so that one gradient is not bitwise deterministic).
+
+Order (the Triton tutorial's): jit kernels, launcher, autograd Function, public function,
+plain-PyTorch reference ``flash_attention_ref``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+CAUSAL = 0
+PREFIX = 1
+BIDIRECTIONAL = 2
+CROSS = 3
+MODE_NAMES = {CAUSAL: "causal", PREFIX: "prefix", BIDIRECTIONAL: "bidirectional", CROSS: "cross"}
+
+# Compile-time copies for the kernels (a jit function may only read constexpr globals).
+_CAUSAL = tl.constexpr(CAUSAL)
+_PREFIX = tl.constexpr(PREFIX)
+_LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): the kernels use exp2
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_visible(offs_m, offs_n, q_len, k_len, q_seg, k_seg, prefix,
+                  MODE: tl.constexpr, HAS_SEG: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] visibility of keys offs_n from queries offs_m (bounds included)."""
+    visible = (offs_m[:, None] < q_len) & (offs_n[None, :] < k_len)
+    if MODE == _CAUSAL:
+        visible = visible & (offs_n[None, :] <= offs_m[:, None])
+    if MODE == _PREFIX:
+        visible = visible & ((offs_n[None, :] <= offs_m[:, None])
+                             | (offs_n[None, :] < prefix[:, None]))
+    if HAS_SEG:
+        visible = visible & (q_seg[:, None] == k_seg[None, :]) & (k_seg[None, :] != 0)
+    return visible
+
+
+@triton.jit
+def _distance_index(q_pos, k_pos, BIAS_RANGE: tl.constexpr):
+    """Index into a [2 R + 1] bias-by-distance row of ``k_pos - q_pos`` clamped to [-R, R]."""
+    rel = k_pos[None, :] - q_pos[:, None]
+    rel = tl.minimum(tl.maximum(rel, -BIAS_RANGE), BIAS_RANGE)
+    return rel + BIAS_RANGE
+
+
+@triton.jit
+def _key_range(QSPAN, b, pid_m, offs_m, q_len, k_len, prefix, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, MODE: tl.constexpr, HAS_SEG: tl.constexpr):
+    """[start, end) of the keys a query block can see; tiles outside are skipped.
+
+    Causal / prefix bound the end; segment ids bound both sides through QSPAN [batch, q_len, 2],
+    each query's segment's first and one-past-last key.
+    """
+    start = 0
+    end = k_len
+    if MODE == _CAUSAL:
+        end = tl.minimum(k_len, (pid_m + 1) * BLOCK_M)
+    if MODE == _PREFIX:
+        end = tl.minimum(k_len, tl.maximum((pid_m + 1) * BLOCK_M, tl.max(prefix, axis=0)))
+    if HAS_SEG:
+        span = QSPAN + (b * q_len + offs_m) * 2
+        m_valid = offs_m < q_len
+        first = tl.min(tl.load(span, mask=m_valid, other=k_len), axis=0)
+        start = (first // BLOCK_N) * BLOCK_N
+        end = tl.minimum(end, tl.max(tl.load(span + 1, mask=m_valid, other=0), axis=0))
+    return start, end
+
+
+@triton.jit
+def _query_range(KSPAN, PREFIX_MAX, b, pid_n, offs_n, q_len, k_len, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, MODE: tl.constexpr, HAS_SEG: tl.constexpr):
+    """[start, end) of the queries that can see a key block (start a multiple of BLOCK_M).
+
+    Query blocks before the key block see it only through a prefix; segment ids bound both
+    sides through KSPAN [batch, k_len, 2], each key's segment's first and one-past-last query.
+    """
+    start = 0
+    end = q_len
+    causal_start = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
+    if MODE == _CAUSAL:
+        start = causal_start
+    if MODE == _PREFIX:
+        start = tl.where(pid_n * BLOCK_N < tl.load(PREFIX_MAX + b), 0, causal_start)
+    if HAS_SEG:
+        span = KSPAN + (b * k_len + offs_n) * 2
+        n_valid = offs_n < k_len
+        first = tl.min(tl.load(span, mask=n_valid, other=q_len), axis=0)
+        start = tl.maximum(start, (first // BLOCK_M) * BLOCK_M)
+        end = tl.minimum(end, tl.max(tl.load(span + 1, mask=n_valid, other=0), axis=0))
+    return start, end
+
+
+@triton.jit
+def _load_row_info(QSEG, PREFIX, QPOS, b, offs_m, q_len, stride_pb, stride_pm,
+                   MODE: tl.constexpr, HAS_SEG: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Per-query segment ids, prefix lengths and positions (zeros where unused)."""
+    m_valid = offs_m < q_len
+    q_seg = tl.zeros_like(offs_m)
+    prefix = tl.zeros_like(offs_m)
+    q_pos = tl.zeros_like(offs_m)
+    if HAS_SEG:
+        q_seg = tl.load(QSEG + b * q_len + offs_m, mask=m_valid, other=0)
+    if MODE == _PREFIX:
+        prefix = tl.load(PREFIX + b * stride_pb + offs_m * stride_pm, mask=m_valid, other=0)
+    if HAS_BIAS:
+        q_pos = tl.load(QPOS + b * q_len + offs_m, mask=m_valid, other=0)
+    return q_seg, prefix, q_pos
+
+
+@triton.jit
+def _load_col_info(KSEG, KPOS, b, offs_n, k_len, HAS_SEG: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Per-key segment ids and positions (zeros where unused)."""
+    n_valid = offs_n < k_len
+    k_seg = tl.zeros_like(offs_n)
+    k_pos = tl.zeros_like(offs_n)
+    if HAS_SEG:
+        k_seg = tl.load(KSEG + b * k_len + offs_n, mask=n_valid, other=0)
+    if HAS_BIAS:
+        k_pos = tl.load(KPOS + b * k_len + offs_n, mask=n_valid, other=0)
+    return k_seg, k_pos
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, OUT, LSE, QSEG, KSEG, QSPAN, PREFIX, BIAS, QPOS, KPOS,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_pb, stride_pm,
+    n_heads, q_len, k_len, scale,
+    MODE: tl.constexpr, HAS_SEG: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BIAS_RANGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One query block of one (batch, head): online softmax over the visible key blocks."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < HEAD_DIM
+    m_valid = offs_m < q_len
+    md_mask = m_valid[:, None] & d_valid[None, :]
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
+                + offs_d[None, :] * stride_qd, mask=md_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
+    q_seg, prefix, q_pos = _load_row_info(QSEG, PREFIX, QPOS, b, offs_m, q_len, stride_pb,
+                                          stride_pm, MODE, HAS_SEG, HAS_BIAS)
+    qk_scale = scale * _LOG2E
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    bias_row = BIAS + h * (2 * BIAS_RANGE + 1)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max (log2 units)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo_n, hi_n = _key_range(QSPAN, b, pid_m, offs_m, q_len, k_len, prefix, BLOCK_M, BLOCK_N,
+                            MODE, HAS_SEG)
+    for start_n in range(lo_n, hi_n, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < k_len
+        kv_mask = n_valid[None, :] & d_valid[:, None]
+        k_t = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                      mask=kv_mask, other=0.0)  # [BLOCK_D, BLOCK_N]
+        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=n_valid[:, None] & d_valid[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        k_seg, k_pos = _load_col_info(KSEG, KPOS, b, offs_n, k_len, HAS_SEG, HAS_BIAS)
+        visible = _tile_visible(offs_m, offs_n, q_len, k_len, q_seg, k_seg, prefix, MODE, HAS_SEG)
+        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        if HAS_BIAS:
+            idx = _distance_index(q_pos, k_pos, BIAS_RANGE)
+            s += tl.load(bias_row + idx, mask=visible, other=0.0) * _LOG2E
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, 0.0, m_i + tl.log2(tl.where(empty, 1.0, l_i)))  # log2 units
+    tl.store(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om
+             + offs_d[None, :] * stride_od, acc.to(OUT.dtype.element_ty), mask=md_mask)
+    tl.store(LSE + pid_bh * q_len + offs_m, lse, mask=m_valid)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, QSEG, KSEG, KSPAN, PREFIX, PREFIX_MAX, BIAS, QPOS, KPOS,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_pb, stride_pm,
+    n_heads, q_len, k_len, scale,
+    MODE: tl.constexpr, HAS_SEG: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BIAS_RANGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One key block of one (batch, head): dK and dV summed over the query blocks that see it.
+
+    DK / DV are contiguous [batch, heads, k_len, head_dim].
+    """
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < HEAD_DIM
+    n_valid = offs_n < k_len
+    nd_mask = n_valid[:, None] & d_valid[None, :]
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn
+                + offs_d[None, :] * stride_kd, mask=nd_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn
+                + offs_d[None, :] * stride_vd, mask=nd_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+    k_seg, k_pos = _load_col_info(KSEG, KPOS, b, offs_n, k_len, HAS_SEG, HAS_BIAS)
+    qk_scale = scale * _LOG2E
+    Q += b * stride_qb + h * stride_qh
+    DO += b * stride_dob + h * stride_doh
+    bias_row = BIAS + h * (2 * BIAS_RANGE + 1)
+
+    lo_m, hi_m = _query_range(KSPAN, PREFIX_MAX, b, pid_n, offs_n, q_len, k_len, BLOCK_M,
+                              BLOCK_N, MODE, HAS_SEG)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for block_m in range(lo_m, hi_m, BLOCK_M):
+        offs_m = block_m + tl.arange(0, BLOCK_M)
+        m_valid = offs_m < q_len
+        md_mask = m_valid[:, None] & d_valid[None, :]
+        q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                    mask=md_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
+        do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                     mask=md_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
+        lse = tl.load(LSE + pid_bh * q_len + offs_m, mask=m_valid, other=0.0)
+        delta = tl.load(DELTA + pid_bh * q_len + offs_m, mask=m_valid, other=0.0)
+        q_seg, prefix, q_pos = _load_row_info(QSEG, PREFIX, QPOS, b, offs_m, q_len, stride_pb,
+                                              stride_pm, MODE, HAS_SEG, HAS_BIAS)
+        visible = _tile_visible(offs_m, offs_n, q_len, k_len, q_seg, k_seg, prefix, MODE, HAS_SEG)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        if HAS_BIAS:
+            idx = _distance_index(q_pos, k_pos, BIAS_RANGE)
+            s += tl.load(bias_row + idx, mask=visible, other=0.0) * _LOG2E
+        p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+
+    out_offs = pid_bh * k_len * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(DK + out_offs, (dk * scale).to(DK.dtype.element_ty), mask=nd_mask)
+    tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=nd_mask)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, DBIAS, QSEG, KSEG, QSPAN, PREFIX, BIAS, QPOS, KPOS,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_pb, stride_pm,
+    n_heads, q_len, k_len, scale,
+    MODE: tl.constexpr, HAS_SEG: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BIAS_RANGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One query block of one (batch, head): dQ, and the bias gradient added atomically.
+
+    DQ is contiguous [batch, heads, q_len, head_dim]; DBIAS is fp32 [heads, 2 R + 1].
+    """
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < HEAD_DIM
+    m_valid = offs_m < q_len
+    md_mask = m_valid[:, None] & d_valid[None, :]
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
+                + offs_d[None, :] * stride_qd, mask=md_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
+                 + offs_d[None, :] * stride_dod, mask=md_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
+    lse = tl.load(LSE + pid_bh * q_len + offs_m, mask=m_valid, other=0.0)
+    delta = tl.load(DELTA + pid_bh * q_len + offs_m, mask=m_valid, other=0.0)
+    q_seg, prefix, q_pos = _load_row_info(QSEG, PREFIX, QPOS, b, offs_m, q_len, stride_pb,
+                                          stride_pm, MODE, HAS_SEG, HAS_BIAS)
+    qk_scale = scale * _LOG2E
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    bias_row = BIAS + h * (2 * BIAS_RANGE + 1)
+    dbias_row = DBIAS + h * (2 * BIAS_RANGE + 1)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo_n, hi_n = _key_range(QSPAN, b, pid_m, offs_m, q_len, k_len, prefix, BLOCK_M, BLOCK_N,
+                            MODE, HAS_SEG)
+    for start_n in range(lo_n, hi_n, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < k_len
+        k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=n_valid[:, None] & d_valid[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        v_t = tl.load(V + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd,
+                      mask=n_valid[None, :] & d_valid[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
+        k_seg, k_pos = _load_col_info(KSEG, KPOS, b, offs_n, k_len, HAS_SEG, HAS_BIAS)
+        visible = _tile_visible(offs_m, offs_n, q_len, k_len, q_seg, k_seg, prefix, MODE, HAS_SEG)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        if HAS_BIAS:
+            idx = _distance_index(q_pos, k_pos, BIAS_RANGE)
+            s += tl.load(bias_row + idx, mask=visible, other=0.0) * _LOG2E
+        p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            tl.atomic_add(dbias_row + idx, ds, mask=visible)
+
+    out_offs = pid_bh * q_len * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(DQ + out_offs, (dq * scale).to(DQ.dtype.element_ty), mask=md_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launcher
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    """Tile sizes and launch shape of one kernel (fixed, CPU-safe defaults; autotune on top)."""
+
+    block_m: int  # queries per tile (a power of two >= 16: dots need K >= 16)
+    block_n: int  # keys per tile (same rule)
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n"):
+            size = getattr(self, name)
+            if size < 16 or size & (size - 1):
+                raise ValueError(f"BlockConfig.{name} must be a power of two >= 16, got {size}")
+
+
+def default_block_configs(head_dim: int, dtype: torch.dtype = torch.float16
+                          ) -> tuple[BlockConfig, BlockConfig]:
+    """(forward, backward) tile configs; both backward kernels share one.
+
+    fp16/bf16: the heaviest variant (prefix + segments + bias) compiles without register spills
+    on sm_90 with triton 3.6 and 3.9, and on sm_80 with 3.9 (3.6's sm_80 forward spills
+    ~100 bytes); tools/kernel_report.py prints the numbers. fp32 (3xTF32 dots) gets small
+    tiles: it is a correctness path, and its backward still spills at head dim 128.
+    """
+    # Register pressure comes mostly from the per-element mask and bias work on the
+    # [block_m, block_n] tile, so tiles stay at <= 32 score elements per thread.
+    if dtype == torch.float32:
+        return BlockConfig(32, 32, num_warps=4, num_stages=2), BlockConfig(32, 32, num_warps=4)
+    if head_dim <= 32:
+        return BlockConfig(128, 32, num_warps=4, num_stages=3), BlockConfig(32, 64, num_warps=4)
+    if head_dim <= 64:
+        return BlockConfig(128, 64, num_warps=8, num_stages=3), BlockConfig(32, 64, num_warps=4)
+    return BlockConfig(128, 32, num_warps=8, num_stages=3), BlockConfig(32, 32, num_warps=4)
+
+
+@dataclass
+class _MaskArgs:
+    """Mask and bias inputs in kernel form (int32, contiguous), built once per call."""
+
+    mode: int
+    q_seg: torch.Tensor | None  # [batch, q_len]
+    k_seg: torch.Tensor | None  # [batch, k_len]
+    q_span: torch.Tensor | None  # [batch, q_len, 2]: keys [first, end) of each query's segment
+    k_span: torch.Tensor | None  # [batch, k_len, 2]: queries [first, end) of each key's segment
+    prefix: torch.Tensor | None  # [batch] or [batch, q_len]
+    prefix_max: torch.Tensor | None  # [batch]
+    q_pos: torch.Tensor | None  # [batch, q_len]
+    k_pos: torch.Tensor | None  # [batch, k_len]
+    bias_range: int  # R: the bias-by-distance table holds distances -R..R
+    scale: float
+    fwd_config: BlockConfig
+    bwd_config: BlockConfig
+
+    @property
+    def has_seg(self) -> bool:
+        return self.q_seg is not None
+
+    def prefix_strides(self) -> tuple[int, int]:
+        if self.prefix is None:
+            return 0, 0
+        return (self.prefix.stride(0), 0) if self.prefix.dim() == 1 else self.prefix.stride()
+
+
+def _interpreting() -> bool:
+    """Whether these kernels were defined under TRITON_INTERPRET=1 (run on CPU tensors)."""
+    return not isinstance(_fwd_kernel, triton.runtime.JITFunction)
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: int) -> None:
+    if mode not in MODE_NAMES:
+        raise ValueError(f"mode must be one of {MODE_NAMES} (CAUSAL=0 ... CROSS=3), got {mode}")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("q, k, v must be [batch, heads, len, head_dim], got shapes "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)} (batch, heads and head_dim must agree)")
+    if mode != CROSS and q.shape[2] != k.shape[2]:
+        raise ValueError(f"{MODE_NAMES[mode]} self-attention needs q_len == k_len, got "
+                         f"{q.shape[2]} and {k.shape[2]}; use mode=CROSS")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16,
+                                                               torch.float32):
+        raise TypeError(f"q, k, v must share one dtype of fp16/bf16/fp32, got {q.dtype}, "
+                        f"{k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v on different devices: {q.device}, {k.device}, {v.device}")
+    if q.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"flash_attention needs CUDA tensors (got {q.device}); on CPU use "
+                         "flash_attention_ref, or set TRITON_INTERPRET=1 before importing")
+    if q.shape[-1] > 256:
+        raise ValueError(f"head_dim {q.shape[-1]} > 256 is not supported")
+
+
+def _int_rows(name: str, x: torch.Tensor | None, batch: int, length: int,
+              device: torch.device) -> torch.Tensor | None:
+    if x is None:
+        return None
+    if x.shape != (batch, length):
+        raise ValueError(f"{name} must be [batch, len] = {(batch, length)}, got {tuple(x.shape)}")
+    return x.to(device=device, dtype=torch.int32).contiguous()
+
+
+def _segments(mode, q_seg, k_seg, batch, q_len, k_len, device):
+    """Kernel-form segment ids: both or neither (the kernel then tests equality and k != 0)."""
+    q_seg = _int_rows("q_segment_ids", q_seg, batch, q_len, device)
+    k_seg = _int_rows("k_segment_ids", k_seg, batch, k_len, device)
+    if mode != CROSS and k_seg is None:
+        k_seg = q_seg
+    if q_seg is None and k_seg is None:
+        return None, None
+    if q_seg is None:  # key padding only: every query is in "segment 1"
+        return torch.ones(batch, q_len, dtype=torch.int32, device=device), (k_seg != 0).int()
+    if k_seg is None:  # query padding only: padding queries see nothing
+        return (q_seg != 0).int(), torch.ones(batch, k_len, dtype=torch.int32, device=device)
+    return q_seg, k_seg
+
+
+def _segment_spans(seg_a: torch.Tensor, seg_b: torch.Tensor) -> torch.Tensor:
+    """For each position of ``seg_a`` [batch, len_a], the [first, last + 1) positions of its
+    segment id in ``seg_b`` [batch, len_b]: int32 [batch, len_a, 2], for tile skipping.
+
+    Padding (0) gets an empty span. Ids are 1, 2, ... (so at most max(len_a, len_b)); any other
+    id gets the whole row, which is always safe. No host synchronisation.
+    """
+    batch, len_b = seg_b.shape
+    overflow = max(seg_a.shape[1], len_b) + 1  # the slot of out-of-range ids
+    ids_a, ids_b = (torch.where((s >= 0) & (s < overflow), s, overflow).long()
+                    for s in (seg_a, seg_b))
+    positions = torch.arange(len_b, device=seg_b.device).expand(batch, len_b)
+    first = torch.full((batch, overflow + 1), len_b, dtype=torch.long, device=seg_b.device)
+    first = first.scatter_reduce(1, ids_b, positions, "amin")
+    end = torch.zeros((batch, overflow + 1), dtype=torch.long, device=seg_b.device)
+    end = end.scatter_reduce(1, ids_b, positions + 1, "amax")
+    first[:, 0], end[:, 0] = len_b, 0  # padding sees nothing
+    first[:, overflow], end[:, overflow] = 0, len_b
+    span = torch.stack((first.gather(1, ids_a), end.gather(1, ids_a)), dim=-1)
+    return span.to(torch.int32).contiguous()
+
+
+def _prefix(mode, prefix_len, batch, q_len, device):
+    if mode != PREFIX:
+        return None, None
+    if prefix_len is None:
+        raise ValueError("mode PREFIX needs prefix_len ([batch] or [batch, q_len])")
+    if prefix_len.shape not in ((batch,), (batch, q_len)):
+        raise ValueError(f"prefix_len must be [batch] or [batch, q_len] = {(batch, q_len)}, "
+                         f"got {tuple(prefix_len.shape)}")
+    prefix = prefix_len.to(device=device, dtype=torch.int32).contiguous()
+    prefix_max = prefix.reshape(batch, -1).amax(dim=1).contiguous()  # [batch]
+    return prefix, prefix_max
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs mean the caller asked for fp32 accuracy: 3xTF32 keeps it on tensor cores
+    # ("ieee" falls back to FMA loops that spill kilobytes).
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def _common_args(q, k, v, do, mask: _MaskArgs):
+    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *mask.prefix_strides())
+    return strides, (q.shape[1], q.shape[2], k.shape[2], mask.scale)
+
+
+def _constexprs(q: torch.Tensor, mask: _MaskArgs, config: BlockConfig, has_bias: bool) -> dict:
+    head_dim = q.shape[-1]
+    return dict(MODE=mask.mode, HAS_SEG=mask.has_seg, HAS_BIAS=has_bias,
+                BIAS_RANGE=mask.bias_range, HEAD_DIM=head_dim,
+                BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+                BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                DOT_PRECISION=_dot_precision(q.dtype),
+                num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def _empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """Every output buffer comes from here (tests swap in NaN-filled buffers)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+class _Pointers:
+    """Optional kernel inputs: the tensor, or a one-element placeholder the kernel never reads."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __call__(self, tensor: torch.Tensor | None, dtype: torch.dtype = torch.int32):
+        return tensor if tensor is not None else torch.zeros(1, dtype=dtype, device=self.device)
+
+
+def _forward(q, k, v, bias, mask: _MaskArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel: (out [b, h, q_len, d] in q's dtype, lse [b, h, q_len] fp32)."""
+    batch, heads, q_len, _ = q.shape
+    out = _empty(q.shape, q.dtype, q.device)
+    lse = _empty((batch, heads, q_len), torch.float32, q.device)
+    p = _Pointers(q.device)
+    cfg = mask.fwd_config
+    strides, sizes = _common_args(q, k, v, out, mask)
+    _fwd_kernel[(triton.cdiv(q_len, cfg.block_m), batch * heads)](
+        q, k, v, out, lse, p(mask.q_seg), p(mask.k_seg), p(mask.q_span), p(mask.prefix),
+        p(bias, torch.float32), p(mask.q_pos), p(mask.k_pos),
+        *strides, *sizes, **_constexprs(q, mask, cfg, bias is not None),
+    )
+    return out, lse
+
+
+def _backward(q, k, v, out, lse, do, bias, mask: _MaskArgs):
+    """Launch the backward kernels: (dq, dk, dv, dbias or None)."""
+    batch, heads, q_len, _ = q.shape
+    k_len = k.shape[2]
+    delta = (do.float() * out.float()).sum(-1).contiguous()  # [batch, heads, q_len]
+    dq = _empty(q.shape, q.dtype, q.device)
+    dk = _empty(k.shape, k.dtype, k.device)
+    dv = _empty(v.shape, v.dtype, v.device)
+    dbias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None else None
+    p = _Pointers(q.device)
+    cfg = mask.bwd_config
+    strides, sizes = _common_args(q, k, v, do, mask)
+    constexprs = _constexprs(q, mask, cfg, bias is not None)
+    _bwd_dkdv_kernel[(triton.cdiv(k_len, cfg.block_n), batch * heads)](
+        q, k, v, do, lse, delta, dk, dv, p(mask.q_seg), p(mask.k_seg), p(mask.k_span),
+        p(mask.prefix), p(mask.prefix_max), p(bias, torch.float32), p(mask.q_pos),
+        p(mask.k_pos), *strides, *sizes, **constexprs,
+    )
+    _bwd_dq_kernel[(triton.cdiv(q_len, cfg.block_m), batch * heads)](
+        q, k, v, do, lse, delta, dq, p(dbias, torch.float32), p(mask.q_seg), p(mask.k_seg),
+        p(mask.q_span), p(mask.prefix), p(bias, torch.float32), p(mask.q_pos), p(mask.k_pos),
+        *strides, *sizes, **constexprs,
+    )
+    return dq, dk, dv, dbias
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd
+# ---------------------------------------------------------------------------------------------
+
+
+class FlashAttentionFunction(torch.autograd.Function):
+    """Differentiable in q, k, v and the per-head bias-by-distance table ``[heads, 2 R + 1]``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, mask: _MaskArgs):
+        out, lse = _forward(q, k, v, bias, mask)
+        ctx.save_for_backward(q, k, v, out, lse, bias)
+        ctx.mask = mask
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse, bias = ctx.saved_tensors
+        dq, dk, dv, dbias = _backward(q, k, v, out, lse, do, bias, ctx.mask)
+        return dq, dk, dv, dbias, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Public function
+# ---------------------------------------------------------------------------------------------
+
+
+def bias_range(num_buckets: int, max_distance: int) -> int:
+    """R such that T5 buckets of every distance beyond +-R equal those of +-R (saturation)."""
+    return max(max_distance, num_buckets)
+
+
+def bias_by_distance(table: torch.Tensor, bidirectional: bool, max_distance: int) -> torch.Tensor:
+    """The per-head bias of each clamped distance ``k_pos - q_pos`` in [-R, R]: [heads, 2 R + 1].
+
+    Differentiable in ``table`` [num_buckets, heads] (float32 result).
+    """
+    num_buckets = table.shape[0]
+    r = bias_range(num_buckets, max_distance)
+    distance = torch.arange(-r, r + 1, device=table.device)
+    buckets = relative_position_bucket(distance, bidirectional, num_buckets, max_distance)
+    return table.float()[buckets].t().contiguous()  # [heads, 2 R + 1]
+
+
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mode: int,
+    *,
+    q_segment_ids: torch.Tensor | None = None,
+    k_segment_ids: torch.Tensor | None = None,
+    prefix_len: torch.Tensor | None = None,
+    rel_bias_table: torch.Tensor | None = None,
+    q_positions: torch.Tensor | None = None,
+    k_positions: torch.Tensor | None = None,
+    bidirectional_buckets: bool | None = None,
+    num_buckets: int = 32,
+    max_distance: int = 128,
+    scale: float | None = None,
+    fwd_config: BlockConfig | None = None,
+    bwd_config: BlockConfig | None = None,
+) -> torch.Tensor:
+    """Fused masked attention ``softmax(q k^T * scale + T5 bias, masked) v`` (module docstring).
+
+    Args:
+        q: [batch, heads, q_len, head_dim]; k, v: [batch, heads, k_len, head_dim]; one dtype of
+            fp16 / bf16 / fp32, on CUDA (or CPU under ``TRITON_INTERPRET=1``).
+        mode: CAUSAL (0), PREFIX (1), BIDIRECTIONAL (2) or CROSS (3).
+        q_segment_ids, k_segment_ids: [batch, q_len] / [batch, k_len], 0 = padding; for the
+            self-attention modes k_segment_ids defaults to q_segment_ids.
+        prefix_len: PREFIX only: [batch] or [batch, q_len].
+        rel_bias_table: T5 relative bias table [num_buckets, heads] (differentiable), or None.
+        q_positions, k_positions: [batch, q_len] / [batch, k_len] positions for the bias
+            (default 0..len-1).
+        bidirectional_buckets: T5 bucketing by sign of the distance; default True for
+            BIDIRECTIONAL and CROSS, False (causal bucketing) for CAUSAL and PREFIX.
+        num_buckets, max_distance: T5 bucketing parameters (num_buckets must match the table).
+        scale: logit scale, default head_dim ** -0.5.
+        fwd_config, bwd_config: tile overrides (default: ``default_block_configs``).
+
+    Returns [batch, heads, q_len, head_dim] in q's dtype; queries that see no key give zeros.
+    """
+    mode = int(mode)
+    _check_inputs(q, k, v, mode)
+    batch, heads, q_len, head_dim = q.shape
+    k_len = k.shape[2]
+    device = q.device
+    q_seg, k_seg = _segments(mode, q_segment_ids, k_segment_ids, batch, q_len, k_len, device)
+    q_span = k_span = None
+    if q_seg is not None:
+        q_span = _segment_spans(q_seg, k_seg)
+        k_span = q_span if q_seg is k_seg else _segment_spans(k_seg, q_seg)
+    prefix, prefix_max = _prefix(mode, prefix_len, batch, q_len, device)
+    bias, q_pos, k_pos, r = None, None, None, 0
+    if rel_bias_table is not None:
+        if rel_bias_table.shape != (num_buckets, heads):
+            raise ValueError(f"rel_bias_table must be [num_buckets, heads] = "
+                             f"{(num_buckets, heads)}, got {tuple(rel_bias_table.shape)}")
+        if bidirectional_buckets is None:
+            bidirectional_buckets = mode in (BIDIRECTIONAL, CROSS)
+        r = bias_range(num_buckets, max_distance)
+        bias = bias_by_distance(rel_bias_table.to(device), bidirectional_buckets, max_distance)
+        q_pos = _default_positions(q_positions, batch, q_len, device, "q_positions")
+        k_pos = _default_positions(k_positions, batch, k_len, device, "k_positions")
+    default_fwd, default_bwd = default_block_configs(head_dim, q.dtype)
+    mask = _MaskArgs(mode, q_seg, k_seg, q_span, k_span, prefix, prefix_max, q_pos, k_pos, r,
+                     head_dim ** -0.5 if scale is None else float(scale),
+                     fwd_config or default_fwd, bwd_config or default_bwd)
+    return FlashAttentionFunction.apply(q, k, v, bias, mask)
+
+
+def _default_positions(positions, batch, length, device, name) -> torch.Tensor:
+    if positions is None:
+        return torch.arange(length, dtype=torch.int32, device=device).expand(batch, -1).contiguous()
+    return _int_rows(name, positions, batch, length, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain-PyTorch reference (same semantics)
+# ---------------------------------------------------------------------------------------------
+
+
+def relative_position_bucket(relative_position: torch.Tensor, bidirectional: bool,
+                             num_buckets: int = 32, max_distance: int = 128) -> torch.Tensor:
+    """T5 bucket of ``relative_position = key_pos - query_pos`` (int64, same shape).
+
+    Half of each direction's buckets are exact distances, the rest log-spaced up to
+    ``max_distance`` (then saturating); bidirectional bucketing gives keys after the query the
+    upper half of the buckets, causal bucketing maps every later key to bucket 0. Float32 log
+    with a float32 epsilon, as T5X, so exact powers land on their own bucket.
+    """
+    distance = -relative_position.long()  # > 0: the key precedes the query
+    offset = torch.zeros_like(distance)
+    if bidirectional:
+        num_buckets //= 2
+        offset = (distance < 0).long() * num_buckets
+        distance = distance.abs()
+    else:
+        distance = distance.clamp(min=0)
+    max_exact = num_buckets // 2
+    ratio = distance.float() / max_exact + torch.finfo(torch.float32).eps
+    log_bucket = max_exact + (
+        torch.log(ratio) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+    ).long()
+    log_bucket = log_bucket.clamp(max=num_buckets - 1)
+    return offset + torch.where(distance < max_exact, distance, log_bucket)
+
+
+def attention_mask_ref(mode: int, q_len: int, k_len: int, q_segment_ids=None, k_segment_ids=None,
+                       prefix_len=None, device=None) -> torch.Tensor:
+    """Boolean visibility ``[batch or 1, q_len, k_len]`` (True = visible), the module's rules."""
+    if mode != CROSS and k_segment_ids is None:
+        k_segment_ids = q_segment_ids
+    i = torch.arange(q_len, device=device)[:, None]
+    j = torch.arange(k_len, device=device)[None, :]
+    mask = torch.ones(1, q_len, k_len, dtype=torch.bool, device=device)
+    if mode == CAUSAL:
+        mask = mask & (j <= i)
+    elif mode == PREFIX:
+        prefix = prefix_len.to(device).reshape(prefix_len.shape[0], -1)  # [batch, 1 or q_len]
+        mask = mask & ((j <= i) | (j < prefix[:, :, None]))
+    if k_segment_ids is not None:
+        mask = mask & (k_segment_ids.to(device) != 0)[:, None, :]
+        if q_segment_ids is not None:
+            same = q_segment_ids.to(device)[:, :, None] == k_segment_ids.to(device)[:, None, :]
+            mask = mask & same
+    elif q_segment_ids is not None:
+        mask = mask & (q_segment_ids.to(device) != 0)[:, :, None]
+    return mask
+
+
+def flash_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mode: int,
+    *,
+    q_segment_ids: torch.Tensor | None = None,
+    k_segment_ids: torch.Tensor | None = None,
+    prefix_len: torch.Tensor | None = None,
+    rel_bias_table: torch.Tensor | None = None,
+    q_positions: torch.Tensor | None = None,
+    k_positions: torch.Tensor | None = None,
+    bidirectional_buckets: bool | None = None,
+    num_buckets: int = 32,
+    max_distance: int = 128,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """``flash_attention`` in plain PyTorch (materialised scores; any device; autograd).
+
+    Computes in float32 (float64 inputs stay float64); returns q's dtype.
+    """
+    mode = int(mode)
+    batch, heads, q_len, head_dim = q.shape
+    k_len = k.shape[2]
+    scale = head_dim ** -0.5 if scale is None else scale
+    compute = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.matmul(q.to(compute), k.to(compute).transpose(-1, -2)) * scale  # [b,h,q,k]
+    if rel_bias_table is not None:
+        if bidirectional_buckets is None:
+            bidirectional_buckets = mode in (BIDIRECTIONAL, CROSS)
+        if q_positions is None:
+            q_positions = torch.arange(q_len, device=q.device).expand(batch, -1)
+        if k_positions is None:
+            k_positions = torch.arange(k_len, device=q.device).expand(batch, -1)
+        relative = k_positions.long()[:, None, :] - q_positions.long()[:, :, None]  # [b, q, k]
+        buckets = relative_position_bucket(relative, bidirectional_buckets, num_buckets,
+                                           max_distance)
+        bias = rel_bias_table.to(compute)[buckets].permute(0, 3, 1, 2)  # [b, h, q, k]
+        scores = scores + bias
+    mask = attention_mask_ref(mode, q_len, k_len, q_segment_ids, k_segment_ids, prefix_len,
+                              device=q.device)[:, None]  # [b or 1, 1, q, k]
+    visible_row = mask.any(dim=-1, keepdim=True)
+    scores = scores.masked_fill(~mask, float("-inf")).masked_fill(~visible_row, 0.0)
+    probs = torch.softmax(scores, dim=-1).masked_fill(~visible_row, 0.0)
+    return torch.matmul(probs, v.to(compute)).to(q.dtype)

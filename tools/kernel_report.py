@@ -1,0 +1,222 @@
+#!/usr/bin/env python3
+"""Compile the attention kernels for A100 (sm_80) / H100 (sm_90) on a CPU machine and report
+registers, spills and shared memory per variant.
+
+No GPU is needed: ``triton.compile`` with a ``GPUTarget`` runs the whole pipeline to a cubin
+with the ptxas that ships with Triton. The same compile is the CPU check that the kernels are
+valid GPU code (the interpreter accepts code a real compile rejects).
+
+Run it with ``TRITON_INTERPRET`` unset: a process that imported Triton in interpreter mode
+cannot compile (tests therefore run this tool in a subprocess).
+
+Usage: python tools/kernel_report.py [--arch 80 90] [--all] [--head-dim 64 128]
+           [--dtype fp16 bf16] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from a checkout
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from kernels import flash_attention as fa  # noqa: E402
+
+KERNELS = ("fwd", "bwd_dkdv", "bwd_dq")
+TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_DATA_ARGS = {"Q", "K", "V", "OUT", "DO", "DQ", "DK", "DV"}  # tensors in the inputs' dtype
+_FP32_ARGS = {"LSE", "DELTA", "BIAS", "DBIAS"}
+_INT_ARGS = {"QSEG", "KSEG", "QSPAN", "KSPAN", "PREFIX", "PREFIX_MAX", "QPOS", "KPOS"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One compiled specialisation of one kernel."""
+
+    kernel: str  # "fwd", "bwd_dkdv" or "bwd_dq"
+    mode: int  # fa.CAUSAL / PREFIX / BIDIRECTIONAL / CROSS
+    dtype: str  # "fp16", "bf16" or "fp32"
+    head_dim: int
+    has_seg: bool = True
+    has_bias: bool = True
+
+    @property
+    def name(self) -> str:
+        extras = "".join(("+seg" if self.has_seg else "", "+bias" if self.has_bias else ""))
+        return f"{self.kernel}/{fa.MODE_NAMES[self.mode]}{extras}/{self.dtype}/d{self.head_dim}"
+
+
+def default_variants() -> list[Variant]:
+    """A small set reaching every kernel, mode branch and dot precision once (the test run)."""
+    return [
+        Variant("fwd", fa.PREFIX, "fp16", 64),  # the prefix branch also holds the causal code
+        Variant("bwd_dkdv", fa.PREFIX, "bf16", 128),
+        Variant("bwd_dq", fa.CROSS, "fp16", 64),
+        Variant("fwd", fa.BIDIRECTIONAL, "fp32", 32, has_bias=False),  # 3xTF32 dots
+    ]
+
+
+def all_variants(head_dims=(32, 64, 128), dtypes=("fp16", "bf16", "fp32")) -> list[Variant]:
+    """Every kernel x mode x dtype x head dim, with segments and bias (the heaviest case)."""
+    return [Variant(kernel, mode, dtype, head_dim)
+            for kernel, mode, dtype, head_dim in itertools.product(
+                KERNELS, sorted(fa.MODE_NAMES), dtypes, head_dims)]
+
+
+def missing_toolchain(arch: int) -> str | None:
+    """Why this machine cannot compile for ``sm_<arch>`` (None when it can)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        path = get_ptxas(arch).path
+    except Exception as error:  # no NVIDIA backend in this Triton build
+        return f"no NVIDIA backend / ptxas in this triton: {error}"
+    if not path or not os.access(path, os.X_OK):
+        return f"ptxas not executable at {path!r}"
+    return None
+
+
+def _compile_args(fn, variant: Variant):
+    """(signature, constexprs, attrs, options) as a launch on contiguous tensors specialises."""
+    fwd, bwd = fa.default_block_configs(variant.head_dim, TORCH_DTYPES[variant.dtype])
+    config = fwd if variant.kernel == "fwd" else bwd
+    constexprs = dict(
+        MODE=variant.mode, HAS_SEG=variant.has_seg, HAS_BIAS=variant.has_bias,
+        BIAS_RANGE=fa.bias_range(32, 128) if variant.has_bias else 0,
+        HEAD_DIM=variant.head_dim, BLOCK_D=max(16, 1 << (variant.head_dim - 1).bit_length()),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        DOT_PRECISION=fa._dot_precision(TORCH_DTYPES[variant.dtype]),
+    )
+    signature, attrs = {}, {}
+    aligned = [["tt.divisibility", 16]]
+    for index, arg in enumerate(fn.arg_names):
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg.startswith("stride") and arg.endswith("d"):  # head-dim stride 1: specialised
+            signature[arg] = "constexpr"
+            constexprs[arg] = 1
+        elif arg in _DATA_ARGS | _FP32_ARGS | _INT_ARGS:
+            signature[arg] = (f"*{variant.dtype}" if arg in _DATA_ARGS
+                              else "*fp32" if arg in _FP32_ARGS else "*i32")
+            attrs[(index,)] = aligned
+        elif arg == "scale":
+            signature[arg] = "fp32"
+        else:
+            signature[arg] = "i32"
+            if arg.startswith("stride") and arg not in ("stride_pb", "stride_pm") \
+                    and variant.head_dim % 16 == 0:
+                attrs[(index,)] = aligned
+    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    return signature, constexprs, attrs, options
+
+
+def compile_variant(variant: Variant, arch: int):
+    """The Triton ``CompiledKernel`` of ``variant`` for ``sm_<arch>``; raises on compile errors."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = {"fwd": fa._fwd_kernel, "bwd_dkdv": fa._bwd_dkdv_kernel,
+          "bwd_dq": fa._bwd_dq_kernel}[variant.kernel]
+    if not isinstance(fn, triton.runtime.JITFunction):
+        raise RuntimeError("kernels were imported under TRITON_INTERPRET=1; run without it")
+    signature, constexprs, attrs, options = _compile_args(fn, variant)
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def ptxas_usage(compiled, arch: int) -> dict[str, int]:
+    """Registers and spill bytes from ptxas -v on the kernel's PTX (Triton's own ptxas)."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp) / "kernel.ptx"
+        ptx.write_text(compiled.asm["ptx"])
+        log = subprocess.run(
+            [get_ptxas(arch).path, "-v", "--regAllocOptLevel=2",
+             f"--gpu-name={sm_arch_from_capability(arch)}", str(ptx), "-o", str(ptx) + ".o"],
+            check=True, capture_output=True, text=True,
+        ).stderr
+    registers = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return {
+        "registers": int(registers.group(1)) if registers else -1,
+        "spill_stores": int(spills.group(1)) if spills else -1,
+        "spill_loads": int(spills.group(2)) if spills else -1,
+    }
+
+
+def report(variant: Variant, arch: int) -> dict:
+    """One result row: ok / skipped / error, and the resource usage when compiled."""
+    row = {"variant": variant.name, **asdict(variant), "arch": arch}
+    reason = missing_toolchain(arch)
+    if reason is not None:
+        return {**row, "status": "skipped", "reason": reason}
+    start = time.perf_counter()
+    try:
+        compiled = compile_variant(variant, arch)
+        usage = ptxas_usage(compiled, arch)
+    except Exception as error:  # report every failing variant, then exit non-zero
+        return {**row, "status": "error", "reason": f"{type(error).__name__}: {error}"}
+    return {**row, "status": "ok", **usage, "shared": compiled.metadata.shared,
+            "num_warps": compiled.metadata.num_warps, "seconds": time.perf_counter() - start}
+
+
+def _print_row(row: dict) -> None:
+    head = f"{row['variant']:42} {row['arch']:>3}"
+    if row["status"] != "ok":
+        print(f"{head} {row['status'].upper()}: {row['reason'].splitlines()[0][:160]}")
+        return
+    spills = f"{row['spill_stores']}/{row['spill_loads']}"
+    print(f"{head} {row['registers']:>5} {spills:>16} {row['shared']:>9} {row['num_warps']:>5} "
+          f"{row['seconds']:>5.1f}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90],
+                        help="CUDA compute capabilities (80 = A100, 90 = H100/H200)")
+    parser.add_argument("--all", action="store_true",
+                        help="every kernel x mode x dtype x head dim (slow: ~2 s each)")
+    parser.add_argument("--head-dim", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--dtype", nargs="+", default=["fp16", "bf16", "fp32"],
+                        choices=sorted(TORCH_DTYPES))
+    parser.add_argument("--json", action="store_true", help="one JSON list on stdout")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        parser.error("unset TRITON_INTERPRET: the interpreter cannot compile for a GPU")
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset
+    variants = (all_variants(tuple(args.head_dim), tuple(args.dtype)) if args.all
+                else default_variants())
+    if not args.json:
+        print(f"{'variant':42} {'sm':>3} {'regs':>5} {'spill st/ld (B)':>16} {'smem (B)':>9} "
+              f"{'warps':>5} {'s':>5}")
+    rows = []
+    for variant, arch in itertools.product(variants, args.arch):
+        rows.append(report(variant, arch))
+        if not args.json:
+            _print_row(rows[-1])
+    failures = sum(row["status"] == "error" for row in rows)
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        print(f"{len(rows)} variants: {sum(r['status'] == 'ok' for r in rows)} compiled, "
+              f"{failures} failed, {sum(r['status'] == 'skipped' for r in rows)} skipped")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
