@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The prepared GPU check (one lent GPU, under ~5 minutes): compiled kernel tests on the GPU, the
+# attention benchmark table, and a short bf16 training run with MFU. Runs from the repository
+# root on a machine with torch + triton (no install needed: PYTHONPATH is the checkout; nothing
+# here imports megatron-core). Writes logs and tables under $OUT (default benchmarks/gpu/).
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/gpu}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+PY=${PYTHON:-python3}
+status=0
+
+echo "== device"
+nvidia-smi -L || true
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, \
+torch.cuda.get_device_name())" | tee "$OUT/versions.txt"
+
+echo "== kernel tests, compiled on the GPU"
+timeout 150 $PY -m pytest tests/kernels -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/kernel_tests.log"
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+
+echo "== attention benchmark (forward + backward, bf16, head dim 64 and 128)"
+for hd in 64 128; do
+  timeout 60 $PY tools/bench_flash_attention.py --backward --modes causal prefix \
+    --seq-lens 1024 4096 --head-dim "$hd" --heads $((1024 / hd)) --batch 4 \
+    --csv "$OUT/flash_attention.csv" 2>&1 | tee -a "$OUT/bench_attention.txt"
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+done
+
+echo "== short training run with MFU (causal decoder, ~110M parameters, bf16)"
+timeout 120 $PY -m megarch.train --preset cd_flm_tiny --run.resume none \
+  --run.out_dir "$OUT/run" --run.device cuda --run.precision bf16 --run.steps 40 \
+  --run.log_every 10 --run.eval_every 0 --run.save_every 0 --data.seq_len 1024 \
+  --model.d_model 768 --model.n_heads 12 --model.d_ff 2048 --model.n_layers 12 \
+  --run.micro_batch 16 --run.global_batch 16 2>&1 | tee "$OUT/train.log"
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+exit $status
