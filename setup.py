@@ -23,6 +23,7 @@ setup(
         "sentencepiece>=0.2",
         "tokenizers>=0.19",
         "tqdm>=4.60",
+        "matplotlib>=3.7",  # the study report's plots
     ],
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.5"],
@@ -35,6 +36,7 @@ setup(
             "megarch-train=megarch.train:main",
             "megarch-eval=megarch.eval.cli:main",
             "megarch-lm-eval=megarch.eval.lm_eval_adapter:main",
+            "megarch-study=megarch.study.cli:main",
         ],
     },
 )

@@ -4,9 +4,15 @@
     megarch-train --preset ed_mlm_tiny --run.steps 50 --model.n_layers 4
     megarch-train --preset cd_flm --config cluster.json --data.paths data/c4
     python -m megarch.train --list-presets
+    megarch-train --preset cd_mtf_tiny --run.init_from runs/cd_flm_tiny --data.paths a,b  # MTF
+    megarch-train --adapt nc-a --run.init_from runs/cd_flm --run.steps 171008  # adaptation
 
 The resolved config is printed first and saved beside every checkpoint. A run resumes from the
 newest complete checkpoint in ``run.out_dir`` by default (``--run.resume none`` starts afresh).
+``--adapt lm-a|nc-a`` takes the config of the ``--run.init_from`` checkpoint, switches only
+the attention mask (model.arch) and the objective, writes to ``<its out_dir>_<kind>`` and
+continues its step, optimizer and schedule (``--adapt-reset-schedule``: step 0, fresh optimizer);
+see megarch.training.adapt. Every checkpoint records its lineage (``lineage.json``).
 SIGTERM or Ctrl-C saves a checkpoint at the end of the current step and exits 0.
 Exit status: 0 done (or stopped by a signal after saving), 1 non-finite loss, 2 bad config/data.
 """
@@ -18,7 +24,7 @@ import logging
 import sys
 
 from megarch.config.overrides import ConfigError
-from megarch.config.train import TRAIN_PRESETS, load_train_config
+from megarch.config.train import TRAIN_PRESETS, TrainConfig, load_train_config
 from megarch.data.errors import DataError
 
 
@@ -32,6 +38,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", default=None,
                         help=f"a training preset: {', '.join(TRAIN_PRESETS)}")
     parser.add_argument("--config", default=None, help="a JSON file of sections to apply")
+    parser.add_argument("--adapt", choices=("lm-a", "nc-a"), default=None,
+                        help="adapt the --run.init_from checkpoint: lm-a (ND+MLM -> CD+FLM) or "
+                        "nc-a (CD+FLM -> ND+MLM); its config is the base, not a preset")
+    parser.add_argument("--adapt-reset-schedule", action="store_true",
+                        help="with --adapt: start at step 0 with a fresh optimizer instead of "
+                        "continuing the checkpoint's step and schedule")
     parser.add_argument("--list-presets", action="store_true", help="print the presets and exit")
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="no config dump and only warnings")
@@ -52,6 +64,20 @@ def _summary(result) -> str:
     return "\n".join(lines)
 
 
+def _load_config(args: argparse.Namespace, overrides: list[str]) -> TrainConfig:
+    """The run's config: a preset, file and overrides; or with --adapt, the checkpoint's."""
+    if args.adapt is None:
+        if args.adapt_reset_schedule:
+            raise ConfigError("--adapt-reset-schedule applies only with --adapt lm-a|nc-a")
+        return load_train_config(args.preset, args.config, overrides)
+    if args.preset:
+        raise ConfigError(f"--adapt {args.adapt} takes its config from the --run.init_from "
+                          "checkpoint: drop --preset (override fields with --section.field)")
+    from megarch.training.adapt import load_adapt_config
+
+    return load_adapt_config(args.adapt, overrides, args.config, args.adapt_reset_schedule)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``megarch-train``; returns the exit status."""
     parser = _parser()
@@ -63,10 +89,11 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging(logging.WARNING if args.quiet else logging.INFO)
     try:
-        cfg = load_train_config(args.preset, args.config, overrides)
-        from megarch.training.loop import NonFiniteError, Trainer
+        cfg = _load_config(args, overrides)
+        from megarch.training.adapt import StagedTrainer
+        from megarch.training.loop import NonFiniteError
 
-        trainer = Trainer(cfg)  # resolves what depends on the data (model.vocab_size 0)
+        trainer = StagedTrainer(cfg)  # resolves what depends on the data (model.vocab_size 0)
         if not args.quiet:
             print(f"config (preset {args.preset or 'none'}):\n{cfg.to_json()}", flush=True)
         try:

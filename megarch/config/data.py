@@ -49,6 +49,10 @@ class DataConfig:
     """Where sample indices are cached (default: ``index-cache`` beside the first dataset)."""
     num_workers: int = 2
     """Data-loader worker processes."""
+    mixture_cap: int = 0
+    """Blend data.paths by examples (documents of the train split) capped at this, as T0's
+    mixture (500,000); 0: by data.weights or token count. Resolved into data.weights by
+    megarch.training.adapt.resolve_mixture (megarch-train, megarch-study)."""
 
     def validate(self) -> None:
         """Refuse impossible settings with the field names and the fix."""
@@ -75,5 +79,7 @@ class DataConfig:
             raise ConfigError(f"data.noise_density={self.noise_density}: must be in (0, 1)")
         if self.mean_noise_span < 1.0:
             raise ConfigError(f"data.mean_noise_span={self.mean_noise_span}: must be >= 1")
+        if self.mixture_cap < 0:
+            raise ConfigError(f"data.mixture_cap={self.mixture_cap}: must be >= 0 (0: no cap)")
         if self.inputs_len < 1 or self.targets_len < 1:
             raise ConfigError("data.inputs_len and data.targets_len must be >= 1")

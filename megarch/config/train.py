@@ -11,6 +11,12 @@ study's six architecture/objective pairs at full scale (Adafactor, 1/sqrt(max(st
 2048 x 626 tokens, 131,072 steps, z-loss 1e-4, dropout 0). ``<pair>_tiny`` trains the same pair
 on a CPU in about a minute: 100 steps of 16 x 128 tokens on the embedded corpus (``data/stdlib``,
 built on first use).
+
+Multitask finetuning (MTF, PAPER.md): ``cd_mtf``, ``nd_mtf``, ``ed_mtf`` finetune a pretrained
+model of that architecture (``--run.init_from CKPT``) on prompted (inputs, targets) datasets:
+Adafactor at a constant 1e-3, dropout 0.1, inputs 1024 / targets 256 packed, 10,000 steps of
+1024 rows (~13B tokens), datasets blended by example count capped at 500k (``data.mixture_cap``;
+list one prefix per dataset in ``data.paths``). ``<arch>_mtf_tiny`` is the same on a CPU.
 """
 
 from __future__ import annotations
@@ -127,9 +133,19 @@ class RunConfig:
     """torch.use_deterministic_algorithms while training: bit-exact reruns and resumes on CPU
     (e.g. the position-bias gather's backward is otherwise thread-order dependent); on CUDA
     in warn-only mode, as some kernels have no deterministic version."""
+    init_from: str = ""
+    """A checkpoint (or a run's out_dir: its newest) whose weights start this run, e.g. MTF
+    from a pretrained model; used only when there is nothing to resume in out_dir. Recorded in
+    the checkpoints' lineage.json (megarch.training.adapt)."""
+    init_keep_step: bool = False
+    """With init_from: also continue its step, tokens seen and optimizer state, so the schedule
+    goes on from the restored step (adaptation's default; the data position restarts, as the
+    samples are new); False: weights only, a fresh optimizer and step 0."""
 
     def validate(self) -> None:
         """Refuse impossible settings with the field names and the fix."""
+        if self.init_keep_step and not self.init_from:
+            raise ConfigError("run.init_keep_step=true needs run.init_from (a checkpoint path)")
         for name in ("steps", "micro_batch", "global_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"run.{name}={getattr(self, name)}: must be >= 1")
@@ -151,28 +167,48 @@ class RunConfig:
 
 @dataclass
 class ParallelConfig:
-    """Model and data parallelism (tensor, pipeline, data)."""
+    """Model and data parallelism (tensor, pipeline, data); see megarch.parallel.
+
+    Launch ``tp * pp * dp`` processes with torchrun (launch/); a plain ``python -m`` run is one
+    process. Ranks are laid out TP fastest, then DP, then PP.
+    """
 
     tp: int = 1
-    """Tensor-parallel size (only 1 is supported for now)."""
+    """Tensor-parallel size: heads, feed-forward units and vocabulary split over tp ranks."""
     pp: int = 1
-    """Pipeline-parallel size (only 1 is supported for now)."""
+    """Pipeline-parallel size: decoder-only models' layers split over pp stages (1F1B)."""
     dp: int = 0
-    """Data-parallel size (0: auto, the launcher's world size; only 1 process for now)."""
+    """Data-parallel size (0: auto, WORLD_SIZE // (tp * pp))."""
+    zero1: bool = False
+    """Shard the optimizer state over the data-parallel ranks (ZeRO stage 1)."""
+    sequence_parallel: bool = False
+    """With tp > 1: norms, dropout and residuals hold len / tp tokens per rank (Megatron-SP);
+    sequence lengths must divide by tp. Not with pp > 1 yet."""
+    timeout_s: float = 300.0
+    """Collective timeout: a rank waiting this long on a dead peer fails instead of hanging."""
 
     def validate(self) -> None:
-        """Refuse the sizes this version does not run yet."""
+        """Refuse sizes that do not fit the launched processes or are not supported yet."""
         for name in ("tp", "pp"):
-            if getattr(self, name) != 1:
-                raise ConfigError(
-                    f"parallel.{name}={getattr(self, name)}: not yet supported; use 1"
-                )
+            if getattr(self, name) < 1:
+                raise ConfigError(f"parallel.{name}={getattr(self, name)}: must be >= 1")
+        if self.dp < 0 or self.timeout_s <= 0:
+            raise ConfigError("parallel.dp must be >= 0 (0: auto) and parallel.timeout_s > 0")
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        if self.dp not in (0, 1) or world != 1:
+        if world % (self.tp * self.pp):
             raise ConfigError(
-                f"parallel.dp={self.dp} (WORLD_SIZE={world}): data parallelism is not yet "
-                "supported; run one process with parallel.dp 0 (auto) or 1"
+                f"WORLD_SIZE={world} processes do not split into parallel.tp={self.tp} x "
+                f"parallel.pp={self.pp}: launch a multiple of tp * pp processes"
             )
+        if self.dp and self.dp * self.tp * self.pp != world:
+            raise ConfigError(
+                f"parallel.dp={self.dp} x tp={self.tp} x pp={self.pp} != WORLD_SIZE={world}: "
+                "set parallel.dp 0 (auto) or launch dp * tp * pp processes"
+            )
+
+    def data_parallel_size(self) -> int:
+        """The resolved data-parallel size (``dp``, or WORLD_SIZE // (tp * pp) when 0)."""
+        return self.dp or max(1, int(os.environ.get("WORLD_SIZE", "1")) // (self.tp * self.pp))
 
 
 @dataclass
@@ -302,6 +338,34 @@ def _tiny(arch: str, objective: str) -> TrainConfig:
     )
 
 
+def _mtf(arch: str) -> TrainConfig:
+    """Multitask finetuning of a pretrained ``arch`` model at the study's scale (PAPER.md)."""
+    cfg = _study(arch, "multitask")
+    cfg.model.dropout = 0.1
+    cfg.data.paths = ["data/p3_d4_train"]  # one prefix per prompted dataset of the mixture
+    cfg.data.mixture_cap = 500_000
+    cfg.data.inputs_len, cfg.data.targets_len = 1024, 256
+    cfg.optim.lr = 1e-3  # constant: Adafactor's min(lr, 1/sqrt(t)) is 1e-3 from step 1
+    cfg.run.steps, cfg.run.global_batch = 10_000, 1024
+    cfg.run.out_dir = f"runs/{_short(arch)}_mtf"
+    return cfg
+
+
+def _mtf_tiny(arch: str) -> TrainConfig:
+    """Multitask finetuning of a tiny ``arch`` model on a CPU (give ``--run.init_from`` and
+    ``--data.paths``: prompted jsonl preprocessed with ``--json-keys inputs targets``)."""
+    cfg = _tiny(arch, "multitask")
+    cfg.model.dropout = 0.1
+    cfg.data.paths = [f"{EMBEDDED_DIR}/prompted_tiny"]
+    cfg.data.mixture_cap = 500_000
+    cfg.data.inputs_len, cfg.data.targets_len = 96, 32
+    # the study's optimizer and constant schedule; 1e-2 as the tiny pretraining presets (the
+    # tiny model's small parameter RMS makes Adafactor's relative steps small)
+    cfg.optim = OptimConfig(name="adafactor", lr=1e-2, schedule="constant", clip_grad=0.0)
+    cfg.run.out_dir = f"runs/{_short(arch)}_mtf_tiny"
+    return cfg
+
+
 def _short(arch: str) -> str:
     return {"causal_decoder": "cd", "nonc_decoder": "nd", "encoder_decoder": "ed"}[arch]
 
@@ -322,6 +386,10 @@ def _train_presets() -> dict[str, Callable[[], TrainConfig]]:
     for name, arch, objective in STUDY_PAIRS:
         table[name] = lambda a=arch, o=objective: _study(a, o)
         table[f"{name}_tiny"] = lambda a=arch, o=objective: _tiny(a, o)
+    for short, arch in (("cd", "causal_decoder"), ("nd", "nonc_decoder"),
+                        ("ed", "encoder_decoder")):
+        table[f"{short}_mtf"] = lambda a=arch: _mtf(a)
+        table[f"{short}_mtf_tiny"] = lambda a=arch: _mtf_tiny(a)
     return table
 
 

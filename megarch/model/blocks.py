@@ -1,6 +1,8 @@
 """Pre-norm transformer blocks. Each block is self-contained: it holds its own relative position
 bias table (when the model uses T5 biases) and computes everything it needs from the sample
-fields it is given, so a pipeline stage can hold any run of blocks.
+fields it is given, so a pipeline stage can hold any run of blocks. Given a tensor-parallel
+group a block holds its rank's share of the heads (and of their bias-table columns) and of the
+feed-forward hidden units.
 
 Block layout (T5 v1.1 / T5X, pre-norm, dropout on each sub-layer's output)::
 
@@ -18,6 +20,7 @@ from megarch.config.model import ModelConfig
 from megarch.model.attention import MaskMode
 from megarch.model.layers import CrossAttention, FeedForward, RMSNorm, SelfAttention
 from megarch.model.position import RelativePositionBias
+from megarch.parallel.collectives import Group, group_size
 
 
 def _position_parts(
@@ -38,14 +41,17 @@ class SelfAttentionBlock(nn.Module):
     position bucketing (see megarch.model.position).
     """
 
-    def __init__(self, cfg: ModelConfig, bidirectional_buckets: bool, n_heads: int | None = None):
+    def __init__(self, cfg: ModelConfig, bidirectional_buckets: bool, n_heads: int | None = None,
+                 tp_group: Group = None):
         super().__init__()
-        n_heads = n_heads or cfg.n_heads  # a tensor-parallel rank passes its local head count
+        tp = group_size(tp_group)
+        n_heads = n_heads or cfg.n_heads // tp  # this tensor-parallel rank's heads
         self.rel_bias, rotary_base = _position_parts(cfg, n_heads, bidirectional_buckets)
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = SelfAttention(cfg.d_model, n_heads, cfg.kv_dim, cfg.dropout, rotary_base)
+        self.attn = SelfAttention(cfg.d_model, n_heads, cfg.kv_dim, cfg.dropout, rotary_base,
+                                  tp_group)
         self.ff_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
+        self.ff = FeedForward(cfg.d_model, cfg.d_ff // tp, cfg.dropout, tp_group)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(
@@ -67,16 +73,18 @@ class SelfAttentionBlock(nn.Module):
 class CrossAttentionBlock(nn.Module):
     """The encoder-decoder's decoder layer: causal self-attention, cross-attention, GEGLU."""
 
-    def __init__(self, cfg: ModelConfig, n_heads: int | None = None):
+    def __init__(self, cfg: ModelConfig, n_heads: int | None = None, tp_group: Group = None):
         super().__init__()
-        n_heads = n_heads or cfg.n_heads
+        tp = group_size(tp_group)
+        n_heads = n_heads or cfg.n_heads // tp  # this tensor-parallel rank's heads
         self.rel_bias, rotary_base = _position_parts(cfg, n_heads, bidirectional=False)
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = SelfAttention(cfg.d_model, n_heads, cfg.kv_dim, cfg.dropout, rotary_base)
+        self.attn = SelfAttention(cfg.d_model, n_heads, cfg.kv_dim, cfg.dropout, rotary_base,
+                                  tp_group)
         self.cross_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.cross = CrossAttention(cfg.d_model, n_heads, cfg.kv_dim, cfg.dropout)
+        self.cross = CrossAttention(cfg.d_model, n_heads, cfg.kv_dim, cfg.dropout, tp_group)
         self.ff_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
+        self.ff = FeedForward(cfg.d_model, cfg.d_ff // tp, cfg.dropout, tp_group)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(

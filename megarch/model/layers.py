@@ -4,7 +4,10 @@ cross-attention. No biases anywhere (PAPER.md).
 Every layer takes its sizes explicitly (not a ModelConfig), so a tensor-parallel rank can build
 the same class with its share of heads (attention) or hidden units (feed-forward): the head /
 hidden dimension of ``q, k, v, wi_*`` is column-sharded and the input dimension of ``o, wo``
-row-sharded, Megatron-style.
+row-sharded, Megatron-style. With a ``tp_group`` of more than one process a layer copies its
+input into the tensor-parallel region (gradient all-reduced backward) and all-reduces the partial
+output of its row-parallel projection (megarch.parallel.collectives); with None it is the plain
+single-process layer.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from torch import nn
 
 from megarch.model.attention import MaskMode, attention
 from megarch.model.position import apply_rotary, rotary_cos_sin
+from megarch.parallel.collectives import Group, enter_tp, exit_tp
 
 
 @functools.cache
@@ -65,17 +69,22 @@ class RMSNorm(nn.Module):
 class FeedForward(nn.Module):
     """GEGLU: ``wo(gelu(wi_gate x) * wi_up x)``, tanh-approximated GELU as T5 v1.1/T5X."""
 
-    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0):
+    sequence_parallel = False
+    """Under TP: input and output are this rank's sequence chunk (set by the model)."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0, tp_group: Group = None):
         super().__init__()
+        self.tp_group = tp_group  # d_ff is this rank's share of the hidden units
         self.wi_gate = nn.Linear(d_model, d_ff, bias=False)
         self.wi_up = nn.Linear(d_model, d_ff, bias=False)
         self.wo = nn.Linear(d_ff, d_model, bias=False)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [batch, len, d_model]
+        x = enter_tp(x, self.tp_group, self.sequence_parallel)  # [batch, len, d_model]
         hidden = F.gelu(self.wi_gate(x), approximate="tanh") * self.wi_up(x)  # [b, len, d_ff]
-        return self.wo(self.dropout(hidden))  # [batch, len, d_model]
+        out = self.wo(self.dropout(hidden))  # [batch, len, d_model], partial under TP
+        return exit_tp(out, self.tp_group, self.sequence_parallel)
 
 
 def _split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -91,8 +100,13 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
 class _MultiHead(nn.Module):
     """The projections ``q, k, v, o`` (no biases) that self- and cross-attention share."""
 
-    def __init__(self, d_model: int, n_heads: int, head_dim: int, dropout: float):
+    sequence_parallel = False
+    """Under TP: input and output are this rank's sequence chunk (set by the model)."""
+
+    def __init__(self, d_model: int, n_heads: int, head_dim: int, dropout: float,
+                 tp_group: Group = None):
         super().__init__()
+        self.tp_group = tp_group  # n_heads is this rank's share of the heads
         self.n_heads, self.head_dim = n_heads, head_dim
         self.dropout = dropout
         inner = n_heads * head_dim
@@ -110,8 +124,8 @@ class SelfAttention(_MultiHead):
     """
 
     def __init__(self, d_model: int, n_heads: int, head_dim: int, dropout: float = 0.0,
-                 rotary_base: float | None = None):
-        super().__init__(d_model, n_heads, head_dim, dropout)
+                 rotary_base: float | None = None, tp_group: Group = None):
+        super().__init__(d_model, n_heads, head_dim, dropout, tp_group)
         self.rotary_base = rotary_base  # None: no rotary (positions come as a bias)
 
     def forward(
@@ -125,6 +139,7 @@ class SelfAttention(_MultiHead):
         bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: [batch, len, d_model]; positions/segment_ids: [batch, len]; bias: [b, h, len, len]."""
+        x = enter_tp(x, self.tp_group, self.sequence_parallel)  # [batch, len, d_model]
         q = _split_heads(self.q(x), self.n_heads)  # [batch, heads, len, head_dim]
         k = _split_heads(self.k(x), self.n_heads)
         v = _split_heads(self.v(x), self.n_heads)
@@ -135,15 +150,16 @@ class SelfAttention(_MultiHead):
             q, k, v, mode, q_segment_ids=segment_ids, k_segment_ids=segment_ids,
             prefix_len=prefix_len, bias=bias, dropout_p=self.dropout if self.training else 0.0,
         )
-        return self.o(_merge_heads(out))  # [batch, len, d_model]
+        return exit_tp(self.o(_merge_heads(out)), self.tp_group, self.sequence_parallel)
 
 
 class CrossAttention(_MultiHead):
     """Decoder-to-encoder attention (``MaskMode.CROSS``): queries from the decoder stream, keys
     and values from the encoder output. No position information, as in T5."""
 
-    def __init__(self, d_model: int, n_heads: int, head_dim: int, dropout: float = 0.0):
-        super().__init__(d_model, n_heads, head_dim, dropout)
+    def __init__(self, d_model: int, n_heads: int, head_dim: int, dropout: float = 0.0,
+                 tp_group: Group = None):
+        super().__init__(d_model, n_heads, head_dim, dropout, tp_group)
 
     def forward(
         self,
@@ -154,6 +170,8 @@ class CrossAttention(_MultiHead):
         encoder_segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: [batch, dec_len, d_model]; encoder_out: [batch, enc_len, d_model]."""
+        x = enter_tp(x, self.tp_group, self.sequence_parallel)
+        encoder_out = enter_tp(encoder_out, self.tp_group, self.sequence_parallel)
         q = _split_heads(self.q(x), self.n_heads)  # [batch, heads, dec_len, head_dim]
         k = _split_heads(self.k(encoder_out), self.n_heads)  # [batch, heads, enc_len, head_dim]
         v = _split_heads(self.v(encoder_out), self.n_heads)
@@ -161,4 +179,4 @@ class CrossAttention(_MultiHead):
             q, k, v, MaskMode.CROSS, q_segment_ids=segment_ids,
             k_segment_ids=encoder_segment_ids, dropout_p=self.dropout if self.training else 0.0,
         )
-        return self.o(_merge_heads(out))  # [batch, dec_len, d_model]
+        return exit_tp(self.o(_merge_heads(out)), self.tp_group, self.sequence_parallel)

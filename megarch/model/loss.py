@@ -13,6 +13,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from megarch.parallel.collectives import (
+    Group,
+    all_reduce_max,
+    group_rank,
+    group_size,
+    reduce_from_tp,
+)
+
 
 def lm_loss(
     logits: torch.Tensor,
@@ -20,6 +28,7 @@ def lm_loss(
     loss_mask: torch.Tensor,
     z_loss_coef: float = 1e-4,
     num_tokens: float | torch.Tensor | None = None,
+    tp_group: Group = None,
 ) -> dict[str, torch.Tensor]:
     """Masked mean cross-entropy and z-loss of ``logits`` [batch, len, vocab].
 
@@ -31,6 +40,10 @@ def lm_loss(
         num_tokens: divide the sums by this instead of this batch's mask sum: pass the loss-token
             count of the whole global batch when accumulating micro-batches or averaging over
             data-parallel ranks, so every token weighs the same.
+        tp_group: a tensor-parallel group: ``logits`` is then this rank's vocab shard
+            [batch, len, vocab / tp] (rank r holds ids [r * V/tp, (r + 1) * V/tp)) and the
+            log-normaliser and target logits are reduced across the group (vocab-parallel
+            cross-entropy); every rank gets the same, replicated, loss.
 
     Returns a dict of scalars: ``loss`` (ce + z_loss_coef * z_loss, the one to backpropagate),
     ``ce``, ``z_loss`` (unweighted) and ``tokens`` (this batch's mask sum). With no counted token
@@ -40,8 +53,11 @@ def lm_loss(
     logits32 = logits.float().reshape(-1, vocab)  # [batch * len, vocab]
     mask = loss_mask.reshape(-1).to(logits32.dtype)  # [batch * len]
     targets = labels.reshape(-1).masked_fill(mask == 0, 0)  # keep ignored labels in range
-    log_z = torch.logsumexp(logits32, dim=-1)  # [batch * len]
-    ce = F.cross_entropy(logits32, targets, reduction="none")  # [batch * len]
+    if group_size(tp_group) > 1:
+        log_z, ce = _vocab_parallel_ce(logits32, targets, tp_group)
+    else:
+        log_z = torch.logsumexp(logits32, dim=-1)  # [batch * len]
+        ce = F.cross_entropy(logits32, targets, reduction="none")  # [batch * len]
     tokens = mask.sum()
     denom = tokens.clamp(min=1.0) if num_tokens is None else torch.as_tensor(
         num_tokens, dtype=logits32.dtype, device=logits32.device
@@ -54,3 +70,19 @@ def lm_loss(
         "z_loss": z_mean,
         "tokens": tokens,
     }
+
+
+def _vocab_parallel_ce(
+    logits: torch.Tensor, targets: torch.Tensor, group: Group
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log Z, cross-entropy), each [tokens], from a vocab shard ``logits`` [tokens, vocab/tp]."""
+    shard = logits.shape[-1]
+    start = group_rank(group) * shard
+    peak = all_reduce_max(logits.max(dim=-1).values, group)  # [tokens], no gradient
+    sum_exp = reduce_from_tp((logits - peak[:, None]).exp().sum(dim=-1), group)  # [tokens]
+    log_z = peak + sum_exp.log()
+    local = targets - start
+    mine = (local >= 0) & (local < shard)
+    picked = logits.gather(1, local.clamp(0, shard - 1)[:, None]).squeeze(1)  # [tokens]
+    target_logit = reduce_from_tp(picked.masked_fill(~mine, 0.0), group)
+    return log_z, log_z - target_logit

@@ -12,6 +12,15 @@ Both return float32 logits ``[batch, len, vocab]``. With tied embeddings (the st
 output projection is the input embedding and the logits are scaled by ``d_model ** -0.5``
 (T5). Omitted positions default to 0..len-1 and omitted segment ids to one unpadded segment.
 
+Tensor parallelism: given a :class:`~megarch.parallel.context.ParallelContext` with ``tp > 1``
+each rank holds ``vocab / tp`` embedding rows (vocab-parallel), ``n_heads / tp`` heads with their
+bias-table columns and ``d_ff / tp`` feed-forward units, and the models return this rank's
+*vocab shard* of the logits ``[batch, len, vocab / tp]``: pass ``tp_group`` to
+:func:`megarch.model.loss.lm_loss` for the vocab-parallel cross-entropy and z-loss. With
+``ctx.sequence_parallel`` the residual stream between layers is this rank's chunk of the
+sequence (the inputs stay whole); the norm weights' gradients are then partial per rank and
+must be summed with :func:`megarch.parallel.tensor_parallel.reduce_sequence_parallel_grads`.
+
 CD and ND are one network (:class:`DecoderLM`): the same parameters under the same names; the
 architecture only chooses the mask mode (CAUSAL or PREFIX). An ND checkpoint loads into a CD
 model and back, which is all adaptation (PAPER.md) needs.
@@ -40,6 +49,8 @@ from megarch.model.attention import MaskMode
 from megarch.model.blocks import CrossAttentionBlock, SelfAttentionBlock
 from megarch.model.layers import RMSNorm
 from megarch.model.position import RelativePositionBias
+from megarch.parallel.collectives import enter_tp, exit_tp
+from megarch.parallel.context import ParallelContext
 
 logger = logging.getLogger(__name__)
 
@@ -62,20 +73,43 @@ def _float32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 class _LanguageModel(nn.Module):
     """What both models share: the embedding, the output projection, init, checkpointing."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext | None = None):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.lm_head = (
-            None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        )
+        self.ctx = ctx or ParallelContext.single()
+        self.tp_group = self.ctx.tp_group if self.ctx.tp > 1 else None
+        self.sequence_parallel = self.ctx.sequence_parallel and self.tp_group is not None
+        vocab = cfg.vocab_size // self.ctx.tp  # this rank's rows (vocab-parallel)
+        self.vocab_start = self.ctx.tp_rank * vocab
+        self.embed = nn.Embedding(vocab, cfg.d_model)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, vocab, bias=False)
         self.dropout = nn.Dropout(cfg.dropout)
 
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Embeddings [batch, len, d_model] of ``tokens`` [batch, len] (vocab-parallel: each rank
+        looks up the ids in its rows, zeros the others, and the shards are summed)."""
+        if self.tp_group is None:
+            return self.embed(tokens)
+        local = tokens - self.vocab_start
+        outside = (local < 0) | (local >= self.embed.num_embeddings)
+        x = self.embed(local.masked_fill(outside, 0)).masked_fill(outside[..., None], 0.0)
+        return exit_tp(x, self.tp_group, self.sequence_parallel)  # [b, len (/ tp if SP), d]
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Float32 logits [batch, len, vocab] from final hidden states [batch, len, d_model]."""
+        """Float32 logits [batch, len, vocab] (under TP: this rank's [.., vocab / tp]) from the
+        final hidden states [batch, len, d_model]."""
+        x = enter_tp(x, self.tp_group, self.sequence_parallel)  # [batch, len, d_model]
         if self.lm_head is None:
             return _float32_linear(x.float() * self.cfg.d_model**-0.5, self.embed.weight)
         return _float32_linear(x, self.lm_head.weight)
+
+    def mark_sequence_parallel(self) -> None:
+        """Tell every attention and feed-forward layer to take and return sequence chunks
+        (called at the end of construction; nothing without sequence parallelism)."""
+        if self.sequence_parallel:
+            for module in self.modules():
+                if hasattr(module, "sequence_parallel") and module is not self:
+                    module.sequence_parallel = True
 
     def run_block(self, block: nn.Module, *args) -> torch.Tensor:
         """``block(*args)``, recomputed in the backward pass when activation checkpointing."""
@@ -86,10 +120,11 @@ class _LanguageModel(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """(Re)initialise every parameter from the global RNG (see the module docstring)."""
-        std = self.cfg.init_std
-        for module in self.modules():
+        std, tp = self.cfg.init_std, self.ctx.tp
+        for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
-                scale = std / math.sqrt(module.in_features)
+                row_parallel = name.rsplit(".", 1)[-1] in ("o", "wo")  # input dim is sharded
+                scale = std / math.sqrt(module.in_features * (tp if row_parallel else 1))
                 nn.init.trunc_normal_(module.weight, std=scale, a=-2 * scale, b=2 * scale)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=std)
@@ -97,21 +132,24 @@ class _LanguageModel(nn.Module):
                 nn.init.ones_(module.weight)
             elif isinstance(module, RelativePositionBias):
                 buckets, heads = module.table.shape
+                heads *= tp  # the fan of the whole table, not of this rank's columns
                 nn.init.normal_(module.table, std=std * math.sqrt(2.0 / (buckets + heads)))
 
 
 class DecoderLM(_LanguageModel):
     """Decoder-only LM: the causal decoder (CAUSAL mask) and the non-causal one (PREFIX mask)."""
 
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg)
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext | None = None):
+        super().__init__(cfg, ctx)
         if cfg.is_encoder_decoder:
             raise ValueError("DecoderLM needs arch causal_decoder or nonc_decoder")
         self.mask_mode = MaskMode.CAUSAL if cfg.arch == "causal_decoder" else MaskMode.PREFIX
         self.blocks = nn.ModuleList(
-            SelfAttentionBlock(cfg, cfg.decoder_rel_bidirectional) for _ in range(cfg.n_layers)
+            SelfAttentionBlock(cfg, cfg.decoder_rel_bidirectional, tp_group=self.tp_group)
+            for _ in range(cfg.n_layers)
         )
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mark_sequence_parallel()
 
     def forward(
         self,
@@ -131,7 +169,7 @@ class DecoderLM(_LanguageModel):
         prefix = None
         if self.mask_mode == MaskMode.PREFIX:
             prefix = prefix_len if prefix_len is not None else tokens.new_zeros(tokens.shape[0])
-        x = self.dropout(self.embed(tokens))  # [batch, len, d_model]
+        x = self.dropout(self.embed_tokens(tokens))  # [batch, len, d_model]
         for block in self.blocks:
             x = self.run_block(block, x, self.mask_mode, positions, segment_ids, prefix)
         return self.logits(self.dropout(self.final_norm(x)))  # [batch, len, vocab]
@@ -141,18 +179,20 @@ class EncoderDecoderLM(_LanguageModel):
     """T5-style encoder-decoder: bidirectional encoder, causal decoder with cross-attention,
     one embedding shared by the encoder, the decoder and (tied) the output."""
 
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg)
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext | None = None):
+        super().__init__(cfg, ctx)
         if not cfg.is_encoder_decoder:
             raise ValueError("EncoderDecoderLM needs arch encoder_decoder")
         self.encoder_blocks = nn.ModuleList(
-            SelfAttentionBlock(cfg, bidirectional_buckets=True) for _ in range(cfg.n_layers)
+            SelfAttentionBlock(cfg, bidirectional_buckets=True, tp_group=self.tp_group)
+            for _ in range(cfg.n_layers)
         )
         self.encoder_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.decoder_blocks = nn.ModuleList(
-            CrossAttentionBlock(cfg) for _ in range(cfg.decoder_layers)
+            CrossAttentionBlock(cfg, tp_group=self.tp_group) for _ in range(cfg.decoder_layers)
         )
         self.decoder_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mark_sequence_parallel()
 
     def encode(
         self,
@@ -162,7 +202,7 @@ class EncoderDecoderLM(_LanguageModel):
     ) -> torch.Tensor:
         """Encoder output [batch, enc_len, d_model] (after the final norm and dropout)."""
         positions = _default_positions(encoder_tokens, encoder_positions)
-        x = self.dropout(self.embed(encoder_tokens))  # [batch, enc_len, d_model]
+        x = self.dropout(self.embed_tokens(encoder_tokens))  # [batch, enc_len, d_model]
         for block in self.encoder_blocks:
             x = self.run_block(block, x, MaskMode.BIDIRECTIONAL, positions, encoder_segment_ids)
         return self.dropout(self.encoder_norm(x))
@@ -177,7 +217,7 @@ class EncoderDecoderLM(_LanguageModel):
     ) -> torch.Tensor:
         """Logits [batch, dec_len, vocab] (float32) given the encoder output."""
         positions = _default_positions(decoder_tokens, decoder_positions)
-        x = self.dropout(self.embed(decoder_tokens))  # [batch, dec_len, d_model]
+        x = self.dropout(self.embed_tokens(decoder_tokens))  # [batch, dec_len, d_model]
         for block in self.decoder_blocks:
             x = self.run_block(block, x, positions, decoder_segment_ids, encoder_out,
                                encoder_segment_ids)
@@ -201,22 +241,37 @@ class EncoderDecoderLM(_LanguageModel):
 
 
 def build_model(
-    cfg: ModelConfig, device: torch.device | str | None = None
+    cfg: ModelConfig, device: torch.device | str | None = None,
+    ctx: ParallelContext | None = None,
 ) -> DecoderLM | EncoderDecoderLM:
-    """The model for ``cfg.arch``, initialised on ``device`` (default CPU).
+    """The model for ``cfg.arch``, initialised on ``device`` (default CPU); with a tensor-parallel
+    ``ctx``, this rank's shard (see the module docstring), initialised from the global RNG (to
+    start from a single-process model's weights, use
+    :func:`megarch.parallel.tensor_parallel.load_full_state_dict`).
 
     ``device="meta"`` returns an uninitialised model that allocates no memory (for parameter
     counts, or to materialise later with ``model.to_empty(device=...)`` then
     ``model.init_weights()``).
     """
     cfg.validate()
+    ctx = ctx or ParallelContext.single()
+    check_tp_divisible(cfg, ctx.tp)
     device = torch.device(device if device is not None else "cpu")
     cls = EncoderDecoderLM if cfg.is_encoder_decoder else DecoderLM
     with torch.device("meta"):
-        model = cls(cfg)
+        model = cls(cfg, ctx)
     if device.type != "meta":
         model.to_empty(device=device)
         model.init_weights()
     n_params = sum(p.numel() for p in model.parameters())
-    logger.info("built %s: %.4gM parameters on %s", cfg.arch, n_params / 1e6, device)
+    logger.info("built %s: %.4gM parameters on %s (tp rank %d/%d)", cfg.arch, n_params / 1e6,
+                device, ctx.tp_rank, ctx.tp)
     return model
+
+
+def check_tp_divisible(cfg: ModelConfig, tp: int) -> None:
+    """Refuse a tensor-parallel size that does not divide the sharded dimensions."""
+    for name in ("vocab_size", "n_heads", "d_ff"):
+        if getattr(cfg, name) % tp:
+            raise ValueError(f"model.{name}={getattr(cfg, name)} is not divisible by "
+                             f"parallel.tp={tp}: change one of them")

@@ -6,7 +6,9 @@ A checkpoint is a directory ``{out_dir}/checkpoints/step_{step:08d}`` holding
 - ``optimizer.pt``: the optimizer's state dict;
 - ``rng.pt``: the Python, NumPy and torch (CPU and CUDA) random states;
 - ``state.json``: step, consumed samples (the data position), tokens seen, the schedule's step;
-- ``config.json``: the resolved :class:`~megarch.config.train.TrainConfig`.
+- ``config.json``: the resolved :class:`~megarch.config.train.TrainConfig`;
+- ``lineage.json`` (when the run keeps one): the stages that made these weights, e.g.
+  pretraining then adaptation (see :mod:`megarch.training.adapt`, :func:`read_lineage`).
 
 It is written into a temporary directory beside it and renamed when complete
 (:func:`megarch.atomic.atomic_dir`), so a run killed mid-write leaves only a ``*.tmp-PID``
@@ -33,6 +35,8 @@ log = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE_FILE = "state.json"
+LINEAGE_FILE = "lineage.json"
+"""The checkpoint's lineage: ``{"stages": [...], "tokens_by_objective": {...}}``."""
 KILL_IN_SAVE_ENV = "MEGARCH_TEST_KILL_IN_SAVE"
 """Test hook: the step whose save SIGKILLs its own process halfway through the write."""
 
@@ -116,10 +120,12 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     config_json: str,
     keep_last: int = 0,
+    lineage: dict | None = None,
 ) -> str:
     """Write the checkpoint of ``state.step`` atomically; keep the newest ``keep_last`` (0: all).
 
-    Returns the checkpoint's path. Saving a step that already has a checkpoint keeps it.
+    ``lineage`` (JSON-able) is written as ``lineage.json``. Returns the checkpoint's path.
+    Saving a step that already has a checkpoint keeps it.
     """
     path = step_path(out_dir, state.step)
     os.makedirs(checkpoint_dir(out_dir), exist_ok=True)
@@ -133,6 +139,9 @@ def save_checkpoint(
         torch.save(rng_state(), os.path.join(tmp, "rng.pt"))
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             f.write(config_json)
+        if lineage is not None:
+            with open(os.path.join(tmp, LINEAGE_FILE), "w", encoding="utf-8") as f:
+                json.dump(lineage, f, indent=2)
         # state.json last: its presence marks the directory complete (besides the rename)
         with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
             json.dump(asdict(state), f, indent=2)
@@ -155,6 +164,15 @@ def read_state(path: str) -> TrainState:
     """The :class:`TrainState` of checkpoint ``path``."""
     with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
         return TrainState(**json.load(f))
+
+
+def read_lineage(path: str) -> dict | None:
+    """The ``lineage.json`` of checkpoint ``path``, or None when it has none."""
+    file = os.path.join(path, LINEAGE_FILE)
+    if not os.path.isfile(file):
+        return None
+    with open(file, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def load_model(path: str, device: torch.device | str = "cpu"):

@@ -8,6 +8,18 @@ or inf stops the run with a diagnostic naming the step and the first non-finite 
 (``run.on_nonfinite=stop``) or skips the update (``skip``); either way the weights are never
 touched by a non-finite step.
 
+Parallelism (megarch.parallel): launched by torchrun (launch/), the trainer builds one
+:class:`~megarch.parallel.context.ParallelContext` from ``parallel`` (gloo on CPU, NCCL on GPUs).
+Data-parallel ranks read disjoint micro-batches of the same global batch; the loss token count is
+summed over them first and the gradients summed after accumulation, so a DP run is the same
+optimisation as one process with the same global batch. Tensor-parallel ranks hold shards of the
+model (vocab-parallel loss); pipeline stages (decoder-only) hold runs of layers and run each
+global batch's micro-batches in 1F1B order (megarch.parallel.pipeline). Only global rank 0
+writes metrics and tensorboard; checkpoints are written by data-parallel rank 0 of each
+tensor-parallel rank and stage, under ``out_dir`` for tp = pp = 1, else
+``out_dir/tp_rank_RR_of_TT[_pp_rank_SS_of_PP]`` (resume with the same sizes;
+tools/reshard_checkpoint.py merges TP checkpoints into one).
+
 Usage::
 
     from megarch.config.train import get_train_preset
@@ -41,6 +53,10 @@ from megarch.data.embedded import (
 from megarch.data.loader import MicroBatchSampler, make_loader
 from megarch.data.tokenizers import load_tokenizer
 from megarch.model import build_model, lm_loss, model_flops_per_token, peak_flops
+from megarch.parallel.context import ParallelContext, init_distributed
+from megarch.parallel.data_parallel import all_reduce_grads, any_over, sum_over, zero1
+from megarch.parallel.pipeline import build_stage, forward_only, one_f_one_b
+from megarch.parallel.tensor_parallel import clip_grad_norm, reduce_sequence_parallel_grads
 from megarch.training.checkpoint import (
     TrainState,
     find_latest,
@@ -147,12 +163,25 @@ def first_nonfinite(model: torch.nn.Module) -> str:
     return "no parameter or gradient (the loss alone)"
 
 
+def build_context(cfg: TrainConfig) -> ParallelContext:
+    """The parallel context of this process: from torchrun's environment when launched by it
+    (gloo for ``run.device`` cpu, else NCCL), else the single-process one."""
+    backend = "gloo" if resolve_device(cfg.run.device).type == "cpu" else "nccl"
+    if not init_distributed(backend, cfg.parallel.timeout_s):
+        return ParallelContext.single()
+    return ParallelContext.build(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp or None,
+                                 cfg.parallel.sequence_parallel)
+
+
 class Trainer:
     """One training run of a :class:`TrainConfig` (see the module docstring)."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, ctx: ParallelContext | None = None):
         cfg.validate()
-        ensure_embedded_corpus(cfg)
+        self.ctx = ctx or build_context(cfg)
+        if self.ctx.is_main:
+            ensure_embedded_corpus(cfg)
+        self.ctx.barrier()
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         cfg.validate(tokenizer_vocab=self.tokenizer.vocab_size)
         self.cfg = cfg
@@ -166,9 +195,17 @@ class Trainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         random.seed(cfg.run.seed)
         np.random.seed(cfg.run.seed)
-        torch.manual_seed(cfg.run.seed)
-        self.model = build_model(cfg.model, self.device).train()
+        torch.manual_seed(cfg.run.seed + self.ctx.tp_rank)  # TP shards draw different weights
+        try:
+            self.model = self._build_model().train()
+        except ValueError as err:  # a size tensor parallelism cannot split
+            raise ConfigError(str(err)) from None
+        if self.ctx.world_size > 1:  # dropout: the same masks on the TP ranks (replicated
+            torch.manual_seed(cfg.run.seed + 1_000_003 * self.ctx.dp_rank)  # activations)
+        self.tp_group = self.model.tp_group
         self.optimizer = build_optimizer(cfg.optim, self.model)
+        if cfg.parallel.zero1 and self.ctx.dp > 1:
+            self.optimizer = zero1(self.optimizer, self.ctx.dp_group)
         self.state = TrainState()
         self.checkpoint: str | None = None
         self.train_data = build_dataset(cfg.data, self.tokenizer, "train",
@@ -179,6 +216,15 @@ class Trainer:
                                             cfg.run.eval_batches * cfg.run.micro_batch)
         self.flops_per_token: float | None = None
         self.peak = self._peak_flops()
+
+    def _build_model(self) -> torch.nn.Module:
+        """The whole model, its tensor-parallel shard, or this pipeline stage's layers."""
+        if self.ctx.pp == 1:
+            return build_model(self.cfg.model, self.device, self.ctx)
+        if self.cfg.model.is_encoder_decoder:
+            raise ConfigError(f"parallel.pp={self.ctx.pp} with model.arch=encoder_decoder: "
+                              "pipelines of encoder-decoders are not yet supported; use pp 1")
+        return build_stage(self.cfg.model, self.ctx, self.device)
 
     def _peak_flops(self) -> float | None:
         if self.cfg.run.peak_tflops > 0:
@@ -195,14 +241,14 @@ class Trainer:
         """Load the checkpoint ``run.resume`` names (auto: the newest in out_dir, if any)."""
         run = self.cfg.run
         if run.resume == "none":
-            existing = find_latest(run.out_dir)
+            existing = find_latest(self.checkpoint_root)
             if existing is not None:
                 raise ConfigError(
                     f"run.resume=none but run.out_dir={run.out_dir!r} already holds checkpoints "
                     f"({existing}): choose another run.out_dir, delete them, or resume (auto)"
                 )
             return
-        path = find_latest(run.out_dir) if run.resume == "auto" else run.resume
+        path = find_latest(self.checkpoint_root) if run.resume == "auto" else run.resume
         if path is None:
             return
         if not os.path.isdir(path):
@@ -230,21 +276,67 @@ class Trainer:
         if differ:
             raise ConfigError(f"checkpoint {path} does not fit this model: {'; '.join(differ)}")
 
+    @property
+    def checkpoint_root(self) -> str:
+        """Where this rank's checkpoints live: ``out_dir``, or a directory per TP rank."""
+        ctx = self.ctx
+        if ctx.tp == 1 and ctx.pp == 1:
+            return self.cfg.run.out_dir
+        name = f"tp_rank_{ctx.tp_rank:02d}_of_{ctx.tp:02d}"
+        if ctx.pp > 1:
+            name += f"_pp_rank_{ctx.pp_rank:02d}_of_{ctx.pp:02d}"
+        return os.path.join(self.cfg.run.out_dir, name)
+
     def save(self) -> str:
-        """Checkpoint the current state (see megarch.training.checkpoint)."""
-        self.checkpoint = save_checkpoint(self.cfg.run.out_dir, self.state, self.model,
+        """Write a checkpoint of the current state into :attr:`checkpoint_root` (see
+        megarch.training.checkpoint). Under data parallelism call :meth:`save_all` instead."""
+        self.checkpoint = save_checkpoint(self.checkpoint_root, self.state, self.model,
                                           self.optimizer, self.cfg.to_json(),
-                                          self.cfg.run.keep_last)
+                                          self.cfg.run.keep_last, lineage=self.lineage_record())
+        return self.checkpoint
+
+    def lineage_record(self) -> dict | None:
+        """What the checkpoint records of the run's history (``lineage.json``); None: nothing.
+        Staged runs (finetuning, adaptation) override it."""
+        return None
+
+    def save_all(self) -> str | None:
+        """Collective checkpoint: every rank calls it; ZeRO-1 shards are gathered, data-parallel
+        rank 0 of each TP rank writes (:meth:`save`), the others wait and point at it."""
+        if hasattr(self.optimizer, "consolidate_state_dict"):  # ZeRO-1: gather the shards
+            self.optimizer.consolidate_state_dict(to=0)
+        if self.ctx.dp_rank == 0:
+            self.save()
+        self.ctx.barrier()
+        if self.ctx.dp_rank != 0:
+            self.checkpoint = find_latest(self.checkpoint_root)
         return self.checkpoint
 
     def compute_loss(self, batch: dict, num_tokens: float) -> dict[str, torch.Tensor]:
         """Forward one micro-batch; its loss sums divided by the global batch's ``num_tokens``."""
-        labels, mask = _batch_fields(batch)
         ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast
                else contextlib.nullcontext())
         with ctx:
             logits = self.model(**batch)
-        return lm_loss(logits, labels, mask, self.cfg.model.z_loss, num_tokens=num_tokens)
+        return self.loss_of(logits, batch, num_tokens)
+
+    def loss_of(self, logits: torch.Tensor, batch: dict, num_tokens: float) -> dict:
+        """The loss dict of ``logits`` (this rank's vocab shard under TP) for ``batch``."""
+        labels, mask = _batch_fields(batch)
+        return lm_loss(logits, labels, mask, self.cfg.model.z_loss, num_tokens=num_tokens,
+                       tp_group=self.tp_group)
+
+    def _pipeline_totals(self, batches: list[dict], num_tokens: float, train: bool) -> list:
+        """(loss, ce, z_loss) summed over ``batches`` run through the pipeline (1F1B when
+        ``train``: gradients accumulate), the same on every stage."""
+        def loss_fn(logits, batch):
+            return self.loss_of(logits, batch, num_tokens)
+
+        schedule = one_f_one_b if train else forward_only
+        results = schedule(self.model, batches, loss_fn)
+        sums = [float(sum(r[k].detach() for r in results)) if results else 0.0
+                for k in ("loss", "ce", "z_loss")]
+        return sum_over(sums, self.ctx.pp_group)  # only the last stage's are non-zero
 
     def _set_flops(self, batch: dict) -> None:
         if "encoder_tokens" in batch:
@@ -267,24 +359,35 @@ class Trainer:
                    for b in micro_batches]
         if self.flops_per_token is None:
             self._set_flops(batches[0])
-        num_tokens = float(sum(_batch_fields(b)[1].sum().item() for b in batches))
+        local_tokens = float(sum(_batch_fields(b)[1].sum().item() for b in batches))
+        num_tokens = sum_over([local_tokens], self.ctx.dp_group)[0]  # of the global batch
         self.optimizer.zero_grad(set_to_none=True)
         totals = {"loss": 0.0, "ce": 0.0, "z_loss": 0.0}
-        for batch in batches:
+        if self.ctx.pp > 1:
+            totals = dict(zip(totals, self._pipeline_totals(batches, max(num_tokens, 1.0), True),
+                              strict=True))
+        for batch in batches if self.ctx.pp == 1 else ():
             out = self.compute_loss(batch, max(num_tokens, 1.0))
             out["loss"].backward()
             for key in totals:
                 totals[key] = totals[key] + out[key].detach()
-        totals = {k: float(v) for k, v in totals.items()}
+        if self.ctx.sequence_parallel:  # the norms saw this rank's chunk of the sequence
+            reduce_sequence_parallel_grads(self.model, self.tp_group)
+        all_reduce_grads(self.model, self.ctx.dp_group)
+        totals = dict(zip(totals, sum_over([float(v) for v in totals.values()],
+                                           self.ctx.dp_group), strict=True))
         lr = lr_at(self.cfg.optim, step, self.cfg.run.steps)
         grad_norm = self._clip_and_step(step, totals["loss"], lr)
-        tokens = sum(_tokens_in(b) for b in batches)
+        tokens = int(sum_over([float(sum(_tokens_in(b) for b in batches))],
+                              self.ctx.dp_group)[0])
         self.state.step = step
         self.state.consumed_samples += self.cfg.run.global_batch
         self.state.tokens_seen += tokens
         seconds = time.perf_counter() - start
         tokens_per_s = tokens / max(seconds, 1e-9)
-        mfu = (self.flops_per_token * tokens_per_s / self.peak) if self.peak else None
+        # tokens are the whole job's (summed over DP): divide by every device's peak
+        peak = self.peak * self.ctx.world_size if self.peak else None
+        mfu = (self.flops_per_token * tokens_per_s / peak) if peak else None
         return {"step": step, **totals, "lr": lr, "grad_norm": grad_norm,
                 "tokens_per_s": tokens_per_s, "mfu": mfu, "tokens_seen": self.state.tokens_seen,
                 "skipped": grad_norm is None or not np.isfinite(grad_norm)}
@@ -292,9 +395,17 @@ class Trainer:
     def _clip_and_step(self, step: int, loss: float, lr: float) -> float:
         """Check, clip and apply the gradients; returns the pre-clip norm (inf/nan if skipped)."""
         params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params]).item()
+        sharded = self.ctx.tp > 1 or self.ctx.pp > 1
+        skip = getattr(self.model, "duplicated_parameters", frozenset())
+        if sharded:  # the norm is reduced over the TP and pipeline groups
+            norm = clip_grad_norm(self.model, 0.0, self.tp_group, self.ctx.pp_group, skip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params]).item()
         if np.isfinite(loss) and np.isfinite(norm):
-            if self.cfg.optim.clip_grad > 0:
+            if self.cfg.optim.clip_grad > 0 and sharded:
+                clip_grad_norm(self.model, self.cfg.optim.clip_grad, self.tp_group,
+                               self.ctx.pp_group, skip)
+            elif self.cfg.optim.clip_grad > 0:
                 torch.nn.utils.clip_grads_with_norm_(params, self.cfg.optim.clip_grad,
                                                      torch.tensor(norm))
             set_lr(self.optimizer, lr)
@@ -325,9 +436,12 @@ class Trainer:
                 break
             batch = {k: v.to(self.device) for k, v in batch.items()}
             count = float(_batch_fields(batch)[1].sum().item())
-            out = self.compute_loss(batch, max(count, 1.0))
-            sums += torch.tensor([out["loss"].item(), out["ce"].item()],
-                                 dtype=torch.float64) * count
+            if self.ctx.pp > 1:
+                loss, ce, _ = self._pipeline_totals([batch], max(count, 1.0), train=False)
+            else:
+                out = self.compute_loss(batch, max(count, 1.0))
+                loss, ce = out["loss"].item(), out["ce"].item()
+            sums += torch.tensor([loss, ce], dtype=torch.float64) * count
             tokens += count
         self.model.train()
         loss, ce = (sums / max(tokens, 1.0)).tolist()
@@ -337,6 +451,7 @@ class Trainer:
         run = self.cfg.run
         workers = self.cfg.data.num_workers
         sampler = MicroBatchSampler(len(self.train_data), run.micro_batch, run.global_batch,
+                                    self.ctx.dp_rank, self.ctx.dp,
                                     consumed_samples=self.state.consumed_samples)
         loader = torch.utils.data.DataLoader(
             self.train_data, batch_sampler=sampler, num_workers=workers,
@@ -344,7 +459,7 @@ class Trainer:
             prefetch_factor=4 if workers else None,
             worker_init_fn=ignore_stop_signals if workers else None,
         )
-        accumulation = run.global_batch // run.micro_batch
+        accumulation = sampler.accumulation_steps
         iterator = _iterate(loader)
         while True:
             yield [next(iterator) for _ in range(accumulation)]
@@ -364,8 +479,9 @@ class Trainer:
         self.resume()
         run = self.cfg.run
         os.makedirs(run.out_dir, exist_ok=True)
-        with open(os.path.join(run.out_dir, "config.json"), "w", encoding="utf-8") as f:
-            f.write(self.cfg.to_json())
+        if self.ctx.is_main:
+            with open(os.path.join(run.out_dir, "config.json"), "w", encoding="utf-8") as f:
+                f.write(self.cfg.to_json())
         metrics = MetricsWriter(run.out_dir, run.steps, run.log_every, self.state.step)
         final_loss, valid, stopped = None, None, False
         try:
@@ -379,11 +495,12 @@ class Trainer:
                     step = self.state.step
                     if run.eval_every and step % run.eval_every == 0 and step < run.steps:
                         valid = self._eval(metrics)
-                    if stop or step >= run.steps or (run.save_every and step % run.save_every
-                                                     == 0):
-                        self.save()
-                    if stop or step >= run.steps:
-                        stopped = bool(stop)
+                    stopping = any_over(bool(stop), self.ctx.world_group)
+                    if stopping or step >= run.steps or (run.save_every and step % run.save_every
+                                                         == 0):
+                        self.save_all()
+                    if stopping or step >= run.steps:
+                        stopped = stopping
                         break
                     step_start = time.perf_counter()  # validation and saving not counted
             if not stopped and run.eval_batches:

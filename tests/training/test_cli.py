@@ -19,7 +19,7 @@ from tests.training.helpers import fast_args
     (["--run.global_batch", "10", "--run.micro_batch", "4"], "run.global_batch=10"),
     (["--model.n_layer", "4"], "no field 'n_layer'"),
     (["--data.layout", "encoder_decoder"], "data.layout"),
-    (["--parallel.tp", "2"], "not yet supported"),
+    (["--parallel.pp", "2"], "parallel.pp=2"),  # more: tests/parallel/test_config.py
     (["--data.paths", "/nonexistent/c4", "--data.tokenizer", "bytes"], "/nonexistent/c4"),
 ])
 def test_config_errors_exit_2_with_one_line(args, expected, capsys, tmp_path):

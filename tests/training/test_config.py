@@ -62,10 +62,10 @@ def test_global_batch_not_multiple_of_micro_batch():
     assert "run.global_batch=10" in message and "run.micro_batch=4" in message
 
 
-@pytest.mark.parametrize("field", ["tp", "pp"])
-def test_model_parallel_not_yet_supported(field):
-    message = _conflict("cd_flm_tiny", **{f"parallel__{field}": 2})
-    assert f"parallel.{field}=2" in message and "not yet supported" in message
+@pytest.mark.parametrize("field", ["tp", "pp"])  # more: tests/parallel/test_config.py
+def test_model_parallel_sizes_must_fit_the_processes(field):
+    message = _conflict("cd_flm_tiny", **{f"parallel__{field}": 2})  # one process, no torchrun
+    assert f"parallel.{field}=2" in message and "WORLD_SIZE=1" in message
 
 
 def test_bad_enum_values_name_the_field():

@@ -1,0 +1,90 @@
+"""launch/: the dry-run commands, and a real 2-process CPU job through the single-node script."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megarch.parallel.spawn import free_port
+from megarch.training import read_metrics
+from tests.training.helpers import REPO, fast_args
+
+SINGLE = os.path.join(REPO, "launch", "torchrun_single_node.sh")
+MULTI = os.path.join(REPO, "launch", "torchrun_multi_node.sh")
+SLURM = os.path.join(REPO, "launch", "slurm_multi_node.sbatch")
+
+
+def _run(script: str, env: dict, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "PYTHONPATH": REPO, **env}
+    return subprocess.run(["bash", script, *args], env=environment, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_single_node_dry_run_prints_the_exact_command():
+    env = {"DRY_RUN": "1", "GPUS_PER_NODE": "4", "TP": "2", "PRESET": "nd_plm_tiny",
+           "MASTER_PORT": "1234", "EXTRA": "--run.steps 7 --optim.lr 1e-3", "PYTHON": "py"}
+    out = _run(SINGLE, env, "--run.out_dir", "a b")
+    assert out.returncode == 0, out.stderr
+    assert shlex.split(out.stdout) == [
+        "py", "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "4",
+        "--master-addr", "127.0.0.1", "--master-port", "1234", "-m", "megarch.train",
+        "--preset", "nd_plm_tiny", "--parallel.tp", "2", "--parallel.pp", "1",
+        "--run.steps", "7", "--optim.lr", "1e-3", "--run.out_dir", "a b"]
+
+
+def test_multi_node_and_slurm_dry_runs_use_c10d_rendezvous():
+    env = {"DRY_RUN": "1", "GPUS_PER_NODE": "8", "NNODES": "4", "MASTER_ADDR": "node7",
+           "RDZV_ID": "job1", "PYTHON": "py"}
+    words = shlex.split(_run(MULTI, env).stdout)
+    assert words[:3] == ["py", "-m", "torch.distributed.run"]
+    for flag, value in (("--nnodes", "4"), ("--nproc-per-node", "8"), ("--rdzv-backend", "c10d"),
+                        ("--rdzv-endpoint", "node7:29500"), ("--rdzv-id", "job1")):
+        assert words[words.index(flag) + 1] == value
+    slurm_env = {"DRY_RUN": "1", "GPUS_PER_NODE": "8", "SLURM_NNODES": "2",
+                 "SLURM_JOB_ID": "99", "MASTER_ADDR": "n1", "PYTHON": "py"}
+    words = shlex.split(_run(SLURM, slurm_env).stdout)
+    assert words[:5] == ["srun", "--nodes", "2", "--ntasks-per-node", "1"]
+    assert words[words.index("--rdzv-id") + 1] == "99"
+    assert words[words.index("--rdzv-endpoint") + 1] == "n1:29500"
+
+
+def test_two_process_cpu_job_through_the_single_node_script(embedded, tmp_path):
+    """torchrun, 2 processes, gloo, DP2 with ZeRO-1: trains, rank 0 logs and checkpoints."""
+    out_dir = str(tmp_path / "run")
+    extra = ["-q", *fast_args(embedded, out_dir, 3), "--run.save_every", "0",
+             "--parallel.zero1", "true"]
+    env = {"GPUS_PER_NODE": "2", "TP": "1", "PRESET": "cd_flm_tiny",
+           "MASTER_PORT": str(free_port()), "PYTHON": sys.executable,
+           "EXTRA": shlex.join(extra), "OMP_NUM_THREADS": "1"}
+    out = _run(SINGLE, env, timeout=240)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    records = read_metrics(out_dir)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert os.listdir(os.path.join(out_dir, "checkpoints")) == ["step_00000003"]
+    optimizer = torch.load(os.path.join(out_dir, "checkpoints", "step_00000003", "optimizer.pt"))
+    assert len(optimizer["state"]) == len(optimizer["param_groups"][0]["params"]) + len(
+        optimizer["param_groups"][1]["params"])  # ZeRO-1 consolidated: every parameter's state
+
+
+@pytest.mark.slow
+def test_tp2_and_pp2_cpu_jobs_through_the_single_node_script(embedded, tmp_path):
+    """megarch-train under torchrun with TP2, then PP2: one checkpoint directory per shard."""
+    for sizes, suffixes in (({"TP": "2"}, ["_of_02"] * 2),
+                            ({"PP": "2"}, ["_pp_rank_00_of_02", "_pp_rank_01_of_02"])):
+        out_dir = str(tmp_path / "_".join(sizes))
+        extra = ["-q", *fast_args(embedded, out_dir, 2), "--run.save_every", "0"]
+        env = {"GPUS_PER_NODE": "2", **sizes, "MASTER_PORT": str(free_port()),
+               "PYTHON": sys.executable, "EXTRA": shlex.join(extra), "OMP_NUM_THREADS": "1"}
+        out = _run(SINGLE, env, timeout=240)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        assert [r["step"] for r in read_metrics(out_dir)] == [1, 2]
+        shards = sorted(d for d in os.listdir(out_dir) if d.startswith("tp_rank_"))
+        assert len(shards) == 2 and all(s.endswith(x) for s, x in zip(shards, suffixes,
+                                                                       strict=True))
+        for shard in shards:
+            assert os.listdir(os.path.join(out_dir, shard, "checkpoints")) == ["step_00000002"]

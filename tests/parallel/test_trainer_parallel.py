@@ -1,0 +1,151 @@
+"""The Trainer under data and tensor parallelism equals the single-process Trainer.
+
+Same preset, seed, data and global batch: DP2 (and DP2 with ZeRO-1, with accumulation) must give
+the single process's per-step losses and final weights; TP2 (with sequence parallelism) and PP2
+(decoder stages, 1F1B) started from the single process's initial weights (sliced per rank /
+stage) must give its losses, final weights and (PP2) validation loss. One spawned job runs all.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from megarch.model import build_model
+from megarch.parallel import gather_full_state_dict, load_full_state_dict
+from megarch.parallel.spawn import spawn
+from megarch.parallel.tensor_parallel import shard_tensor
+from megarch.training import Trainer, load_model, read_metrics
+from tests.parallel.helpers import relative_difference
+from tests.training.helpers import fast_config
+from tools.reshard_checkpoint import merge, shard_checkpoints
+
+STEPS = 3
+PRESET = "cd_flm_tiny"
+
+
+def _config(embedded, out_dir: str, **extra: str):
+    values = {"run__resume": "none", "run__save_every": "0", **extra}
+    return fast_config(PRESET, embedded, out_dir, STEPS, **values)
+
+
+def _losses(out_dir: str) -> list[float]:
+    return [r["loss"] for r in read_metrics(out_dir)]
+
+
+def _ranks(rank: int, world: int, embedded, root: str) -> dict:
+    torch.set_num_threads(1)
+    out = {}
+    for name, extra in (("dp2", {}), ("zero1", {"parallel__zero1": "true",
+                                                "run__micro_batch": "2"})):
+        trainer = Trainer(_config(embedded, os.path.join(root, name), **extra))
+        trainer.train()
+        out[name] = {"params": {k: v.clone() for k, v in trainer.model.state_dict().items()},
+                     "zero1": type(trainer.optimizer).__name__}
+    resumed = Trainer(_config(embedded, os.path.join(root, "zero1"), parallel__zero1="true",
+                              run__micro_batch="2", run__resume="auto"))
+    resumed.resume()  # the consolidated state, re-sharded over the DP ranks
+    out["zero1"]["resumed_step"] = resumed.state.step
+    out["zero1"]["resumed_local_state"] = len(resumed.optimizer.optim.state)
+    trainer = Trainer(_config(embedded, os.path.join(root, "tp2"), parallel__tp="2",
+                              parallel__sequence_parallel="true"))
+    assert trainer.model.sequence_parallel
+    torch.manual_seed(trainer.cfg.run.seed)
+    full = build_model(trainer.cfg.model).state_dict()  # the single process's initial weights
+    load_full_state_dict(trainer.model, full, trainer.tp_group)
+    trainer.train()
+    params = gather_full_state_dict(trainer.model, trainer.tp_group)
+    resumed = Trainer(_config(embedded, os.path.join(root, "tp2"), parallel__tp="2",
+                              parallel__sequence_parallel="true", run__resume="auto"))
+    resumed.resume()  # this TP rank's shard of step 3
+    again = gather_full_state_dict(resumed.model, resumed.tp_group)
+    out["tp2"] = {"params": params, "checkpoint": trainer.checkpoint,
+                  "resumed_step": resumed.state.step,
+                  "resumed_equal": all(torch.equal(again[k], v) for k, v in params.items())}
+    trainer = Trainer(_config(embedded, os.path.join(root, "pp2"), parallel__pp="2",
+                              run__eval_batches="2"))
+    trainer.model.load_state_dict({n: full[n] for n in trainer.model.state_dict()})
+    result = trainer.train()
+    out["pp2"] = {"params": {k: v.clone() for k, v in trainer.model.state_dict().items()},
+                  "valid": result.valid_loss, "checkpoint": trainer.checkpoint}
+    return out
+
+
+def test_dp2_zero1_tp2_pp2_trainers_match_single_process(embedded, tmp_path):
+    single = Trainer(_config(embedded, str(tmp_path / "single"), run__eval_batches="2"))
+    valid = single.train().valid_loss
+    reference = _losses(str(tmp_path / "single"))
+    weights = single.model.state_dict()
+    results = spawn(2, timeout_s=180)(_ranks, embedded, str(tmp_path))
+    for name in ("dp2", "zero1", "tp2", "pp2"):
+        losses = _losses(str(tmp_path / name))  # written by rank 0 only
+        assert len(losses) == STEPS
+        worst = max(abs(a - b) / abs(b) for a, b in zip(losses, reference, strict=True))
+        assert worst <= 1e-5, (name, losses, reference)
+        for rank in range(2):
+            params = results[rank][name]["params"]
+            diff = max(relative_difference(params[k], weights[k]) for k in params)
+            assert diff <= 1e-4, (name, rank, diff)
+    assert results[0]["zero1"]["zero1"] == "ZeroRedundancyOptimizer"
+    local = [results[r]["zero1"]["resumed_local_state"] for r in range(2)]
+    assert results[0]["zero1"]["resumed_step"] == STEPS and min(local) > 0
+    assert sum(local) == len(weights)  # each rank holds the state of its share only
+    tp_checkpoints = {results[r]["tp2"]["checkpoint"] for r in range(2)}
+    assert len(tp_checkpoints) == 2 and all("tp_rank_0" in c for c in tp_checkpoints)
+    for rank in range(2):
+        assert results[rank]["tp2"]["resumed_step"] == STEPS
+        assert results[rank]["tp2"]["resumed_equal"]
+    stages = [set(results[r]["pp2"]["params"]) for r in range(2)]
+    assert "blocks.0.attn.q.weight" in stages[0] - stages[1]
+    assert "blocks.1.attn.q.weight" in stages[1] - stages[0]
+    assert "embed.weight" in stages[0] & stages[1]  # tied: first and last stage
+    assert all(abs(results[r]["pp2"]["valid"] - valid) <= 1e-5 * valid for r in range(2))
+    assert "_pp_rank_01_of_02" in results[1]["pp2"]["checkpoint"]
+    _check_merged_checkpoint(embedded, tmp_path, "tp2", results[0]["tp2"]["params"])
+    pp_params = {**results[1]["pp2"]["params"], **results[0]["pp2"]["params"]}
+    _check_merged_checkpoint(embedded, tmp_path, "pp2", pp_params)
+
+
+def _check_merged_checkpoint(embedded, tmp_path, name: str, params: dict) -> None:
+    """tools/reshard_checkpoint.py: TP2 / PP2 checkpoints -> one TP1 x PP1 checkpoint with
+    the same weights, which a TP1 x PP1 run resumes (step and AdamW state)."""
+    merged = merge(shard_checkpoints(str(tmp_path / name)), str(tmp_path / f"{name}_merged"))
+    model, cfg = load_model(merged)
+    assert cfg.parallel.tp == 1 and cfg.parallel.pp == 1
+    assert set(model.state_dict()) == set(params)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in params.items())
+    trainer = Trainer(_config(embedded, str(tmp_path / f"{name}_continued"),
+                              run__resume=merged))
+    trainer.resume()
+    assert trainer.state.step == STEPS
+    exp_avg = trainer.optimizer.state[trainer.model.embed.weight]["exp_avg"]
+    assert exp_avg.shape == trainer.model.embed.weight.shape and exp_avg.abs().sum() > 0
+
+
+def _tp2_pp2(rank: int, world: int, embedded, root: str) -> None:
+    torch.set_num_threads(1)
+    trainer = Trainer(_config(embedded, root, parallel__tp="2", parallel__pp="2"))
+    torch.manual_seed(trainer.cfg.run.seed)
+    full = build_model(trainer.cfg.model).state_dict()  # the single process's initial weights
+    ctx = trainer.ctx
+    trainer.model.load_state_dict({n: shard_tensor(full[n], n, ctx.tp_rank, ctx.tp)
+                                   for n in trainer.model.state_dict()})
+    trainer.train()
+
+
+@pytest.mark.slow
+def test_tp2_pp2_trainer_matches_single_process_and_merges_to_tp1(embedded, tmp_path):
+    """4 processes: TP2 x PP2 losses = single process; its 4 checkpoints merge into one TP1 x PP1
+    checkpoint holding the single process's final weights."""
+    single = Trainer(_config(embedded, str(tmp_path / "single")))
+    single.train()
+    spawn(4, timeout_s=300)(_tp2_pp2, embedded, str(tmp_path / "tp2pp2"))
+    losses, reference = _losses(str(tmp_path / "tp2pp2")), _losses(str(tmp_path / "single"))
+    assert max(abs(a - b) / abs(b) for a, b in zip(losses, reference, strict=True)) <= 1e-5
+    paths = shard_checkpoints(str(tmp_path / "tp2pp2"))
+    assert sorted(paths) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    model, _ = load_model(merge(paths, str(tmp_path / "merged")))
+    weights = single.model.state_dict()
+    assert max(relative_difference(model.state_dict()[k], w) for k, w in weights.items()) < 1e-4
