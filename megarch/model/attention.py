@@ -20,9 +20,16 @@ Omitted segment ids mean one segment with no padding. Tensors are laid out
 from __future__ import annotations
 
 import enum
+import os
 
 import torch
 import torch.nn.functional as F
+
+from megarch.model.position import RelativeBias
+
+ATTENTION_ENV = "MEGARCH_ATTENTION"
+"""``reference`` forces the PyTorch path everywhere; ``kernel`` also uses the Triton kernel on
+CPU (under ``TRITON_INTERPRET=1``, for tests); unset: the kernel on CUDA, the reference on CPU."""
 
 
 class MaskMode(enum.IntEnum):
@@ -88,7 +95,7 @@ def attention(
     q_segment_ids: torch.Tensor | None = None,
     k_segment_ids: torch.Tensor | None = None,
     prefix_len: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
+    bias: torch.Tensor | RelativeBias | None = None,
     scale: float | None = None,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
@@ -100,7 +107,8 @@ def attention(
         mode: the mask rule (module docstring).
         q_segment_ids, k_segment_ids: [batch, q_len] / [batch, k_len]; 0 = padding.
         prefix_len: PREFIX only: [batch] or [batch, q_len].
-        bias: additive, broadcastable to [batch, heads, q_len, k_len] (relative positions).
+        bias: additive, broadcastable to [batch, heads, q_len, k_len], or a T5
+            :class:`RelativeBias` (table + positions), which the kernel computes in place.
         scale: logit scale, default ``head_dim ** -0.5``.
         dropout_p: dropout on the attention probabilities (apply only while training).
 
@@ -108,23 +116,44 @@ def attention(
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    # ---- Kernel dispatch point ---------------------------------------------------------------
-    # On CUDA the Triton attention kernel (kernels/, same MaskMode integers and arguments) is
-    # called here; until it lands every device takes the PyTorch reference path below.
-    out = _kernel_attention(q, k, v, mode, q_segment_ids, k_segment_ids, prefix_len, bias, scale,
-                            dropout_p)
-    if out is not None:
-        return out
+    # ---- Kernel dispatch point: the Triton kernel (kernels/, same MaskMode integers) on CUDA ---
+    if _use_kernel(q, bias, dropout_p):
+        return _kernel_attention(q, k, v, mode, q_segment_ids, k_segment_ids, prefix_len, bias,
+                                 scale)
+    if isinstance(bias, RelativeBias):
+        bias = bias.dense()
     mask = build_mask(mode, q.shape[-2], k.shape[-2], q_segment_ids, k_segment_ids, prefix_len,
                       device=q.device)
     return attention_reference(q, k, v, mask[:, None], bias=bias, scale=scale,
                                dropout_p=dropout_p)
 
 
-def _kernel_attention(q, k, v, mode, q_segment_ids, k_segment_ids, prefix_len, bias, scale,
-                      dropout_p) -> torch.Tensor | None:
-    """The fused kernel's output, or None where it does not apply (today: always None)."""
-    return None
+def _use_kernel(q: torch.Tensor, bias, dropout_p: float) -> bool:
+    """Whether the fused kernel serves this call (see :data:`ATTENTION_ENV`). It has no
+    attention dropout and takes biases only as a :class:`RelativeBias`."""
+    choice = os.environ.get(ATTENTION_ENV, "")
+    if choice == "reference" or dropout_p > 0.0:
+        return False
+    if bias is not None and not isinstance(bias, RelativeBias):
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or q.shape[-1] > 256:
+        return False
+    return q.is_cuda or choice == "kernel"
+
+
+def _kernel_attention(q, k, v, mode, q_segment_ids, k_segment_ids, prefix_len, bias, scale):
+    """The fused Triton kernel's output for the same arguments as :func:`attention`."""
+    from kernels.flash_attention import flash_attention
+
+    extra = {}
+    if bias is not None:
+        table = bias.module
+        extra = {"rel_bias_table": table.table, "q_positions": bias.q_positions,
+                 "k_positions": bias.k_positions, "bidirectional_buckets": table.bidirectional,
+                 "num_buckets": table.n_buckets, "max_distance": table.max_distance}
+    return flash_attention(q, k, v, int(mode), q_segment_ids=q_segment_ids,
+                           k_segment_ids=k_segment_ids, prefix_len=prefix_len, scale=scale,
+                           **extra)
 
 
 def attention_reference(

@@ -63,7 +63,7 @@ class SelfAttentionBlock(nn.Module):
         prefix_len: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: [batch, len, d_model]; positions, segment_ids: [batch, len]."""
-        bias = self.rel_bias(positions, positions) if self.rel_bias is not None else None
+        bias = self.rel_bias.lazy(positions, positions) if self.rel_bias is not None else None
         h = self.attn(self.attn_norm(x), mode, positions=positions, segment_ids=segment_ids,
                       prefix_len=prefix_len, bias=bias)
         x = x + self.dropout(h)
@@ -96,7 +96,7 @@ class CrossAttentionBlock(nn.Module):
         encoder_segment_ids: torch.Tensor | None,
     ) -> torch.Tensor:
         """x: [batch, dec_len, d_model]; encoder_out: [batch, enc_len, d_model]."""
-        bias = self.rel_bias(positions, positions) if self.rel_bias is not None else None
+        bias = self.rel_bias.lazy(positions, positions) if self.rel_bias is not None else None
         h = self.attn(self.attn_norm(x), MaskMode.CAUSAL, positions=positions,
                       segment_ids=segment_ids, bias=bias)
         x = x + self.dropout(h)

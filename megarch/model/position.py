@@ -23,6 +23,7 @@ share bucket 0; the mask still lets the prefix attend both ways.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -83,9 +84,26 @@ class RelativePositionBias(nn.Module):
         bias = self.table[buckets]  # [batch, q_len, k_len, heads]
         return bias.permute(0, 3, 1, 2)  # [batch, heads, q_len, k_len]
 
+    def lazy(self, q_positions: torch.Tensor, k_positions: torch.Tensor) -> RelativeBias:
+        """The bias at these positions, not yet materialised: the attention kernel reads the
+        table and positions itself; the reference path calls ``.dense()``."""
+        return RelativeBias(self, q_positions, k_positions)
+
     def extra_repr(self) -> str:
         kind = "bidirectional" if self.bidirectional else "causal"
         return f"buckets={self.n_buckets}, max_distance={self.max_distance}, {kind}"
+
+
+class RelativeBias(NamedTuple):
+    """A T5 relative bias described by its table and the positions it is read at."""
+
+    module: RelativePositionBias
+    q_positions: torch.Tensor  # [batch, q_len]
+    k_positions: torch.Tensor  # [batch, k_len]
+
+    def dense(self) -> torch.Tensor:
+        """The bias ``[batch, heads, q_len, k_len]``."""
+        return self.module(self.q_positions, self.k_positions)
 
 
 def rotary_cos_sin(
