@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from megarch.data.tokenizers import load_tokenizer
 from tests.eval.helpers import ARCHS, tiny
+from tests.threads import single_threaded_package
 
-
-@pytest.fixture(autouse=True, scope="package")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+one_thread = single_threaded_package()
 
 
 @pytest.fixture(scope="session")

@@ -4,9 +4,9 @@ the test process (spawned ranks set their own)."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from megarch.data.embedded import prepare_embedded
+from tests.threads import single_threaded_package
 
 
 @pytest.fixture(scope="session")
@@ -16,9 +16,4 @@ def embedded(tmp_path_factory) -> tuple[str, str]:
     return prepare_embedded(str(directory), vocab_size=2000, progress=False)
 
 
-@pytest.fixture(autouse=True, scope="package")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+one_thread = single_threaded_package()
