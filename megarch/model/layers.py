@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megarch.model.attention import MaskMode, attention
-from megarch.model.position import apply_rotary, rotary_cos_sin
+from megarch.model.position import RelativeBias, apply_rotary, rotary_cos_sin
 from megarch.parallel.collectives import Group, enter_tp, exit_tp
 
 
@@ -136,7 +136,7 @@ class SelfAttention(_MultiHead):
         positions: torch.Tensor,
         segment_ids: torch.Tensor | None = None,
         prefix_len: torch.Tensor | None = None,
-        bias: torch.Tensor | None = None,
+        bias: torch.Tensor | RelativeBias | None = None,
     ) -> torch.Tensor:
         """x: [batch, len, d_model]; positions/segment_ids: [batch, len]; bias: [b, h, len, len]."""
         x = enter_tp(x, self.tp_group, self.sequence_parallel)  # [batch, len, d_model]
