@@ -8,22 +8,28 @@ Inputs follow the training samples, as rank classification does (:mod:`megarch.e
 - encoder-decoder: the prompt (+ EOS) to the encoder (encoded once), ``[BOS]`` then the
   generated tokens to the decoder.
 
-The model has no key/value cache yet, so each step reruns the model on the whole sequence:
-fine for evaluation-sized outputs, quadratic in the output length. Ids >= the tokenizer's
-vocabulary (the model's padding rows) are never produced. A row stops at EOS (included in
-its output) or after ``max_new_tokens``.
+By default decoding is incremental (:class:`megarch.model.KVCache`): one prefill pass over the
+prompts (ND: with the same bidirectional prefix), then each step feeds only the newest token of
+every row at its own position. ``use_cache=False`` instead reruns the model on the whole
+sequence each step (quadratic in the output length; the reference the cache is tested
+against). Both give the same tokens: batched prompts are right-padded (segment id 0), and each
+row's next token goes right after its own last one. Ids >= the tokenizer's vocabulary (the
+model's padding rows) are never produced. A row stops at EOS (included in its output) or
+after ``max_new_tokens``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from megarch.data.tokenizers import Tokenizer
 from megarch.eval.scoring import run_format, start_id
-from megarch.model import EncoderDecoderLM
+from megarch.model import EncoderDecoderLM, KVCache
+
+LogitsHook = Callable[[torch.Tensor], None]
 
 
 @dataclass
@@ -43,6 +49,8 @@ class GenerationOptions:
     max_len: int | None = None
     """Prompts are cut from the left so that prompt + output fit (decoder) / the prompt fits
     (encoder-decoder); None: no limit."""
+    use_cache: bool = True
+    """Incremental decoding with a key/value cache; False: rerun the whole sequence each step."""
 
     @classmethod
     def for_run(cls, config, **overrides) -> GenerationOptions:
@@ -77,7 +85,7 @@ def _truncated(prompt: list[int], room: int | None) -> list[int]:
 
 
 def _decoder_generate(model, starts: list[list[int]], tok: Tokenizer, opts: GenerationOptions,
-                      generator) -> list[list[int]]:
+                      generator, on_logits: LogitsHook | None) -> list[list[int]]:
     device = next(model.parameters()).device
     batch, longest = len(starts), max(len(s) for s in starts)
     tokens = torch.full((batch, longest + opts.max_new_tokens), tok.pad_id, dtype=torch.long,
@@ -88,12 +96,25 @@ def _decoder_generate(model, starts: list[list[int]], tok: Tokenizer, opts: Gene
     prefix = lengths.clone()
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     rows = torch.arange(batch, device=device)
-    for _ in range(opts.max_new_tokens):
-        width = int(lengths.max())
-        segments = (torch.arange(width, device=device)[None, :] < lengths[:, None]).long()
-        logits = model(tokens=tokens[:, :width], segment_ids=segments, prefix_len=prefix)
-        chosen = next_token(logits[rows, lengths - 1], tok.vocab_size, opts.temperature,
-                            opts.top_k, generator)
+    cache = KVCache(tokens.shape[1]) if opts.use_cache else None
+    for step in range(opts.max_new_tokens):
+        if cache is not None and step > 0:
+            # Each row's newest token at its own position; a finished row repeats its last
+            # one (same slot, same keys/values), its output ignored.
+            positions = (lengths - 1)[:, None]  # [batch, 1]
+            last = model(tokens=tokens[rows[:, None], positions], positions=positions,
+                         cache=cache)[:, -1]
+        else:
+            width = int(lengths.max())
+            positions = torch.arange(width, device=device).expand(batch, width)
+            segments = (positions < lengths[:, None]).long()
+            extra = {} if cache is None else {"cache": cache}
+            logits = model(tokens=tokens[:, :width], positions=positions, segment_ids=segments,
+                           prefix_len=prefix, **extra)
+            last = logits[rows, lengths - 1]  # [batch, vocab]
+        if on_logits is not None:
+            on_logits(last)
+        chosen = next_token(last, tok.vocab_size, opts.temperature, opts.top_k, generator)
         active = ~done
         tokens[rows[active], lengths[active]] = chosen[active]
         lengths = lengths + active.long()
@@ -104,7 +125,8 @@ def _decoder_generate(model, starts: list[list[int]], tok: Tokenizer, opts: Gene
 
 
 def _encoder_decoder_generate(model, prompts: list[list[int]], tok: Tokenizer,
-                              opts: GenerationOptions, generator) -> list[list[int]]:
+                              opts: GenerationOptions, generator,
+                              on_logits: LogitsHook | None) -> list[list[int]]:
     device = next(model.parameters()).device
     batch, longest = len(prompts), max(len(p) for p in prompts)
     encoder = torch.full((batch, longest), tok.pad_id, dtype=torch.long, device=device)
@@ -114,12 +136,23 @@ def _encoder_decoder_generate(model, prompts: list[list[int]], tok: Tokenizer,
         encoder_segments[i, : len(p)] = 1
     encoder_out = model.encode(encoder, encoder_segment_ids=encoder_segments)
     decoder = torch.full((batch, 1), tok.bos_id, dtype=torch.long, device=device)
+    cache = KVCache(opts.max_new_tokens) if opts.use_cache else None
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     outputs: list[list[int]] = [[] for _ in prompts]
-    for _ in range(opts.max_new_tokens):
-        logits = model.decode(decoder, encoder_out, encoder_segment_ids=encoder_segments)
-        chosen = next_token(logits[:, -1], tok.vocab_size, opts.temperature, opts.top_k,
-                            generator)
+    for step in range(opts.max_new_tokens):
+        # Every row has the same decoder length; finished rows go on, their output ignored.
+        if cache is not None and step > 0:
+            positions = torch.full((batch, 1), step, dtype=torch.long, device=device)
+            last = model.decode(decoder[:, -1:], encoder_out, decoder_positions=positions,
+                                encoder_segment_ids=encoder_segments, cache=cache)[:, -1]
+        else:
+            positions = torch.arange(step + 1, device=device).expand(batch, step + 1)
+            extra = {} if cache is None else {"cache": cache}
+            last = model.decode(decoder, encoder_out, decoder_positions=positions,
+                                encoder_segment_ids=encoder_segments, **extra)[:, -1]
+        if on_logits is not None:
+            on_logits(last)
+        chosen = next_token(last, tok.vocab_size, opts.temperature, opts.top_k, generator)
         for i in torch.nonzero(~done)[:, 0].tolist():
             outputs[i].append(int(chosen[i]))
         done = done | (chosen == tok.eos_id)
@@ -132,11 +165,14 @@ def _encoder_decoder_generate(model, prompts: list[list[int]], tok: Tokenizer,
 @torch.no_grad()
 def generate(model: torch.nn.Module, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]],
              options: GenerationOptions | None = None,
-             generator: torch.Generator | None = None) -> list[list[int]]:
+             generator: torch.Generator | None = None,
+             on_logits: LogitsHook | None = None) -> list[list[int]]:
     """Generated ids for each prompt's ids (EOS last when the row stopped at it).
 
     ``generator`` (on the model's device) seeds sampling (torch.multinomial); greedy
-    decoding ignores it. Pass the model in eval mode.
+    decoding ignores it. ``on_logits``, if given, sees each step's next-token logits
+    [batch, vocab] (float32, every row, finished ones too) before a token is picked. Pass
+    the model in eval mode.
     """
     opts = options or GenerationOptions()
     if opts.max_new_tokens < 1:
@@ -148,11 +184,11 @@ def generate(model: torch.nn.Module, tokenizer: Tokenizer, prompts: Sequence[Seq
         rows = [_truncated(list(p) + eos, opts.max_len) for p in prompts]
         if any(not r for r in rows):
             raise ValueError("the encoder-decoder needs a non-empty prompt (or prompt_eos)")
-        return _encoder_decoder_generate(model, rows, tokenizer, opts, generator)
+        return _encoder_decoder_generate(model, rows, tokenizer, opts, generator, on_logits)
     room = None if opts.max_len is None else opts.max_len - 1 - opts.max_new_tokens
     first = start_id(model, tokenizer, opts.decoder_start)
     starts = [[first] + _truncated(list(p) + eos, room) for p in prompts]
-    return _decoder_generate(model, starts, tokenizer, opts, generator)
+    return _decoder_generate(model, starts, tokenizer, opts, generator, on_logits)
 
 
 def generate_text(model: torch.nn.Module, tokenizer: Tokenizer, prompts: Sequence[str],

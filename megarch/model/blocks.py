@@ -18,8 +18,9 @@ from torch import nn
 
 from megarch.config.model import ModelConfig
 from megarch.model.attention import MaskMode
+from megarch.model.cache import LayerCache
 from megarch.model.layers import CrossAttention, FeedForward, RMSNorm, SelfAttention
-from megarch.model.position import RelativePositionBias
+from megarch.model.position import RelativeBias, RelativePositionBias
 from megarch.parallel.collectives import Group, group_size
 
 
@@ -31,6 +32,16 @@ def _position_parts(
         return None, cfg.rotary_base
     bias = RelativePositionBias(n_heads, bidirectional, cfg.rel_buckets, cfg.rel_max_distance)
     return bias, None
+
+
+def _lazy_bias(table: RelativePositionBias | None, positions: torch.Tensor,
+               cache: LayerCache | None) -> RelativeBias | None:
+    """The T5 bias of queries at ``positions`` over their keys: the same tokens, or in a
+    cached step every cached slot."""
+    if table is None:
+        return None
+    stepping = cache is not None and cache.owner.stepping
+    return table.lazy(positions, cache.owner.key_positions if stepping else positions)
 
 
 class SelfAttentionBlock(nn.Module):
@@ -61,11 +72,13 @@ class SelfAttentionBlock(nn.Module):
         positions: torch.Tensor,
         segment_ids: torch.Tensor | None = None,
         prefix_len: torch.Tensor | None = None,
+        cache: LayerCache | None = None,
     ) -> torch.Tensor:
-        """x: [batch, len, d_model]; positions, segment_ids: [batch, len]."""
-        bias = self.rel_bias.lazy(positions, positions) if self.rel_bias is not None else None
+        """x: [batch, len, d_model]; positions, segment_ids: [batch, len]; ``cache``: this
+        layer's keys/values for incremental decoding (megarch.model.cache)."""
+        bias = _lazy_bias(self.rel_bias, positions, cache)
         h = self.attn(self.attn_norm(x), mode, positions=positions, segment_ids=segment_ids,
-                      prefix_len=prefix_len, bias=bias)
+                      prefix_len=prefix_len, bias=bias, cache=cache)
         x = x + self.dropout(h)
         return x + self.dropout(self.ff(self.ff_norm(x)))  # [batch, len, d_model]
 
@@ -94,13 +107,15 @@ class CrossAttentionBlock(nn.Module):
         segment_ids: torch.Tensor | None,
         encoder_out: torch.Tensor,
         encoder_segment_ids: torch.Tensor | None,
+        cache: LayerCache | None = None,
     ) -> torch.Tensor:
-        """x: [batch, dec_len, d_model]; encoder_out: [batch, enc_len, d_model]."""
-        bias = self.rel_bias.lazy(positions, positions) if self.rel_bias is not None else None
+        """x: [batch, dec_len, d_model]; encoder_out: [batch, enc_len, d_model]; ``cache``:
+        this layer's self- and cross-attention keys/values (megarch.model.cache)."""
+        bias = _lazy_bias(self.rel_bias, positions, cache)
         h = self.attn(self.attn_norm(x), MaskMode.CAUSAL, positions=positions,
-                      segment_ids=segment_ids, bias=bias)
+                      segment_ids=segment_ids, bias=bias, cache=cache)
         x = x + self.dropout(h)
         h = self.cross(self.cross_norm(x), encoder_out, segment_ids=segment_ids,
-                       encoder_segment_ids=encoder_segment_ids)
+                       encoder_segment_ids=encoder_segment_ids, cache=cache)
         x = x + self.dropout(h)
         return x + self.dropout(self.ff(self.ff_norm(x)))  # [batch, dec_len, d_model]

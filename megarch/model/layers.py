@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megarch.model.attention import MaskMode, attention
+from megarch.model.attention import MaskMode, attention, attention_reference
+from megarch.model.cache import LayerCache
 from megarch.model.position import RelativeBias, apply_rotary, rotary_cos_sin
 from megarch.parallel.collectives import Group, enter_tp, exit_tp
 
@@ -137,8 +138,14 @@ class SelfAttention(_MultiHead):
         segment_ids: torch.Tensor | None = None,
         prefix_len: torch.Tensor | None = None,
         bias: torch.Tensor | RelativeBias | None = None,
+        cache: LayerCache | None = None,
     ) -> torch.Tensor:
-        """x: [batch, len, d_model]; positions/segment_ids: [batch, len]; bias: [b, h, len, len]."""
+        """x: [batch, len, d_model]; positions/segment_ids: [batch, len]; bias: [b, h, len, len].
+
+        With a ``cache`` (megarch.model.cache) the keys/values are stored at ``positions``; in a
+        cached step the queries attend to the cached slots (bias: [b, h, len, width]) under the
+        cache's step mask, and ``mode``, ``segment_ids`` and ``prefix_len`` are not used.
+        """
         x = enter_tp(x, self.tp_group, self.sequence_parallel)  # [batch, len, d_model]
         q = _split_heads(self.q(x), self.n_heads)  # [batch, heads, len, head_dim]
         k = _split_heads(self.k(x), self.n_heads)
@@ -146,6 +153,14 @@ class SelfAttention(_MultiHead):
         if self.rotary_base is not None:
             cos, sin = rotary_cos_sin(positions, self.head_dim, self.rotary_base, dtype=q.dtype)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, positions)  # [batch, heads, width, head_dim] in a step
+            if cache.owner.stepping:
+                if isinstance(bias, RelativeBias):
+                    bias = bias.dense()
+                out = attention_reference(q, k, v, cache.owner.step_mask, bias=bias,
+                                          scale=self.head_dim**-0.5)
+                return exit_tp(self.o(_merge_heads(out)), self.tp_group, self.sequence_parallel)
         out = attention(
             q, k, v, mode, q_segment_ids=segment_ids, k_segment_ids=segment_ids,
             prefix_len=prefix_len, bias=bias, dropout_p=self.dropout if self.training else 0.0,
@@ -168,13 +183,19 @@ class CrossAttention(_MultiHead):
         *,
         segment_ids: torch.Tensor | None = None,
         encoder_segment_ids: torch.Tensor | None = None,
+        cache: LayerCache | None = None,
     ) -> torch.Tensor:
-        """x: [batch, dec_len, d_model]; encoder_out: [batch, enc_len, d_model]."""
+        """x: [batch, dec_len, d_model]; encoder_out: [batch, enc_len, d_model]. A ``cache``
+        keeps the encoder output's keys/values from its first call on."""
         x = enter_tp(x, self.tp_group, self.sequence_parallel)
-        encoder_out = enter_tp(encoder_out, self.tp_group, self.sequence_parallel)
         q = _split_heads(self.q(x), self.n_heads)  # [batch, heads, dec_len, head_dim]
-        k = _split_heads(self.k(encoder_out), self.n_heads)  # [batch, heads, enc_len, head_dim]
-        v = _split_heads(self.v(encoder_out), self.n_heads)
+
+        def encoder_kv() -> tuple[torch.Tensor, torch.Tensor]:
+            enc = enter_tp(encoder_out, self.tp_group, self.sequence_parallel)
+            k = _split_heads(self.k(enc), self.n_heads)  # [batch, heads, enc_len, head_dim]
+            return k, _split_heads(self.v(enc), self.n_heads)
+
+        k, v = encoder_kv() if cache is None else cache.cross_kv(encoder_kv)
         out = attention(
             q, k, v, MaskMode.CROSS, q_segment_ids=segment_ids,
             k_segment_ids=encoder_segment_ids, dropout_p=self.dropout if self.training else 0.0,

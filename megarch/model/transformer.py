@@ -47,6 +47,7 @@ from torch.utils.checkpoint import checkpoint
 from megarch.config.model import ModelConfig
 from megarch.model.attention import MaskMode
 from megarch.model.blocks import CrossAttentionBlock, SelfAttentionBlock
+from megarch.model.cache import KVCache, LayerCache
 from megarch.model.layers import RMSNorm
 from megarch.model.position import RelativePositionBias
 from megarch.parallel.collectives import enter_tp, exit_tp
@@ -111,6 +112,19 @@ class _LanguageModel(nn.Module):
                 if hasattr(module, "sequence_parallel") and module is not self:
                     module.sequence_parallel = True
 
+    def cache_layers(self, cache: KVCache | None, n_layers: int, tokens: torch.Tensor,
+                     positions: torch.Tensor | None
+                     ) -> tuple[list[LayerCache | None], torch.Tensor]:
+        """Per block, its :class:`LayerCache` (all None without a ``cache``), and the
+        tokens' positions (defaults filled in)."""
+        if cache is None:
+            return [None] * n_layers, _default_positions(tokens, positions)
+        if self.sequence_parallel:
+            raise ValueError("incremental decoding (a KVCache) does not run under sequence "
+                             "parallelism: set parallel.sequence_parallel false to generate")
+        layers, positions = cache.begin(n_layers, tokens, positions)
+        return list(layers), positions
+
     def run_block(self, block: nn.Module, *args) -> torch.Tensor:
         """``block(*args)``, recomputed in the backward pass when activation checkpointing."""
         if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
@@ -159,19 +173,25 @@ class DecoderLM(_LanguageModel):
         prefix_len: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         loss_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         """Logits [batch, len, vocab] (float32) for ``tokens`` [batch, len].
 
         ``prefix_len`` ([batch] or [batch, len]) is used by ND only; ND without it is causal.
-        ``labels`` and ``loss_mask`` are accepted and unused.
+        ``labels`` and ``loss_mask`` are accepted and unused. ``cache``: incremental decoding
+        (megarch.model.cache): the first pass is the prefill, later ones feed new tokens at
+        their ``positions`` (required then; ``segment_ids`` and ``prefix_len`` unused).
         """
-        positions = _default_positions(tokens, positions)
+        layer_caches, positions = self.cache_layers(cache, len(self.blocks), tokens, positions)
         prefix = None
         if self.mask_mode == MaskMode.PREFIX:
             prefix = prefix_len if prefix_len is not None else tokens.new_zeros(tokens.shape[0])
         x = self.dropout(self.embed_tokens(tokens))  # [batch, len, d_model]
-        for block in self.blocks:
-            x = self.run_block(block, x, self.mask_mode, positions, segment_ids, prefix)
+        for block, layer_cache in zip(self.blocks, layer_caches, strict=True):
+            if layer_cache is None:  # the training path, unchanged
+                x = self.run_block(block, x, self.mask_mode, positions, segment_ids, prefix)
+            else:
+                x = block(x, self.mask_mode, positions, segment_ids, prefix, layer_cache)
         return self.logits(self.dropout(self.final_norm(x)))  # [batch, len, vocab]
 
 
@@ -214,13 +234,24 @@ class EncoderDecoderLM(_LanguageModel):
         decoder_positions: torch.Tensor | None = None,
         decoder_segment_ids: torch.Tensor | None = None,
         encoder_segment_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """Logits [batch, dec_len, vocab] (float32) given the encoder output."""
-        positions = _default_positions(decoder_tokens, decoder_positions)
+        """Logits [batch, dec_len, vocab] (float32) given the encoder output.
+
+        ``cache``: incremental decoding (megarch.model.cache): the first pass is the prefill
+        (it also caches the cross-attention keys/values of ``encoder_out``), later ones feed
+        new decoder tokens at their ``decoder_positions`` (required then).
+        """
+        layer_caches, positions = self.cache_layers(cache, len(self.decoder_blocks),
+                                                    decoder_tokens, decoder_positions)
         x = self.dropout(self.embed_tokens(decoder_tokens))  # [batch, dec_len, d_model]
-        for block in self.decoder_blocks:
-            x = self.run_block(block, x, positions, decoder_segment_ids, encoder_out,
-                               encoder_segment_ids)
+        for block, layer_cache in zip(self.decoder_blocks, layer_caches, strict=True):
+            if layer_cache is None:  # the training path, unchanged
+                x = self.run_block(block, x, positions, decoder_segment_ids, encoder_out,
+                                   encoder_segment_ids)
+            else:
+                x = block(x, positions, decoder_segment_ids, encoder_out, encoder_segment_ids,
+                          layer_cache)
         return self.logits(self.dropout(self.decoder_norm(x)))  # [batch, dec_len, vocab]
 
     def forward(

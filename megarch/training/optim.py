@@ -11,9 +11,11 @@ Steps are counted from 1 (the first update is step 1), as Adafactor's own counte
   ``decay_steps``, then flat.
 - warm-up (all): ``lr * step / warmup_steps`` for ``step <= warmup_steps``.
 
-Adafactor (``torch.optim.Adafactor``) scales each update by ``rho_t * max(eps2, RMS(param))``
-with ``rho_t = min(lr, 1 / sqrt(t))``: with the constant schedule and ``lr = 0.01`` this is the
-study's ``1 / sqrt(max(step, 10^4))`` (PAPER.md) with no external schedule at all.
+Adafactor (:class:`megarch.training.adafactor.Adafactor`: ``torch.optim.Adafactor``'s algorithm
+and state, exact under tensor parallelism) scales each update by
+``rho_t * max(eps2, RMS(param))`` with ``rho_t = min(lr, 1 / sqrt(t))``: with the constant
+schedule and ``lr = 0.01`` this is the study's ``1 / sqrt(max(step, 10^4))`` (PAPER.md) with no
+external schedule at all.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ import torch
 from torch import nn
 
 from megarch.config.train import OptimConfig
+from megarch.parallel.collectives import group_size
+from megarch.parallel.tensor_parallel import tp_split_dim
+from megarch.training.adafactor import Adafactor, TensorParallelLayout
 
 
 def lr_at(cfg: OptimConfig, step: int, total_steps: int) -> float:
@@ -76,6 +81,12 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer
 
     AdamW on CUDA uses apex's ``FusedAdam`` (in AdamW mode: the same update) when NVIDIA apex
     is installed, else torch's fused AdamW; on CPU, torch's AdamW.
+
+    Adafactor is megarch's (one parameter group, in ``model.parameters()`` order, as
+    ``torch.optim.Adafactor`` had: its checkpoints load). Under tensor parallelism
+    (``model.tp_group`` of more than one rank) it knows each parameter's split dim by name
+    (:func:`megarch.parallel.tensor_parallel.tp_split_dim`) and reduces its statistics over
+    the group, so the TP run takes the single process's steps.
     """
     if cfg.name == "adamw":
         groups = _decay_groups(model, cfg.weight_decay)
@@ -87,7 +98,13 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                                  fused=True if on_cuda else None)
     if cfg.name == "adafactor":
-        return torch.optim.Adafactor(
+        adafactor = Adafactor
+        tp_group = getattr(model, "tp_group", None)
+        if group_size(tp_group) > 1:  # a class bound to the layout: ZeRO-1 rebuilds from it
+            split_dims = {p: dim for name, p in model.named_parameters()
+                          if (dim := tp_split_dim(name)) is not None}
+            adafactor = Adafactor.with_layout(TensorParallelLayout(tp_group, split_dims))
+        return adafactor(
             [p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
             beta2_decay=cfg.adafactor_decay, eps=(None, cfg.adafactor_scale_eps),
             d=cfg.adafactor_clip, weight_decay=cfg.weight_decay,
