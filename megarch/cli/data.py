@@ -1,4 +1,5 @@
-"""``megarch-data``: build the embedded corpus, train a tokenizer, preprocess, merge, inspect.
+"""``megarch-data``: build the embedded corpus, train a tokenizer, preprocess, merge, inspect,
+prepare P3.
 
 Each subcommand is a thin front over megarch.data; ``megarch-data demo`` runs the whole data
 path on the embedded corpus (the standard library's docstrings) in well under a minute.
@@ -79,6 +80,19 @@ def _inspect(args: argparse.Namespace, overrides: list[str]) -> None:
             print(render_text(index, sample, tokenizer.decode, title))
 
 
+def _p3(args: argparse.Namespace) -> None:
+    from megarch.data.p3 import format_summary, prepare_p3
+
+    report = prepare_p3(
+        args.p3_dir, args.out, mixture=None if args.mixture == "none" else args.mixture,
+        eval_suite=None if args.eval == "none" else args.eval, workers=args.workers,
+        train_split=args.train_split, eval_split=args.eval_split, verify=not args.no_crc,
+        progress=not args.quiet,
+    )
+    print(format_summary(report))
+    print(f"\nwrote {args.out}/summary.json")
+
+
 def _demo(args: argparse.Namespace) -> None:
     """The embedded corpus end to end: corpus -> tokenizer -> dataset -> a sample per objective."""
     from megarch.data.datasets import build_dataset
@@ -153,6 +167,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=2, help="how many samples")
     p.add_argument("--json", action="store_true", help="one JSON object per sample")
     p.set_defaults(run=_inspect, takes_overrides=True)
+
+    p = add("p3", help="T0's MTF mixture and eval tasks from a P3 download (offline)",
+            description="Read a bigscience/P3 download (TFRecord task folders) and write T0's "
+            "training mixture as prompted jsonl per dataset (OUT/mtf) and T0's held-out tasks "
+            "as megarch-eval task files (OUT/tasks), with OUT/summary.json and "
+            "OUT/mtf_data.json (data.paths + data.mixture_cap 500000).")
+    p.add_argument("--p3-dir", required=True, help="the P3 download (holding data/)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--mixture", default="t0_train", choices=["t0_train", "none"])
+    p.add_argument("--eval", default="t0_eval", choices=["t0_eval", "none"])
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--eval-split", default="validation")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--no-crc", action="store_true", help="skip TFRecord CRC checks (faster)")
+    p.set_defaults(run=_p3)
 
     p = add("demo", help="corpus -> tokenizer -> dataset -> samples, end to end")
     p.add_argument("--dir", default="data", help="where to write (reused when present)")
