@@ -1,123 +1,165 @@
 #!/usr/bin/env python3
-"""Merge a tensor- and/or pipeline-parallel run's checkpoints into one single-process checkpoint.
+"""Convert a checkpoint to another tensor/pipeline-parallel layout (default: one unsharded file).
 
-    python tools/reshard_checkpoint.py runs/cd_flm_tp2pp2 runs/cd_flm_tp1 [--step 1000]
+    python tools/reshard_checkpoint.py runs/cd_flm_tp2pp2 runs/cd_flm_tp1            # -> TP1 x PP1
+    python tools/reshard_checkpoint.py runs/cd_flm_tp1 runs/cd_flm_tp2pp2 --tp 2 --pp 2
 
-The run's ``out_dir/tp_rank_RR_of_TT[_pp_rank_SS_of_PP]/checkpoints/step_*`` directories
-(megarch.training.loop) are merged into ``DEST/checkpoints/step_*``: the full model, the merged
-AdamW state, the step and the config with ``parallel.tp = parallel.pp = 1``. megarch-eval,
-``load_model`` and a TP1 x PP1 run (``--run.resume PATH``) read it as any checkpoint. TP shards
-are concatenated along their split dims (megarch.parallel.reshard); pipeline stages hold disjoint
-layers under their global names, and the tied embedding of the first and last stage is taken
-from the first. The RNG state saved is this tool's, not the run's.
+SRC is a checkpoint directory (``out_dir/checkpoints/step_N``) or a run's ``out_dir`` (its newest
+complete checkpoint, or ``--step N``), of any layout. The result is written atomically to
+``DEST/checkpoints/step_N``: the model and optimizer state (AdamW moments, Adafactor's factored
+row / column moments) cut for every (TP rank, stage) of ``--tp`` x ``--pp`` by the code a run
+uses to resume at another layout (megarch.training.resume), the same ``state.json`` and
+lineage, the config with the new ``parallel.tp`` / ``parallel.pp``, and each target rank's RNG
+state (the same rank's when the source has it, else rank 0's). A TP1 x PP1 result is an ordinary
+single-process checkpoint (megarch-eval, ``load_model``); any result resumes a run of its layout
+(``--run.resume DEST/checkpoints/step_N``) or of another one.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import re
+import shutil
 import sys
 
 import torch
-from torch import nn
 
-from megarch.config.train import TrainConfig, config_from_json
+from megarch.atomic import atomic_dir
+from megarch.config.train import TrainConfig
 from megarch.model import build_model
 from megarch.parallel.context import ParallelContext
 from megarch.parallel.pipeline import build_stage
-from megarch.parallel.reshard import merge_tp_model, merge_tp_optimizer, optimizer_param_names
-from megarch.training.checkpoint import find_latest, read_state, save_checkpoint, step_path
+from megarch.parallel.reshard import optimizer_group_names
+from megarch.parallel.tensor_parallel import tp_split_dim
+from megarch.training.checkpoint import (
+    CONFIG_FILE,
+    LINEAGE_FILE,
+    PARAM_NAMES,
+    STATE_FILE,
+    find_latest,
+    list_checkpoints,
+    read_state,
+    shard_file,
+    step_path,
+)
 from megarch.training.optim import build_optimizer
+from megarch.training.resume import CheckpointError, SavedCheckpoint
 
-_SHARD = re.compile(r"^tp_rank_(\d+)_of_(\d+)(?:_pp_rank_(\d+)_of_(\d+))?$")
-
-
-def shard_checkpoints(run_dir: str, step: int | None = None) -> dict[tuple[int, int], str]:
-    """``{(pp_rank, tp_rank): checkpoint dir}`` of ``run_dir`` at ``step`` (default: newest)."""
-    roots = {}
-    for name in sorted(os.listdir(run_dir)):
-        match = _SHARD.match(name)
-        if match:
-            roots[(int(match.group(3) or 0), int(match.group(1)))] = os.path.join(run_dir, name)
-    if not roots:
-        raise FileNotFoundError(f"{run_dir}: no tp_rank_* directories (not a TP/PP run?)")
-    if step is None:
-        latest = find_latest(next(iter(roots.values())))
-        if latest is None:
-            raise FileNotFoundError(f"{run_dir}: no checkpoint")
-        step = read_state(latest).step
-    paths = {key: step_path(root, step) for key, root in roots.items()}
-    missing = [p for p in paths.values() if not os.path.isdir(p)]
-    if missing:
-        raise FileNotFoundError(f"step {step} is missing on some ranks: {missing}")
-    return paths
+_PIPELINE_FIELDS = {"virtual_stages": 1, "encoder_stages": 0}
+"""Pipeline fields of ParallelConfig (where present) and the values the target layout uses."""
 
 
-def tp_checkpoints(run_dir: str, step: int | None = None) -> list[str]:
-    """The TP ranks' checkpoint dirs of a TP-only run, in rank order."""
-    return [p for _, p in sorted(shard_checkpoints(run_dir, step).items())]
+def resolve_source(src: str, step: int | None = None) -> str:
+    """The checkpoint directory ``src`` names: itself, or its run's checkpoint of ``step``
+    (default: the newest complete one)."""
+    if os.path.isfile(os.path.join(src, STATE_FILE)):
+        return src
+    if step is not None:
+        path = step_path(src, step)
+        if not os.path.isfile(os.path.join(path, STATE_FILE)):
+            found = [s for s, _ in list_checkpoints(src)]
+            raise CheckpointError(f"{src}: no complete checkpoint of step {step} (--step); "
+                                  f"complete steps: {found or 'none'}")
+        return path
+    latest = find_latest(src)
+    if latest is None:
+        raise CheckpointError(f"{src} is neither a checkpoint (a directory holding "
+                              f"{STATE_FILE}) nor a run directory with a complete checkpoint")
+    return latest
 
 
-def _stage_model(cfg: TrainConfig, pp_rank: int) -> nn.Module:
-    """A TP1 meta model of pipeline stage ``pp_rank`` (the whole model without PP)."""
+def target_config(cfg: TrainConfig, tp: int, pp: int) -> TrainConfig:
+    """``cfg`` with the target layout; refuses one that does not divide the model."""
+    model = build_model(cfg.model, "meta")
+    for name, param in model.named_parameters():
+        dim = tp_split_dim(name)
+        if dim is not None and param.shape[dim] % tp:
+            raise CheckpointError(f"--tp {tp} (parallel.tp) does not divide the model: {name} "
+                                  f"has {param.shape[dim]} along its split dim {dim}; choose "
+                                  "a divisor of model.n_heads, d_ff and vocab_size")
+    if pp > 1 and cfg.model.n_layers < pp:
+        raise CheckpointError(f"--pp {pp} (parallel.pp) does not divide the model: "
+                              f"model.n_layers={cfg.model.n_layers} gives a stage no block")
+    cfg.parallel.tp, cfg.parallel.pp = tp, pp
+    cfg.parallel.sequence_parallel = cfg.parallel.sequence_parallel and tp > 1
+    for field, value in _PIPELINE_FIELDS.items():
+        if hasattr(cfg.parallel, field):
+            setattr(cfg.parallel, field, value)
+    return cfg
+
+
+def stage_model(cfg: TrainConfig, pp_rank: int) -> torch.nn.Module:
+    """The TP1 meta model of pipeline stage ``pp_rank`` of ``cfg.parallel.pp`` (its names)."""
     if cfg.parallel.pp == 1:
         return build_model(cfg.model, "meta")
-    return build_stage(cfg.model, ParallelContext(pp=cfg.parallel.pp, rank=pp_rank), "meta")
+    extra = {f: getattr(cfg.parallel, f) for f in _PIPELINE_FIELDS if hasattr(cfg.parallel, f)}
+    ctx = ParallelContext(pp=cfg.parallel.pp, rank=pp_rank)
+    try:
+        return build_stage(cfg.model, ctx, "meta", **extra)
+    except ValueError as err:
+        raise CheckpointError(f"--pp {cfg.parallel.pp} (parallel.pp): {err}") from None
 
 
-def _merge_stage(cfg: TrainConfig, pp_rank: int, paths: list[str]) -> tuple[dict, dict, dict]:
-    """(model state, optimizer state by parameter name, saved param_groups) of one stage."""
-    models = [torch.load(os.path.join(p, "model.pt"), map_location="cpu") for p in paths]
-    optims = [torch.load(os.path.join(p, "optimizer.pt"), map_location="cpu") for p in paths]
-    stage = _stage_model(cfg, pp_rank)
-    names = optimizer_param_names(stage, build_optimizer(cfg.optim, stage))
-    merged = merge_tp_optimizer(optims, names, [models[0][n].shape for n in names])
-    by_name = {names[index]: state for index, state in merged["state"].items()}
-    return merge_tp_model(models), by_name, merged["param_groups"]
-
-
-def merge(paths: dict[tuple[int, int], str] | list[str], dest: str) -> str:
-    """Write the merged TP1 x PP1 checkpoint of the shard checkpoints ``paths`` under ``dest``
-    (a list means TP ranks of one stage)."""
-    if isinstance(paths, list):
-        paths = {(0, tp_rank): p for tp_rank, p in enumerate(paths)}
-    first = paths[min(paths)]
-    with open(os.path.join(first, "config.json"), encoding="utf-8") as f:
-        cfg = config_from_json(f.read())
+def _write_shards(saved: SavedCheckpoint, cfg: TrainConfig, directory: str) -> None:
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    if sorted(paths) != [(s, t) for s in range(pp) for t in range(tp)]:
-        raise ValueError(f"checkpoints {sorted(paths)} do not cover tp={tp} x pp={pp}")
-    model_state, optim_state, groups = {}, {}, None
-    for pp_rank in reversed(range(pp)):  # the first stage last: its tied embedding wins
-        stage = [paths[(pp_rank, t)] for t in range(tp)]
-        stage_model, stage_optim, stage_groups = _merge_stage(cfg, pp_rank, stage)
-        model_state.update(stage_model)
-        optim_state.update(stage_optim)
-        groups = stage_groups
-    cfg.parallel.tp = cfg.parallel.pp = 1
-    cfg.parallel.sequence_parallel = False
-    model = build_model(cfg.model, "meta")
-    model.load_state_dict(model_state, assign=True)
-    optimizer = build_optimizer(cfg.optim, model)
-    full = optimizer.state_dict()
-    for group, saved in zip(full["param_groups"], groups, strict=True):
-        group.update({k: v for k, v in saved.items() if k != "params"})
-    names = optimizer_param_names(model, optimizer)
-    full["state"] = {i: optim_state[n] for i, n in enumerate(names) if n in optim_state}
-    optimizer.load_state_dict(full)
-    return save_checkpoint(dest, read_state(first), model, optimizer, cfg.to_json())
+    for pp_rank in range(pp):
+        stage = stage_model(cfg, pp_rank)
+        names = list(stage.state_dict())
+        groups = optimizer_group_names(stage, build_optimizer(cfg.optim, stage))
+        for tp_rank in range(tp):
+            def file(kind: str, t: int = tp_rank, p: int = pp_rank) -> str:
+                return os.path.join(directory, shard_file(kind, t, p, tp, pp))
+
+            torch.save(saved.model_state(names, tp_rank, tp), file("model"))
+            optimizer = saved.optimizer_state(groups, tp_rank, tp)
+            optimizer[PARAM_NAMES] = [name for group in groups for name in group]
+            torch.save(optimizer, file("optimizer"))
+            rng = saved.rng(tp_rank, pp_rank)
+            if rng is not None:
+                torch.save(rng, file("rng"))
+
+
+def reshard(src: str, dest: str, tp: int = 1, pp: int = 1, step: int | None = None) -> str:
+    """Write checkpoint ``src`` (or its run's newest / ``step``) at layout ``tp`` x ``pp``
+    to ``dest/checkpoints/step_N``; return that path. An existing complete one is kept."""
+    saved = SavedCheckpoint(resolve_source(src, step))
+    saved.require("optimizer")
+    cfg = target_config(saved.config(), tp, pp)
+    state = read_state(saved.path)
+    path = step_path(dest, state.step)
+    if os.path.isfile(os.path.join(path, STATE_FILE)):
+        raise CheckpointError(f"{path} already exists: choose another DEST or remove it")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with atomic_dir(path) as tmp:
+        _write_shards(saved, cfg, tmp)
+        with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
+            f.write(cfg.to_json())
+        if os.path.isfile(os.path.join(saved.path, LINEAGE_FILE)):
+            shutil.copyfile(os.path.join(saved.path, LINEAGE_FILE),
+                            os.path.join(tmp, LINEAGE_FILE))
+        with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
+            json.dump(state.__dict__, f, indent=2)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", help="the TP/PP run's out_dir")
-    parser.add_argument("dest", help="out_dir of the merged checkpoint")
+    parser.add_argument("src", help="a checkpoint directory, or a run's out_dir (newest)")
+    parser.add_argument("dest", help="out_dir of the converted checkpoint")
+    parser.add_argument("--tp", type=int, default=1, help="target tensor-parallel size")
+    parser.add_argument("--pp", type=int, default=1, help="target pipeline-parallel size")
     parser.add_argument("--step", type=int, default=None, help="default: the newest")
     args = parser.parse_args(argv)
-    path = merge(shard_checkpoints(args.run_dir, args.step), args.dest)
-    print(f"merged TP1 x PP1 checkpoint: {path}")
+    if args.tp < 1 or args.pp < 1:
+        parser.error("--tp and --pp must be >= 1")
+    try:
+        path = reshard(args.src, args.dest, args.tp, args.pp, args.step)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote the TP{args.tp} x PP{args.pp} checkpoint {path}")
     return 0
 
 

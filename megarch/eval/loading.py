@@ -1,9 +1,11 @@
 """Load a trained model for evaluation: the model, its resolved config and its tokenizer.
 
-A checkpoint is a directory holding ``model.pt`` (the state dict) and ``config.json`` (the
-resolved :class:`~megarch.config.train.TrainConfig`), as :mod:`megarch.training.checkpoint`
-writes it. :func:`load_for_eval` also accepts a run's ``out_dir`` (or its ``checkpoints``
-folder) and then takes the newest complete checkpoint there.
+A checkpoint is a directory holding ``config.json`` (the resolved
+:class:`~megarch.config.train.TrainConfig`) and the weights, as :mod:`megarch.training.checkpoint`
+writes it: ``model.pt`` (the state dict), or from a tensor/pipeline-parallel run one
+``model_tpTT_ppPP.pt`` per TP rank and stage, which are merged into the single-process model in
+memory (megarch.training.resume). :func:`load_for_eval` also accepts a run's ``out_dir`` (or its
+``checkpoints`` folder) and then takes the newest complete checkpoint there.
 
 The tokenizer comes from the config's ``data.tokenizer`` spec. A relative path there was
 relative to the training run's working directory; when it does not exist from here, it is also
@@ -21,7 +23,8 @@ import torch
 from megarch.config.train import TrainConfig, config_from_json
 from megarch.data.tokenizers import Tokenizer, load_tokenizer
 from megarch.model import DecoderLM, EncoderDecoderLM, build_model
-from megarch.training.checkpoint import checkpoint_dir, find_latest
+from megarch.training.checkpoint import checkpoint_dir, find_latest, shard_file
+from megarch.training.resume import CheckpointError, SavedCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +37,9 @@ class EvalError(ValueError):
 
 
 def _is_checkpoint(path: str) -> bool:
-    return all(os.path.isfile(os.path.join(path, f)) for f in (MODEL_FILE, CONFIG_FILE))
+    sharded = shard_file("model", 0, 0, 2, 2)  # the first shard's name (any sharded layout)
+    return os.path.isfile(os.path.join(path, CONFIG_FILE)) and any(
+        os.path.isfile(os.path.join(path, f)) for f in (MODEL_FILE, sharded))
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -132,9 +137,15 @@ def load_for_eval(
     device = torch.device(device)
     model = build_model(cfg.model, device="meta")
     model.to_empty(device=device)
-    state = torch.load(os.path.join(path, MODEL_FILE), map_location=device, weights_only=True)
     try:
+        if os.path.isfile(os.path.join(path, MODEL_FILE)):
+            state = torch.load(os.path.join(path, MODEL_FILE), map_location=device,
+                               weights_only=True)
+        else:  # a sharded checkpoint: merged to TP1 x PP1 by name
+            state = SavedCheckpoint(path).model_state(list(model.state_dict()), 0, 1)
         model.load_state_dict(_clean_state_dict(state))
+    except CheckpointError as err:
+        raise EvalError(str(err)) from None
     except RuntimeError as err:
         raise EvalError(f"{path}/{MODEL_FILE} does not match the model of its "
                         f"{CONFIG_FILE}: {str(err).splitlines()[0]}") from None

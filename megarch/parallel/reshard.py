@@ -1,64 +1,110 @@
-"""Resharding tensor-parallel state dicts: merge TP shards into the single-process layout, or
-split a single-process state dict for another TP size (model and AdamW-style optimizer state).
+"""Resharding tensor-parallel state: which dim each model and optimizer tensor is split along,
+cutting one rank's shard out of another TP size's shards, and whole-state-dict merge / split.
 
-Shards follow :func:`megarch.parallel.tensor_parallel.tp_split_dim`; an optimizer's per-parameter
-state tensors shaped like their parameter (AdamW's ``exp_avg``, ``exp_avg_sq``) are split and
-merged along the same dim, scalars (``step``) are taken from rank 0. Factored states
-(Adafactor's row / column moments) are not shard-exact and are refused.
+Shards follow :func:`megarch.parallel.tensor_parallel.tp_split_dim` (rank r holds the r-th of
+``tp`` equal chunks). Optimizer state tensors follow their parameter
+(:func:`state_split_dim`):
+
+- shaped like the parameter (AdamW's ``exp_avg`` / ``exp_avg_sq``, Adafactor's ``variance``
+  of a vector): split along the parameter's dim;
+- Adafactor's ``row_var`` ``[rows, 1]``: split along dim 0 when the parameter is, else
+  replicated; ``col_var`` ``[1, cols]``: split along its last dim when the parameter is split
+  along dim 1, else replicated (a replicated factor is taken from rank 0);
+- scalars (``step``) and non-tensors: taken from rank 0.
+
+Optimizer state dicts are keyed by index; :func:`optimizer_param_names` maps each index to its
+parameter's name (the single-process model's name on every rank and pipeline stage).
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from megarch.parallel.tensor_parallel import shard_tensor, tp_split_dim
+from megarch.parallel.tensor_parallel import tp_split_dim
+
+
+def state_split_dim(name: str, key: str, value: object) -> int | None:
+    """The dim along which optimizer state ``key`` of parameter ``name`` is split across TP
+    ranks (None: replicated, a scalar or not a tensor)."""
+    dim = tp_split_dim(name)
+    if dim is None or not torch.is_tensor(value) or value.dim() == 0:
+        return None
+    if key == "row_var":
+        return 0 if dim == 0 else None
+    if key == "col_var":
+        return value.dim() - 1 if dim == value.dim() - 1 else None
+    return dim
+
+
+def take_shard(parts: Sequence[torch.Tensor], dim: int | None, tp_rank: int,
+               tp: int) -> torch.Tensor:
+    """Rank ``tp_rank`` of ``tp``'s shard of the tensor whose shards (along ``dim``) are
+    ``parts`` (any number of them; None: replicated, ``parts[0]``). Only the parts overlapping
+    the wanted range are read, so memory-mapped parts cost only the bytes taken. A new tensor."""
+    if dim is None:
+        return parts[0].clone()
+    total = sum(part.shape[dim] for part in parts)
+    if total % tp:
+        raise ValueError(f"dim {dim} of size {total} does not split into tp={tp} equal shards")
+    start, stop = tp_rank * total // tp, (tp_rank + 1) * total // tp
+    pieces, offset = [], 0
+    for part in parts:
+        size = part.shape[dim]
+        low, high = max(start, offset), min(stop, offset + size)
+        if low < high:
+            pieces.append(part.narrow(dim, low - offset, high - low))
+        offset += size
+    return torch.cat(pieces, dim=dim) if len(pieces) > 1 else pieces[0].clone()
 
 
 def merge_tp_model(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """The single-process state dict from the state dicts of TP ranks 0..tp-1."""
-    merged = {}
-    for name, first in shards[0].items():
-        dim = tp_split_dim(name)
-        merged[name] = first if dim is None else torch.cat([s[name] for s in shards], dim=dim)
-    return merged
+    return {name: take_shard([s[name] for s in shards], tp_split_dim(name), 0, 1)
+            for name in shards[0]}
 
 
 def split_tp_model(full: dict[str, torch.Tensor], tp: int) -> list[dict[str, torch.Tensor]]:
     """The state dicts of TP ranks 0..tp-1 from a single-process one."""
-    return [{n: shard_tensor(t, n, r, tp).clone() for n, t in full.items()} for r in range(tp)]
+    return [{n: take_shard([t], tp_split_dim(n), r, tp) for n, t in full.items()}
+            for r in range(tp)]
 
 
 def optimizer_param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
     """The parameter name of each optimizer state index (param-group order)."""
+    return [name for group in optimizer_group_names(model, optimizer) for name in group]
+
+
+def optimizer_group_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
+    """The parameter names of each of the optimizer's param groups, in order."""
     names = {id(p): n for n, p in model.named_parameters()}
-    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    return [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
 
 
-def _state_tensors(state: dict, param_shape: torch.Size, name: str) -> None:
-    for key, value in state.items():
-        if torch.is_tensor(value) and value.dim() > 0 and value.shape != param_shape:
-            raise ValueError(f"optimizer state {key!r} of {name} has shape {tuple(value.shape)}, "
-                             f"not its parameter's {tuple(param_shape)}: factored states "
-                             "(Adafactor) cannot be resharded exactly")
+def reshard_param_state(name: str, states: Sequence[dict], tp_rank: int, tp: int) -> dict:
+    """Rank ``tp_rank`` of ``tp``'s optimizer state of parameter ``name`` from the states of
+    the saved TP ranks ``states`` (rank order)."""
+    out = {}
+    for key, value in states[0].items():
+        dim = state_split_dim(name, key, value)
+        if torch.is_tensor(value):
+            out[key] = take_shard([s[key] for s in states], dim, tp_rank, tp)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
 
 
 def merge_tp_optimizer(shards: list[dict], names: list[str],
-                       shapes: list[torch.Size]) -> dict:
-    """The single-process optimizer state dict from TP ranks' ones. ``names`` / ``shapes``:
-    each state index's parameter name and *shard* shape."""
+                       shapes: list[torch.Size] | None = None) -> dict:
+    """The single-process optimizer state dict from TP ranks' ones; ``names``: each state
+    index's parameter name. (``shapes`` is accepted for compatibility and unused.)"""
     merged = copy.deepcopy({k: v for k, v in shards[0].items() if k != "state"})
-    merged["state"] = {}
-    for index, state in shards[0]["state"].items():
-        name, dim = names[index], tp_split_dim(names[index])
-        _state_tensors(state, shapes[index], name)
-        merged["state"][index] = {
-            key: (torch.cat([s["state"][index][key] for s in shards], dim=dim)
-                  if dim is not None and torch.is_tensor(value) and value.dim() > 0 else value)
-            for key, value in state.items()
-        }
+    merged["state"] = {index: reshard_param_state(names[index], [s["state"][index]
+                                                                 for s in shards], 0, 1)
+                       for index in shards[0]["state"]}
     return merged
 
 
@@ -67,11 +113,7 @@ def split_tp_optimizer(full: dict, names: list[str], tp: int) -> list[dict]:
     out = []
     for rank in range(tp):
         shard = copy.deepcopy({k: v for k, v in full.items() if k != "state"})
-        shard["state"] = {
-            index: {key: (shard_tensor(value, names[index], rank, tp).clone()
-                          if torch.is_tensor(value) and value.dim() > 0 else value)
-                    for key, value in state.items()}
-            for index, state in full["state"].items()
-        }
+        shard["state"] = {index: reshard_param_state(names[index], [state], rank, tp)
+                          for index, state in full["state"].items()}
         out.append(shard)
     return out

@@ -1,18 +1,29 @@
 """Checkpoints: everything needed to continue a run bit for bit, published atomically.
 
-A checkpoint is a directory ``{out_dir}/checkpoints/step_{step:08d}`` holding
+A checkpoint is one directory per step for the whole job, ``{out_dir}/checkpoints/step_{step:08d}``,
+holding
 
 - ``model.pt``: the model's state dict;
-- ``optimizer.pt``: the optimizer's state dict;
+- ``optimizer.pt``: the optimizer's state dict, plus ``param_names`` (the parameter name of each
+  state index, so the state can be resharded by name);
 - ``rng.pt``: the Python, NumPy and torch (CPU and CUDA) random states;
-- ``state.json``: step, consumed samples (the data position), tokens seen, the schedule's step;
+- ``state.json``: step, consumed samples (the data position), tokens seen, skipped steps;
 - ``config.json``: the resolved :class:`~megarch.config.train.TrainConfig`;
 - ``lineage.json`` (when the run keeps one): the stages that made these weights, e.g.
   pretraining then adaptation (see :mod:`megarch.training.adapt`, :func:`read_lineage`).
 
-It is written into a temporary directory beside it and renamed when complete
-(:func:`megarch.atomic.atomic_dir`), so a run killed mid-write leaves only a ``*.tmp-PID``
-directory, which :func:`find_latest` ignores and the next save removes.
+A tensor- or pipeline-parallel job (config ``parallel.tp`` x ``parallel.pp`` > 1) writes, instead
+of the first three, one set per (TP rank, stage): ``model_tpTT_ppPP.pt``,
+``optimizer_tpTT_ppPP.pt`` and ``rng_tpTT_ppPP.pt`` (:func:`shard_file`), each written by
+data-parallel rank 0 of that shard (ZeRO-1 state gathered first). Parameter names are the
+single-process model's on every stage (``blocks.<global index>...``), so any layout can be read
+back into any other (megarch.training.resume).
+
+Every rank writes into ONE temporary directory ``step_N.tmp-save`` beside the step; after a
+barrier the main rank adds config, lineage and ``state.json`` (last) and renames it into place,
+so a step is complete for every rank or for none. A job killed mid-write leaves only the
+temporary directory, which :func:`find_latest` ignores and the next save removes. Multi-node jobs
+need ``out_dir`` on a filesystem every node shares (each rank writes its own files there).
 """
 
 from __future__ import annotations
@@ -29,16 +40,22 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from megarch.atomic import atomic_dir
+from megarch.parallel.context import ParallelContext
+from megarch.parallel.reshard import optimizer_param_names
 
 log = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE_FILE = "state.json"
+CONFIG_FILE = "config.json"
 LINEAGE_FILE = "lineage.json"
 """The checkpoint's lineage: ``{"stages": [...], "tokens_by_objective": {...}}``."""
+PARAM_NAMES = "param_names"
+"""Key of the optimizer file listing each state index's parameter name."""
+TEMPORARY_SUFFIX = ".tmp-save"
+"""The one temporary directory of a step being written (``step_N.tmp-save``)."""
 KILL_IN_SAVE_ENV = "MEGARCH_TEST_KILL_IN_SAVE"
-"""Test hook: the step whose save SIGKILLs its own process halfway through the write."""
+"""Test hook: the step whose save SIGKILLs the writing process halfway through its files."""
 
 
 @dataclass
@@ -63,6 +80,14 @@ def checkpoint_dir(out_dir: str) -> str:
 def step_path(out_dir: str, step: int) -> str:
     """The checkpoint directory of ``step``."""
     return os.path.join(checkpoint_dir(out_dir), f"step_{step:08d}")
+
+
+def shard_file(kind: str, tp_rank: int, pp_rank: int, tp: int, pp: int) -> str:
+    """The file name of ``kind`` (model, optimizer, rng) of one (TP rank, stage) of a
+    ``tp`` x ``pp`` layout: ``model.pt`` at TP1 x PP1, else ``model_tp01_pp00.pt``."""
+    if tp == 1 and pp == 1:
+        return f"{kind}.pt"
+    return f"{kind}_tp{tp_rank:02d}_pp{pp_rank:02d}.pt"
 
 
 def list_checkpoints(out_dir: str) -> list[tuple[int, str]]:
@@ -113,6 +138,28 @@ def _maybe_die_mid_write(step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def optimizer_record(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """What the optimizer file holds: the optimizer's state dict and ``param_names``."""
+    return {**optimizer.state_dict(), PARAM_NAMES: optimizer_param_names(model, optimizer)}
+
+
+def write_shard(directory: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                ctx: ParallelContext, step: int) -> None:
+    """Write this rank's model, optimizer and RNG files of a step into ``directory``."""
+    def name(kind: str) -> str:
+        return os.path.join(directory, shard_file(kind, ctx.tp_rank, ctx.pp_rank, ctx.tp, ctx.pp))
+
+    torch.save(model.state_dict(), name("model"))
+    _maybe_die_mid_write(step)
+    torch.save(optimizer_record(model, optimizer), name("optimizer"))
+    torch.save(rng_state(), name("rng"))
+
+
+def _write_json(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
 def save_checkpoint(
     out_dir: str,
     state: TrainState,
@@ -121,34 +168,43 @@ def save_checkpoint(
     config_json: str,
     keep_last: int = 0,
     lineage: dict | None = None,
+    ctx: ParallelContext | None = None,
 ) -> str:
     """Write the checkpoint of ``state.step`` atomically; keep the newest ``keep_last`` (0: all).
 
-    ``lineage`` (JSON-able) is written as ``lineage.json``. Returns the checkpoint's path.
-    Saving a step that already has a checkpoint keeps it.
+    Collective under parallelism (``ctx``): every rank calls it; ZeRO-1 state is gathered to
+    data-parallel rank 0, which writes this (TP rank, stage)'s files into the step's one
+    temporary directory; the main rank then writes ``config_json``, ``lineage`` (JSON-able, as
+    ``lineage.json``) and the state, and publishes the directory. Returns the checkpoint's path
+    on every rank. Saving a step that already has a checkpoint keeps it.
     """
+    ctx = ctx or ParallelContext.single()
     path = step_path(out_dir, state.step)
-    os.makedirs(checkpoint_dir(out_dir), exist_ok=True)
-    _remove_stale_temporaries(out_dir)
     if os.path.isfile(os.path.join(path, STATE_FILE)):
         return path
-    with atomic_dir(path) as tmp:
-        torch.save(model.state_dict(), os.path.join(tmp, "model.pt"))
-        _maybe_die_mid_write(state.step)
-        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-        torch.save(rng_state(), os.path.join(tmp, "rng.pt"))
-        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-            f.write(config_json)
+    if hasattr(optimizer, "consolidate_state_dict"):  # ZeRO-1: gather the shards
+        optimizer.consolidate_state_dict(to=0)
+    tmp = path + TEMPORARY_SUFFIX
+    if ctx.is_main:
+        os.makedirs(checkpoint_dir(out_dir), exist_ok=True)
+        _remove_stale_temporaries(out_dir)
+        os.makedirs(tmp)
+    ctx.barrier()
+    if ctx.dp_rank == 0:
+        write_shard(tmp, model, optimizer, ctx, state.step)
+    ctx.barrier()  # every shard is on disk (a rank that died raises here on the others)
+    if ctx.is_main:
+        _write_json(os.path.join(tmp, CONFIG_FILE), config_json)
         if lineage is not None:
-            with open(os.path.join(tmp, LINEAGE_FILE), "w", encoding="utf-8") as f:
-                json.dump(lineage, f, indent=2)
+            _write_json(os.path.join(tmp, LINEAGE_FILE), json.dumps(lineage, indent=2))
         # state.json last: its presence marks the directory complete (besides the rename)
-        with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
-            json.dump(asdict(state), f, indent=2)
-    log.info("saved checkpoint %s", path)
-    if keep_last:
-        for _, old in list_checkpoints(out_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        _write_json(os.path.join(tmp, STATE_FILE), json.dumps(asdict(state), indent=2))
+        os.rename(tmp, path)
+        log.info("saved checkpoint %s", path)
+        if keep_last:
+            for _, old in list_checkpoints(out_dir)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    ctx.barrier()
     return path
 
 
@@ -176,15 +232,18 @@ def read_lineage(path: str) -> dict | None:
 
 
 def load_model(path: str, device: torch.device | str = "cpu"):
-    """``(model, config)`` of checkpoint ``path``: the model its ``config.json`` describes, with
-    its weights, in eval mode (for evaluation and conversion; no optimizer, no RNG)."""
-    from megarch.config.train import config_from_json
+    """``(model, config)`` of checkpoint ``path`` of any layout: the single-process model its
+    ``config.json`` describes (``parallel.tp = pp = 1`` in the returned config), with its
+    weights, in eval mode (for evaluation and conversion; no optimizer, no RNG)."""
     from megarch.model import build_model
+    from megarch.training.resume import SavedCheckpoint
 
-    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-        cfg = config_from_json(f.read())
+    saved = SavedCheckpoint(path)
+    cfg = saved.config()
+    cfg.parallel.tp = cfg.parallel.pp = 1
+    cfg.parallel.sequence_parallel = False
     model = build_model(cfg.model, device)
-    model.load_state_dict(torch.load(os.path.join(path, "model.pt"), map_location=device))
+    model.load_state_dict(saved.model_state(list(model.state_dict()), 0, 1))
     return model.eval(), cfg
 
 
@@ -193,17 +252,11 @@ def load_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
     restore_rng: bool = True,
+    ctx: ParallelContext | None = None,
 ) -> TrainState:
-    """Load checkpoint ``path`` into ``model`` (and ``optimizer``, and the RNGs); return its
-    :class:`TrainState`."""
-    device = next(model.parameters()).device
-    model.load_state_dict(torch.load(os.path.join(path, "model.pt"), map_location=device))
-    if optimizer is not None:
-        optimizer.load_state_dict(
-            torch.load(os.path.join(path, "optimizer.pt"), map_location=device)
-        )
-    if restore_rng:
-        set_rng_state(torch.load(os.path.join(path, "rng.pt"), weights_only=False))
-    state = read_state(path)
-    log.info("loaded checkpoint %s (step %d)", path, state.step)
-    return state
+    """Load checkpoint ``path`` (any TP/PP layout) into ``model`` (this rank's shard or stage
+    under ``ctx``; default a single process), ``optimizer`` and the RNGs; return its
+    :class:`TrainState`. See :func:`megarch.training.resume.load_into`."""
+    from megarch.training.resume import load_into
+
+    return load_into(path, model, optimizer, ctx or ParallelContext.single(), restore_rng)

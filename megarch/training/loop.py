@@ -15,10 +15,11 @@ summed over them first and the gradients summed after accumulation, so a DP run 
 optimisation as one process with the same global batch. Tensor-parallel ranks hold shards of the
 model (vocab-parallel loss); pipeline stages (decoder-only) hold runs of layers and run each
 global batch's micro-batches in 1F1B order (megarch.parallel.pipeline). Only global rank 0
-writes metrics and tensorboard; checkpoints are written by data-parallel rank 0 of each
-tensor-parallel rank and stage, under ``out_dir`` for tp = pp = 1, else
-``out_dir/tp_rank_RR_of_TT[_pp_rank_SS_of_PP]`` (resume with the same sizes;
-tools/reshard_checkpoint.py merges TP checkpoints into one).
+writes metrics and tensorboard. Checkpoints (megarch.training.checkpoint) are one directory per
+step for the whole job, ``out_dir/checkpoints/step_N``: data-parallel rank 0 of each
+tensor-parallel rank and stage writes its shard files into it, and the step is published once
+all are written. A run resumes from a checkpoint of any TP/PP layout (megarch.training.resume);
+tools/reshard_checkpoint.py converts one to another layout offline.
 
 Usage::
 
@@ -42,7 +43,7 @@ import numpy as np
 import torch
 
 from megarch.config.overrides import ConfigError
-from megarch.config.train import TrainConfig, config_from_json
+from megarch.config.train import TrainConfig
 from megarch.data.datasets import build_dataset
 from megarch.data.embedded import (
     EMBEDDED_PREFIX,
@@ -57,23 +58,15 @@ from megarch.parallel.context import ParallelContext, init_distributed
 from megarch.parallel.data_parallel import all_reduce_grads, any_over, sum_over, zero1
 from megarch.parallel.pipeline import build_stage, forward_only, one_f_one_b
 from megarch.parallel.tensor_parallel import clip_grad_norm, reduce_sequence_parallel_grads
-from megarch.training.checkpoint import (
-    TrainState,
-    find_latest,
-    load_checkpoint,
-    save_checkpoint,
-)
+from megarch.training.checkpoint import TrainState
 from megarch.training.logging import MetricsWriter
 from megarch.training.optim import build_optimizer, lr_at, set_lr
+from megarch.training.resume import SHAPE_FIELDS, check_shapes, resume_trainer, save_trainer
 from megarch.training.signals import STOP_SIGNALS, StopFlag
 
 log = logging.getLogger(__name__)
 
-
-SHAPE_FIELDS = ("vocab_size", "d_model", "n_heads", "head_dim", "d_ff", "n_layers",
-                "n_decoder_layers", "position", "rel_buckets", "tie_embeddings")
-"""Model fields a checkpoint must share with the config resuming it (the arch may change
-between causal_decoder and nonc_decoder: adaptation only changes the mask)."""
+__all__ = ["SHAPE_FIELDS", "NonFiniteError", "TrainResult", "Trainer"]
 
 
 class NonFiniteError(RuntimeError):
@@ -238,79 +231,31 @@ class Trainer:
             return None
 
     def resume(self) -> None:
-        """Load the checkpoint ``run.resume`` names (auto: the newest in out_dir, if any)."""
-        run = self.cfg.run
-        if run.resume == "none":
-            existing = find_latest(self.checkpoint_root)
-            if existing is not None:
-                raise ConfigError(
-                    f"run.resume=none but run.out_dir={run.out_dir!r} already holds checkpoints "
-                    f"({existing}): choose another run.out_dir, delete them, or resume (auto)"
-                )
-            return
-        path = find_latest(self.checkpoint_root) if run.resume == "auto" else run.resume
-        if path is None:
-            return
-        if not os.path.isdir(path):
-            raise ConfigError(f"run.resume={path!r}: no such checkpoint directory")
-        self._check_shapes(path)
-        self.state = load_checkpoint(path, self.model, self.optimizer)
-        self.checkpoint = path
-        log.info("resuming from %s at step %d (%d samples consumed)", path, self.state.step,
-                 self.state.consumed_samples)
+        """Load the checkpoint ``run.resume`` names (auto: the newest in out_dir, if any), of
+        any TP/PP layout (megarch.training.resume)."""
+        resume_trainer(self)
 
     def _check_shapes(self, path: str) -> None:
         """Refuse a checkpoint whose model has other shapes, naming the fields."""
-        config_path = os.path.join(path, "config.json")
-        if not os.path.exists(config_path):
-            return
-        with open(config_path, encoding="utf-8") as f:
-            saved = config_from_json(f.read()).model
-        differ = [
-            f"model.{name}={getattr(saved, name)!r} there, {getattr(self.cfg.model, name)!r} here"
-            for name in SHAPE_FIELDS
-            if getattr(saved, name) != getattr(self.cfg.model, name)
-        ]
-        if saved.is_encoder_decoder != self.cfg.model.is_encoder_decoder:
-            differ.append(f"model.arch={saved.arch} there, {self.cfg.model.arch} here")
-        if differ:
-            raise ConfigError(f"checkpoint {path} does not fit this model: {'; '.join(differ)}")
+        check_shapes(path, self.cfg.model)
 
     @property
     def checkpoint_root(self) -> str:
-        """Where this rank's checkpoints live: ``out_dir``, or a directory per TP rank."""
-        ctx = self.ctx
-        if ctx.tp == 1 and ctx.pp == 1:
-            return self.cfg.run.out_dir
-        name = f"tp_rank_{ctx.tp_rank:02d}_of_{ctx.tp:02d}"
-        if ctx.pp > 1:
-            name += f"_pp_rank_{ctx.pp_rank:02d}_of_{ctx.pp:02d}"
-        return os.path.join(self.cfg.run.out_dir, name)
-
-    def save(self) -> str:
-        """Write a checkpoint of the current state into :attr:`checkpoint_root` (see
-        megarch.training.checkpoint). Under data parallelism call :meth:`save_all` instead."""
-        self.checkpoint = save_checkpoint(self.checkpoint_root, self.state, self.model,
-                                          self.optimizer, self.cfg.to_json(),
-                                          self.cfg.run.keep_last, lineage=self.lineage_record())
-        return self.checkpoint
+        """Where the run's checkpoints live (``out_dir/checkpoints/step_N``): ``out_dir``."""
+        return self.cfg.run.out_dir
 
     def lineage_record(self) -> dict | None:
         """What the checkpoint records of the run's history (``lineage.json``); None: nothing.
         Staged runs (finetuning, adaptation) override it."""
         return None
 
-    def save_all(self) -> str | None:
-        """Collective checkpoint: every rank calls it; ZeRO-1 shards are gathered, data-parallel
-        rank 0 of each TP rank writes (:meth:`save`), the others wait and point at it."""
-        if hasattr(self.optimizer, "consolidate_state_dict"):  # ZeRO-1: gather the shards
-            self.optimizer.consolidate_state_dict(to=0)
-        if self.ctx.dp_rank == 0:
-            self.save()
-        self.ctx.barrier()
-        if self.ctx.dp_rank != 0:
-            self.checkpoint = find_latest(self.checkpoint_root)
-        return self.checkpoint
+    def save_all(self) -> str:
+        """Collective checkpoint of the current state: every rank calls it (ZeRO-1 state
+        gathered, one shard set per TP rank and stage, published when complete)."""
+        return save_trainer(self)
+
+    save = save_all
+    """The same collective save (kept for callers of the single-process name)."""
 
     def compute_loss(self, batch: dict, num_tokens: float) -> dict[str, torch.Tensor]:
         """Forward one micro-batch; its loss sums divided by the global batch's ``num_tokens``."""

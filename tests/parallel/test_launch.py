@@ -73,9 +73,10 @@ def test_two_process_cpu_job_through_the_single_node_script(embedded, tmp_path):
 
 @pytest.mark.slow
 def test_tp2_and_pp2_cpu_jobs_through_the_single_node_script(embedded, tmp_path):
-    """megarch-train under torchrun with TP2, then PP2: one checkpoint directory per shard."""
-    for sizes, suffixes in (({"TP": "2"}, ["_of_02"] * 2),
-                            ({"PP": "2"}, ["_pp_rank_00_of_02", "_pp_rank_01_of_02"])):
+    """megarch-train under torchrun with TP2, then PP2: one checkpoint directory per step, a
+    model file per shard."""
+    for sizes, shards in (({"TP": "2"}, ["model_tp00_pp00.pt", "model_tp01_pp00.pt"]),
+                          ({"PP": "2"}, ["model_tp00_pp00.pt", "model_tp00_pp01.pt"])):
         out_dir = str(tmp_path / "_".join(sizes))
         extra = ["-q", *fast_args(embedded, out_dir, 2), "--run.save_every", "0"]
         env = {"GPUS_PER_NODE": "2", **sizes, "MASTER_PORT": str(free_port()),
@@ -83,8 +84,6 @@ def test_tp2_and_pp2_cpu_jobs_through_the_single_node_script(embedded, tmp_path)
         out = _run(SINGLE, env, timeout=240)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         assert [r["step"] for r in read_metrics(out_dir)] == [1, 2]
-        shards = sorted(d for d in os.listdir(out_dir) if d.startswith("tp_rank_"))
-        assert len(shards) == 2 and all(s.endswith(x) for s, x in zip(shards, suffixes,
-                                                                       strict=True))
-        for shard in shards:
-            assert os.listdir(os.path.join(out_dir, shard, "checkpoints")) == ["step_00000002"]
+        assert os.listdir(os.path.join(out_dir, "checkpoints")) == ["step_00000002"]
+        step = os.path.join(out_dir, "checkpoints", "step_00000002")
+        assert sorted(f for f in os.listdir(step) if f.startswith("model")) == shards

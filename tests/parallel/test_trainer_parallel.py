@@ -20,7 +20,7 @@ from megarch.parallel.tensor_parallel import shard_tensor
 from megarch.training import Trainer, load_model, read_metrics
 from tests.parallel.helpers import relative_difference
 from tests.training.helpers import fast_config
-from tools.reshard_checkpoint import merge, shard_checkpoints
+from tools.reshard_checkpoint import reshard
 
 STEPS = 3
 PRESET = "cd_flm_tiny"
@@ -93,7 +93,8 @@ def test_dp2_zero1_tp2_pp2_trainers_match_single_process(embedded, tmp_path):
     assert results[0]["zero1"]["resumed_step"] == STEPS and min(local) > 0
     assert sum(local) == len(weights)  # each rank holds the state of its share only
     tp_checkpoints = {results[r]["tp2"]["checkpoint"] for r in range(2)}
-    assert len(tp_checkpoints) == 2 and all("tp_rank_0" in c for c in tp_checkpoints)
+    assert len(tp_checkpoints) == 1  # one step directory for the job, a shard file per rank
+    assert os.path.isfile(os.path.join(tp_checkpoints.pop(), "model_tp01_pp00.pt"))
     for rank in range(2):
         assert results[rank]["tp2"]["resumed_step"] == STEPS
         assert results[rank]["tp2"]["resumed_equal"]
@@ -102,7 +103,7 @@ def test_dp2_zero1_tp2_pp2_trainers_match_single_process(embedded, tmp_path):
     assert "blocks.1.attn.q.weight" in stages[1] - stages[0]
     assert "embed.weight" in stages[0] & stages[1]  # tied: first and last stage
     assert all(abs(results[r]["pp2"]["valid"] - valid) <= 1e-5 * valid for r in range(2))
-    assert "_pp_rank_01_of_02" in results[1]["pp2"]["checkpoint"]
+    assert os.path.isfile(os.path.join(results[1]["pp2"]["checkpoint"], "model_tp00_pp01.pt"))
     _check_merged_checkpoint(embedded, tmp_path, "tp2", results[0]["tp2"]["params"])
     pp_params = {**results[1]["pp2"]["params"], **results[0]["pp2"]["params"]}
     _check_merged_checkpoint(embedded, tmp_path, "pp2", pp_params)
@@ -111,7 +112,7 @@ def test_dp2_zero1_tp2_pp2_trainers_match_single_process(embedded, tmp_path):
 def _check_merged_checkpoint(embedded, tmp_path, name: str, params: dict) -> None:
     """tools/reshard_checkpoint.py: TP2 / PP2 checkpoints -> one TP1 x PP1 checkpoint with
     the same weights, which a TP1 x PP1 run resumes (step and AdamW state)."""
-    merged = merge(shard_checkpoints(str(tmp_path / name)), str(tmp_path / f"{name}_merged"))
+    merged = reshard(str(tmp_path / name), str(tmp_path / f"{name}_merged"))
     model, cfg = load_model(merged)
     assert cfg.parallel.tp == 1 and cfg.parallel.pp == 1
     assert set(model.state_dict()) == set(params)
@@ -144,8 +145,6 @@ def test_tp2_pp2_trainer_matches_single_process_and_merges_to_tp1(embedded, tmp_
     spawn(4, timeout_s=300)(_tp2_pp2, embedded, str(tmp_path / "tp2pp2"))
     losses, reference = _losses(str(tmp_path / "tp2pp2")), _losses(str(tmp_path / "single"))
     assert max(abs(a - b) / abs(b) for a, b in zip(losses, reference, strict=True)) <= 1e-5
-    paths = shard_checkpoints(str(tmp_path / "tp2pp2"))
-    assert sorted(paths) == [(0, 0), (0, 1), (1, 0), (1, 1)]
-    model, _ = load_model(merge(paths, str(tmp_path / "merged")))
+    model, _ = load_model(reshard(str(tmp_path / "tp2pp2"), str(tmp_path / "merged")))
     weights = single.model.state_dict()
     assert max(relative_difference(model.state_dict()[k], w) for k, w in weights.items()) < 1e-4

@@ -1,4 +1,6 @@
-"""Checkpoints: round trip, atomicity (temporary dirs ignored), keep-last, RNG states."""
+"""Checkpoints: round trip, atomicity (temporary dirs ignored), keep-last, RNG states; the
+resharding tool (TP1 x PP1 -> TP2 x PP2 -> TP1 x PP1 bit for bit, AdamW and Adafactor) and its
+errors."""
 
 from __future__ import annotations
 
@@ -6,16 +8,27 @@ import os
 import random
 
 import numpy as np
+import pytest
 import torch
 
+from megarch.config.presets import tiny_model
+from megarch.config.train import TrainConfig
+from megarch.model import build_model
 from megarch.training.checkpoint import (
     TrainState,
     find_latest,
     list_checkpoints,
     load_checkpoint,
+    load_model,
+    read_lineage,
+    read_state,
     save_checkpoint,
     step_path,
 )
+from megarch.training.optim import build_optimizer
+from megarch.training.resume import CheckpointError, saved_layout
+from tools.reshard_checkpoint import main as tool_main
+from tools.reshard_checkpoint import reshard
 
 
 def _model_and_optimizer(seed: int):
@@ -60,3 +73,78 @@ def test_find_latest_ignores_incomplete_writes_and_keeps_last(tmp_path):
     assert not os.path.exists(step_path(out, 8) + ".tmp-12345")  # cleaned by the next save
     assert find_latest(out) == step_path(out, 7)
     assert find_latest(str(tmp_path / "nothing")) is None
+
+
+def _trained_run(out_dir: str, optimizer: str, arch: str = "causal_decoder") -> tuple:
+    """A TP1 x PP1 checkpoint of a tiny model after two optimizer steps; (path, model, opt)."""
+    cfg = TrainConfig(model=tiny_model(arch))
+    cfg.optim.name = optimizer
+    cfg.data.tokenizer = "bytes"
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    opt = build_optimizer(cfg.optim, model)
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, 8))
+    for _ in range(2):
+        opt.zero_grad()
+        model(tokens=tokens).float().square().mean().backward()
+        opt.step()
+    path = save_checkpoint(out_dir, TrainState(step=2, consumed_samples=4), model, opt,
+                           cfg.to_json(), lineage={"stages": [], "tokens_by_objective": {}})
+    return path, model, opt
+
+
+def _assert_same_optimizer(saved: dict, expected: dict) -> None:
+    assert saved["param_groups"] == expected["param_groups"]
+    assert saved["state"].keys() == expected["state"].keys()
+    for index, state in expected["state"].items():
+        assert saved["state"][index].keys() == state.keys()
+        for key, value in state.items():
+            assert torch.equal(saved["state"][index][key], value), (index, key)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_tool_round_trip_through_tp2_pp2_is_bit_exact(tmp_path, optimizer):
+    path, model, opt = _trained_run(str(tmp_path / "one"), optimizer)
+    sharded = reshard(path, str(tmp_path / "two"), tp=2, pp=2)
+    assert saved_layout(sharded) == (2, 2) and read_state(sharded).consumed_samples == 4
+    full = model.state_dict()
+    # independent reference: torch.chunk of the full tensors along the documented dims
+    last = torch.load(os.path.join(sharded, "model_tp01_pp01.pt"))
+    assert torch.equal(last["embed.weight"], full["embed.weight"].chunk(2, 0)[1])  # tied copy
+    assert torch.equal(last["blocks.1.attn.o.weight"],
+                       full["blocks.1.attn.o.weight"].chunk(2, 1)[1])
+    assert "blocks.0.attn.o.weight" not in last
+    state = torch.load(os.path.join(sharded, "optimizer_tp01_pp00.pt"))
+    index = state["param_names"].index("blocks.0.attn.o.weight")
+    moments, ref = state["state"][index], opt.state[model.blocks[0].attn.o.weight]
+    if optimizer == "adafactor":  # o is split along dim 1: col_var split, row_var replicated
+        assert torch.equal(moments["col_var"], ref["col_var"].chunk(2, 1)[1])
+        assert torch.equal(moments["row_var"], ref["row_var"])
+    else:
+        assert torch.equal(moments["exp_avg"], ref["exp_avg"].chunk(2, 1)[1])
+    assert torch.equal(moments["step"], ref["step"])
+    back = reshard(str(tmp_path / "two"), str(tmp_path / "back"))  # a run dir: its newest
+    assert sorted(os.listdir(back)) == sorted(os.listdir(path))
+    merged = torch.load(os.path.join(back, "model.pt"))
+    assert merged.keys() == full.keys()
+    assert all(torch.equal(merged[k], v) for k, v in full.items())
+    _assert_same_optimizer(torch.load(os.path.join(back, "optimizer.pt")), opt.state_dict())
+    assert read_lineage(back) == read_lineage(path)
+    loaded, cfg = load_model(sharded)  # any layout loads as the single-process model
+    assert cfg.parallel.tp == cfg.parallel.pp == 1
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in full.items())
+
+
+def test_a_missing_shard_file_or_an_indivisible_layout_is_named(tmp_path, capsys):
+    path, _, _ = _trained_run(str(tmp_path / "one"), "adamw")
+    with pytest.raises(CheckpointError, match=r"--tp 3 \(parallel.tp\) does not divide"):
+        reshard(path, str(tmp_path / "three"), tp=3)
+    with pytest.raises(CheckpointError, match=r"--pp 3 \(parallel.pp\) does not divide"):
+        reshard(path, str(tmp_path / "three"), pp=3)
+    assert not os.path.exists(tmp_path / "three" / "checkpoints" / "step_00000002")
+    sharded = reshard(path, str(tmp_path / "two"), tp=2, pp=2)
+    os.remove(os.path.join(sharded, "model_tp01_pp00.pt"))
+    with pytest.raises(CheckpointError, match="model_tp01_pp00.pt is missing"):
+        load_model(sharded)
+    assert tool_main([sharded, str(tmp_path / "again")]) == 2
+    assert "model_tp01_pp00.pt is missing" in capsys.readouterr().err
