@@ -7,6 +7,7 @@ mostly repeats its last input token (EOS, after a prompt), which would test litt
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import replace
 
 import pytest
@@ -257,3 +258,23 @@ def test_cache_refuses_misuse():
         with pytest.raises(ValueError, match="batch"):
             model(tokens=torch.zeros(3, 1, dtype=torch.long), positions=torch.full((3, 1), 3),
                   cache=cache)
+
+
+@pytest.mark.parametrize("arch", ["nonc_decoder",
+                                  pytest.param("encoder_decoder", marks=pytest.mark.slow)])
+def test_cached_prefill_through_the_attention_kernel(models, tok, arch, monkeypatch):
+    """With the Triton kernel serving attention (the interpreter on CPU) the cached prefill
+    dispatches to it, and generation still gives the reference path's tokens."""
+    attention_module = importlib.import_module("megarch.model.attention")
+    calls = []
+    kernel = attention_module._kernel_attention
+    monkeypatch.setattr(attention_module, "_kernel_attention",
+                        lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    prompts = [tok.encode(p) for p in PROMPTS]
+    opts = GenerationOptions(max_new_tokens=4)
+    monkeypatch.setenv("MEGARCH_ATTENTION", "reference")
+    want = generate(models[arch], tok, prompts, replace(opts, use_cache=False))
+    assert not calls
+    monkeypatch.setenv("MEGARCH_ATTENTION", "kernel")
+    assert generate(models[arch], tok, prompts, opts) == want
+    assert calls
