@@ -5,14 +5,20 @@
 - ``results.json``: the runs (validation loss, zero-shot accuracy per task and on average,
   tokens, seconds), the adaptation speed-ups and the commands that made them;
 - ``results.md``: the same as tables;
-- ``loss_curves.png``: training loss against tokens seen, one line per run;
+- ``loss_curves.png``: validation loss (points joined by lines) and training loss (faint)
+  against tokens seen, one colour per run;
 - ``adaptation.png``: each adapted run against its from-scratch baseline, tokens counted from
   the start of each run, with the speed-up to reach the baseline's final loss;
 - ``accuracy.png``: zero-shot accuracy (mean of per-task medians) per run.
 
 Speed-up (:func:`speedup`): the tokens the from-scratch run needs to reach a loss, divided by
 the tokens the adapted run needs (PAPER.md: LM-A 1.6x, NC-A 3.3x), linearly interpolated
-between logged points (:func:`tokens_to_reach`).
+between logged points (:func:`tokens_to_reach`). As in the paper it is measured on validation
+loss: the Trainer records one every ``run.eval_every`` steps and at the end of a run
+(``{"step", "valid_loss", "valid_ce"}`` lines in ``metrics.jsonl``), placed at the tokens seen
+by that step. Only when the adapted run or its baseline has no validation point does the
+report fall back to training loss (smoothed by a trailing moving average); each speed-up says
+which loss it used (``"loss": "validation"`` or ``"training"``).
 """
 
 from __future__ import annotations
@@ -66,28 +72,68 @@ def smooth(curve: Curve, window: int) -> Curve:
     return out
 
 
-def load_curve(out_dir: str) -> Curve:
-    """(tokens, training loss) of a run's metrics.jsonl, tokens counted from the start of the
-    run's own stage (an adapted run continues its parent's token count)."""
-    from megarch.training.logging import read_metrics
+def read_curves(out_dir: str) -> dict[str, Curve]:
+    """A run's ``{"train": Curve, "valid": Curve}`` from its metrics.jsonl: (tokens, training
+    loss) per step and (tokens, validation loss) per validation, tokens counted from the start
+    of the run's own stage (an adapted run continues its parent's token count). A validation
+    record sits at the tokens of the training step it follows."""
+    from megarch.training.logging import METRICS_FILE
 
     offset = 0
     checkpoint = find_latest(out_dir)
     lineage = read_lineage(checkpoint) if checkpoint else None
     if lineage:
         offset = lineage["stages"][-1]["start_tokens"]
-    return [(r["tokens_seen"] - offset, r["loss"]) for r in read_metrics(out_dir)]
+    tokens_at: dict[int, int] = {}
+    train: Curve = []
+    valid: Curve = []
+    with open(os.path.join(out_dir, METRICS_FILE), encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if "loss" in record:
+                tokens_at[record["step"]] = record["tokens_seen"]
+                train.append((record["tokens_seen"] - offset, record["loss"]))
+            elif "valid_loss" in record and record["step"] in tokens_at:
+                valid.append((tokens_at[record["step"]] - offset, record["valid_loss"]))
+    return {"train": train, "valid": valid}
 
 
-def adaptation_speedups(runs: list[dict], curves: dict[str, Curve]) -> list[dict[str, Any]]:
-    """The speed-up of every adapted run that has a from-scratch baseline in ``runs``."""
+def load_curve(out_dir: str) -> Curve:
+    """(tokens, training loss) of a run (see :func:`read_curves`)."""
+    return read_curves(out_dir)["train"]
+
+
+def comparison_curves(adapted: dict[str, Curve], scratch: dict[str, Curve]
+                      ) -> tuple[str, Curve, Curve]:
+    """The loss to compare two runs on and their curves: ``("validation", valid, valid)``
+    when both have validation points, else ``("training", smoothed, smoothed)`` (a trailing
+    mean over a tenth of the adapted run's points)."""
+    if adapted["valid"] and scratch["valid"]:
+        return "validation", adapted["valid"], scratch["valid"]
+    window = max(1, len(adapted["train"]) // 10)
+    return "training", smooth(adapted["train"], window), smooth(scratch["train"], window)
+
+
+def adaptation_speedups(runs: list[dict], curves: dict[str, dict[str, Curve]]
+                        ) -> list[dict[str, Any]]:
+    """The speed-up of every adapted run that has a from-scratch baseline in ``runs``, on
+    validation loss (training loss when either run has no validation point); ``curves``
+    maps run names to :func:`read_curves` results."""
     found = []
     for run in runs:
         if run["kind"] in ("lm-a", "nc-a") and run.get("baseline") in curves:
-            window = max(1, len(curves[run["name"]]) // 10)
-            measured = speedup(smooth(curves[run["name"]], window),
-                               smooth(curves[run["baseline"]], window))
-            found.append({"adapted": run["name"], "baseline": run["baseline"], **measured})
+            loss, adapted, scratch = comparison_curves(curves[run["name"]],
+                                                       curves[run["baseline"]])
+            if not adapted or not scratch:
+                continue
+            if loss == "training":
+                log.warning("%s vs %s: no validation losses (run.eval_batches 0?); the "
+                            "speed-up is measured on training loss", run["name"],
+                            run["baseline"])
+            found.append({"adapted": run["name"], "baseline": run["baseline"], "loss": loss,
+                          **speedup(adapted, scratch)})
     return found
 
 
@@ -112,42 +158,52 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     if results.get("speedups"):
         lines += ["", "## Adaptation speed-up (tokens to reach the baseline's final loss)", "",
-                  "| adapted | baseline | target loss | tokens adapted | tokens baseline | "
-                  "speed-up |", "|---|---|---|---|---|---|"]
+                  "| adapted | baseline | loss | target loss | tokens adapted | "
+                  "tokens baseline | speed-up |", "|---|---|---|---|---|---|---|"]
         for s in results["speedups"]:
             ratio = "not reached" if s["speedup"] is None else f"{s['speedup']:.2f}x"
             tokens = s["tokens_adapted"]
             reached = "not reached" if tokens is None else f"{tokens:,.0f}"
-            lines.append(f"| {s['adapted']} | {s['baseline']} | {_fmt(s['target'])} | "
-                         f"{reached} | {_fmt(s['tokens_scratch'], ',.0f')} | {ratio} |")
+            lines.append(f"| {s['adapted']} | {s['baseline']} | {s.get('loss', 'training')} | "
+                         f"{_fmt(s['target'])} | {reached} | "
+                         f"{_fmt(s['tokens_scratch'], ',.0f')} | {ratio} |")
     return "\n".join(lines) + "\n"
 
 
-def _plot_curves(curves: dict[str, Curve], path: str) -> None:
+def _plot_curves(curves: dict[str, dict[str, Curve]], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, curve in curves.items():
-        if curve:
-            ax.plot(*zip(*curve, strict=True), label=name)
-    ax.set(xlabel="tokens seen (this stage)", ylabel="training loss", title="Loss per run")
+    for name, run in curves.items():
+        color = None
+        if run["train"]:
+            (line,) = ax.plot(*zip(*run["train"], strict=True), alpha=0.3, linewidth=0.8,
+                              label=None if run["valid"] else f"{name} (training)")
+            color = line.get_color()
+        if run["valid"]:
+            ax.plot(*zip(*run["valid"], strict=True), "o-", color=color, markersize=3,
+                    label=f"{name} (validation)")
+    ax.set(xlabel="tokens seen (this stage)", ylabel="loss",
+           title="Validation loss per run (training loss faint)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def _plot_adaptation(speedups: list[dict], curves: dict[str, Curve], path: str) -> None:
+def _plot_adaptation(speedups: list[dict], curves: dict[str, dict[str, Curve]],
+                     path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, max(1, len(speedups)), figsize=(6 * max(1, len(speedups)), 4.5),
                              squeeze=False)
     for ax, s in zip(axes[0], speedups, strict=False):
-        for name, style in ((s["baseline"], "--"), (s["adapted"], "-")):
-            ax.plot(*zip(*curves[name], strict=True), style, label=name)
+        loss, adapted, scratch = comparison_curves(curves[s["adapted"]], curves[s["baseline"]])
+        for name, curve, style in ((s["baseline"], scratch, "o--"), (s["adapted"], adapted, "o-")):
+            ax.plot(*zip(*curve, strict=True), style, markersize=3, label=name)
         ax.axhline(s["target"], color="grey", linewidth=0.8)
         ratio = "not reached" if s["speedup"] is None else f"{s['speedup']:.2f}x"
-        ax.set(xlabel="tokens since the run started", ylabel="training loss",
+        ax.set(xlabel="tokens since the run started", ylabel=f"{loss} loss",
                title=f"{s['adapted']} vs {s['baseline']}: {ratio}")
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -175,7 +231,7 @@ def write_report(results: dict[str, Any], directory: str) -> dict[str, str]:
 
     matplotlib.use("Agg")
     os.makedirs(directory, exist_ok=True)
-    curves = {r["name"]: load_curve(r["out_dir"]) for r in results["runs"]}
+    curves = {r["name"]: read_curves(r["out_dir"]) for r in results["runs"]}
     results["speedups"] = adaptation_speedups(results["runs"], curves)
     paths = {name: os.path.join(directory, name) for name in
              ("results.json", "results.md", "loss_curves.png", "accuracy.png")}

@@ -105,11 +105,20 @@ class RunPlan:
         return shlex.join(["megarch-train", *self.args])
 
 
-def _stage_overrides(spec: StudySpec, steps: int, out_dir: str) -> list[str]:
+VALIDATIONS_PER_STAGE = 10
+"""Tiny scale: validation losses per stage (the report's speed-ups are measured on them)."""
+
+
+def _stage_overrides(spec: StudySpec, steps: int, out_dir: str, stage_steps: int) -> list[str]:
+    """Arguments ending a stage at step ``steps`` after ``stage_steps`` steps of its own; at
+    tiny scale it validates about :data:`VALIDATIONS_PER_STAGE` times (steps are counted
+    across stages, so an adapted run validates at multiples of eval_every past its parent's
+    last step)."""
     args = ["--run.steps", str(steps), "--run.out_dir", out_dir]
     if spec.scale == "tiny":
-        args += ["--run.eval_every", str(max(1, steps // 5)), "--run.eval_batches", "2",
-                 "--run.save_every", "0", "--run.log_every", str(max(1, steps // 5))]
+        every = max(1, stage_steps // VALIDATIONS_PER_STAGE)
+        args += ["--run.eval_every", str(every), "--run.eval_batches", "2",
+                 "--run.save_every", "0", "--run.log_every", str(max(1, stage_steps // 5))]
     return args + spec.overrides
 
 
@@ -135,7 +144,8 @@ def _mtf_plan(spec: StudySpec, parent: RunPlan) -> RunPlan:
         args += ["--data.paths", ",".join(paths), "--data.tokenizer",
                  os.path.join(spec.data_dir, "stdlib_sp.model"), "--data.mixture_cap", "160"]
     return RunPlan(name, "mtf", parent.arch, "multitask",
-                   args + _stage_overrides(spec, spec.mtf_steps, out), out, parent.name)
+                   args + _stage_overrides(spec, spec.mtf_steps, out, spec.mtf_steps), out,
+                   parent.name)
 
 
 def plan_study(spec: StudySpec) -> list[RunPlan]:
@@ -146,7 +156,8 @@ def plan_study(spec: StudySpec) -> list[RunPlan]:
     for pair in spec.pairs:
         out = os.path.join(spec.out_dir, "runs", pair)
         data = _tiny_data(spec) if spec.scale == "tiny" else []
-        args = ["--preset", pair + suffix, *data, *_stage_overrides(spec, spec.steps, out)]
+        args = ["--preset", pair + suffix, *data,
+                *_stage_overrides(spec, spec.steps, out, spec.steps)]
         plans.append(RunPlan(pair, "pretrain", *_PAIRS[pair], args, out))
     by_name = {p.name: p for p in plans}
     for kind in spec.adapt:
@@ -154,7 +165,8 @@ def plan_study(spec: StudySpec) -> list[RunPlan]:
         name = f"{source.name}_{kind}"
         out = os.path.join(spec.out_dir, "runs", name)
         args = ["--adapt", kind, "--run.init_from", source.out_dir,
-                *_stage_overrides(spec, spec.steps + spec.adapt_steps, out)]
+                *_stage_overrides(spec, spec.steps + spec.adapt_steps, out,
+                                 spec.adapt_steps)]
         baseline = ADAPT_BASELINE[kind] if ADAPT_BASELINE[kind] in by_name else None
         plans.append(RunPlan(name, kind, adaptation.target_arch, adaptation.target_objective,
                              args, out, source.name, baseline))

@@ -10,10 +10,10 @@ import pytest
 from megarch.config.overrides import ConfigError
 from megarch.study import StudySpec, plan_study, speedup, tokens_to_reach
 from megarch.study.cli import main as study_main
+from megarch.study.report import adaptation_speedups, markdown, read_curves
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-FAST = ["--data.seq_len", "64", "--run.micro_batch", "4", "--run.global_batch", "8",
-        "--run.eval_every", "0"]
+FAST = ["--data.seq_len", "64", "--run.micro_batch", "4", "--run.global_batch", "8"]
 
 
 def test_speedup_on_hand_built_curves():
@@ -30,14 +30,72 @@ def test_speedup_on_hand_built_curves():
     assert speedup(adapted, scratch, target=1.0)["speedup"] is None
 
 
+def _write_metrics(out_dir, train: list[tuple[int, float]], valid: dict[int, float]) -> str:
+    """A metrics.jsonl as the Trainer writes it: 100 tokens per step, a validation record
+    after the training record of its step."""
+    os.makedirs(out_dir)
+    with open(os.path.join(out_dir, "metrics.jsonl"), "w", encoding="utf-8") as f:
+        for step, loss in train:
+            f.write(json.dumps({"step": step, "loss": loss, "tokens_seen": 100 * step}) + "\n")
+            if step in valid:
+                f.write(json.dumps({"step": step, "valid_loss": valid[step],
+                                    "valid_ce": valid[step]}) + "\n")
+    return str(out_dir)
+
+
+def _runs(tmp_path, valid_adapted: dict, valid_scratch: dict) -> tuple[list[dict], dict]:
+    # training loss says 2x (the adapted run is at 3.0 after 200 tokens, scratch after 400);
+    # validation loss says 4x (2.0 after 100 tokens against 400)
+    scratch = _write_metrics(tmp_path / "scratch", [(1, 5.0), (2, 4.0), (3, 3.5), (4, 3.0)],
+                             valid_scratch)
+    adapted = _write_metrics(tmp_path / "adapted", [(1, 3.5), (2, 3.0), (3, 2.9), (4, 2.8)],
+                             valid_adapted)
+    runs = [{"name": "scratch", "kind": "pretrain", "out_dir": scratch},
+            {"name": "adapted", "kind": "lm-a", "baseline": "scratch", "out_dir": adapted}]
+    return runs, {r["name"]: read_curves(r["out_dir"]) for r in runs}
+
+
+def test_speedup_is_measured_on_validation_loss(tmp_path):
+    runs, curves = _runs(tmp_path, {1: 2.0, 4: 1.5}, {2: 3.0, 4: 2.0})
+    assert curves["scratch"] == {"train": [(100, 5.0), (200, 4.0), (300, 3.5), (400, 3.0)],
+                                 "valid": [(200, 3.0), (400, 2.0)]}
+    (measured,) = adaptation_speedups(runs, curves)
+    assert measured == {"adapted": "adapted", "baseline": "scratch", "loss": "validation",
+                        "target": 2.0, "tokens_adapted": 100.0, "tokens_scratch": 400.0,
+                        "speedup": 4.0}
+    table = markdown({"runs": [], "speedups": [measured]})
+    assert "| adapted | scratch | validation | 2.0000 | 100 | 400 | 4.00x |" in table
+
+
+def test_speedup_falls_back_to_training_loss_without_validation(tmp_path, caplog):
+    runs, curves = _runs(tmp_path, {}, {2: 3.0, 4: 2.0})
+    (measured,) = adaptation_speedups(runs, curves)
+    # smoothing window: 4 points // 10 -> 1, so the raw training curves
+    assert measured["loss"] == "training" and measured["target"] == 3.0
+    assert (measured["tokens_adapted"], measured["tokens_scratch"]) == (200.0, 400.0)
+    assert measured["speedup"] == 2.0
+    assert "measured on training loss" in caplog.text
+
+
+def test_tiny_stages_validate_ten_times():
+    spec = StudySpec(pairs=["cd_flm", "nd_mlm"], steps=80, adapt=["lm-a"], adapt_steps=40,
+                     mtf=True, mtf_steps=20)
+    every = {p.name: p.args[p.args.index("--run.eval_every") + 1] for p in plan_study(spec)}
+    assert every == {"cd_flm": "8", "nd_mlm": "8", "nd_mlm_lm-a": "4", "cd_flm_mtf": "2",
+                     "nd_mlm_mtf": "2", "nd_mlm_lm-a_mtf": "2"}
+
+
 def _png_ok(path: str) -> bool:
     with open(path, "rb") as f:
         return f.read(8) == PNG_MAGIC and os.path.getsize(path) > 100
 
 
-def _run_study(embedded_dir: str, out: str, *extra: str) -> dict:
+def _run_study(embedded_dir: str, out: str, *extra: str, keep_eval: bool = False) -> dict:
+    """The tiny study; validation only at the end of each run unless ``keep_eval``."""
     argv = ["--pairs", "cd_flm,nd_mlm", "--steps", "6", "--out", out,
             "--data-dir", embedded_dir, "-q", *extra, *FAST]
+    if not keep_eval:
+        argv += ["--run.eval_every", "0"]
     assert study_main(argv) == 0
     with open(os.path.join(out, "report", "results.json"), encoding="utf-8") as f:
         return json.load(f)
@@ -45,7 +103,8 @@ def _run_study(embedded_dir: str, out: str, *extra: str) -> dict:
 
 def test_tiny_study_writes_the_report(embedded_dir, tmp_path, capsys):
     out = str(tmp_path / "study")
-    results = _run_study(embedded_dir, out, "--adapt", "lm-a", "--adapt-steps", "3")
+    results = _run_study(embedded_dir, out, "--adapt", "lm-a", "--adapt-steps", "3",
+                         keep_eval=True)
     report = os.path.join(out, "report")
     assert [r["name"] for r in results["runs"]] == ["cd_flm", "nd_mlm", "nd_mlm_lm-a"]
     assert [r["steps"] for r in results["runs"]] == [6, 6, 9]
@@ -54,6 +113,13 @@ def test_tiny_study_writes_the_report(embedded_dir, tmp_path, capsys):
         assert set(row["tasks"]) == {"reverse", "first_word"}
     (measured,) = results["speedups"]
     assert (measured["adapted"], measured["baseline"]) == ("nd_mlm_lm-a", "cd_flm")
+    assert measured["loss"] == "validation"
+    assert measured["target"] == results["runs"][0]["valid_loss"]  # cd_flm's final one
+    # every step of these short runs validates (6 // 10 -> every 1): steps 1..6, and 7..9
+    # for the adaptation, at tokens counted from the start of each run
+    cd_flm, adapted = (read_curves(r["out_dir"])["valid"] for r in results["runs"][::2])
+    assert [t for t, _ in cd_flm] == [512 * s for s in range(1, 7)]
+    assert [t for t, _ in adapted] == [512 * s for s in range(1, 4)]
     with open(os.path.join(report, "results.md"), encoding="utf-8") as f:
         table = [line for line in f if line.startswith("| ")]
     assert [line.split("|")[1].strip() for line in table] == [
