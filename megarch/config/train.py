@@ -176,7 +176,15 @@ class ParallelConfig:
     tp: int = 1
     """Tensor-parallel size: heads, feed-forward units and vocabulary split over tp ranks."""
     pp: int = 1
-    """Pipeline-parallel size: decoder-only models' layers split over pp stages (1F1B)."""
+    """Pipeline-parallel size: the layers split over pp stages (1F1B; encoder blocks on the
+    first stages, decoder blocks on the later ones for encoder-decoders)."""
+    virtual_stages: int = 1
+    """Model chunks per pipeline rank (interleaved 1F1B, Megatron's virtual stages): rank r
+    holds chunks r, r + pp, ...; > 1 needs pp > 1, decoder-only n_layers divisible by
+    pp * virtual_stages and micro-batches per step (global / (micro * dp)) a multiple of pp."""
+    encoder_stages: int = 0
+    """Encoder-decoder pipelines: how many of the pp * virtual_stages virtual stages hold encoder
+    blocks, the rest holding decoder blocks (0: automatic, in proportion to the layer counts)."""
     dp: int = 0
     """Data-parallel size (0: auto, WORLD_SIZE // (tp * pp))."""
     zero1: bool = False
@@ -189,9 +197,16 @@ class ParallelConfig:
 
     def validate(self) -> None:
         """Refuse sizes that do not fit the launched processes or are not supported yet."""
-        for name in ("tp", "pp"):
+        for name in ("tp", "pp", "virtual_stages"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name}={getattr(self, name)}: must be >= 1")
+        if self.encoder_stages < 0:
+            raise ConfigError(f"parallel.encoder_stages={self.encoder_stages}: must be >= 0 "
+                              "(0: automatic)")
+        if self.virtual_stages > 1 and self.pp == 1:
+            raise ConfigError(f"parallel.virtual_stages={self.virtual_stages} with "
+                              "parallel.pp=1: interleaving needs a pipeline; set pp > 1 or "
+                              "virtual_stages 1")
         if self.dp < 0 or self.timeout_s <= 0:
             raise ConfigError("parallel.dp must be >= 0 (0: auto) and parallel.timeout_s > 0")
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -205,6 +220,38 @@ class ParallelConfig:
                 f"parallel.dp={self.dp} x tp={self.tp} x pp={self.pp} != WORLD_SIZE={world}: "
                 "set parallel.dp 0 (auto) or launch dp * tp * pp processes"
             )
+
+    def validate_pipeline(self, model: ModelConfig, run: RunConfig) -> None:
+        """Refuse a pipeline layout the model or the batch cannot fill (pp > 1 only)."""
+        n = self.pp * self.virtual_stages
+        if self.pp == 1:
+            if self.encoder_stages:
+                raise ConfigError(f"parallel.encoder_stages={self.encoder_stages} with "
+                                  "parallel.pp=1: set it 0 (no pipeline)")
+            return
+        if not model.is_encoder_decoder:
+            if self.encoder_stages:
+                raise ConfigError(f"parallel.encoder_stages={self.encoder_stages} with "
+                                  f"model.arch={model.arch}: only encoder-decoders have "
+                                  "encoder stages; set it 0")
+            if model.n_layers < n or (self.virtual_stages > 1 and model.n_layers % n):
+                raise ConfigError(f"model.n_layers={model.n_layers} does not split into "
+                                  f"parallel.pp x virtual_stages = {n} equal stages: change "
+                                  "one of them")
+        else:
+            enc, dec, e = model.n_layers, model.decoder_layers, self.encoder_stages
+            if enc + dec < n or (e and not (1 <= e < n and e <= enc and n - e <= dec)):
+                raise ConfigError(
+                    f"parallel.encoder_stages={e} with parallel.pp x virtual_stages = {n}: "
+                    f"every stage needs a block of the {enc} encoder / {dec} decoder layers "
+                    "(set encoder_stages 0 for the automatic split, or change pp)")
+        accumulation = run.global_batch // (run.micro_batch * self.data_parallel_size())
+        if self.virtual_stages > 1 and accumulation % self.pp:
+            raise ConfigError(
+                f"parallel.virtual_stages={self.virtual_stages}: interleaved 1F1B needs a "
+                f"multiple of parallel.pp={self.pp} micro-batches per step, got {accumulation} "
+                f"(run.global_batch={run.global_batch} / (run.micro_batch={run.micro_batch} x "
+                f"dp={self.data_parallel_size()})): change the batch sizes")
 
     def data_parallel_size(self) -> int:
         """The resolved data-parallel size (``dp``, or WORLD_SIZE // (tp * pp) when 0)."""
@@ -247,6 +294,7 @@ class TrainConfig:
         self.optim.validate()
         self.run.validate()
         self.parallel.validate()
+        self.parallel.validate_pipeline(self.model, self.run)
         self._validate_cross(tokenizer_vocab)
         return self
 

@@ -56,7 +56,12 @@ from megarch.data.tokenizers import load_tokenizer
 from megarch.model import build_model, lm_loss, model_flops_per_token, peak_flops
 from megarch.parallel.context import ParallelContext, init_distributed
 from megarch.parallel.data_parallel import all_reduce_grads, any_over, sum_over, zero1
-from megarch.parallel.pipeline import build_stage, forward_only, one_f_one_b
+from megarch.parallel.pipeline import (
+    build_stage,
+    forward_only,
+    interleaved_one_f_one_b,
+    one_f_one_b,
+)
 from megarch.parallel.tensor_parallel import clip_grad_norm, reduce_sequence_parallel_grads
 from megarch.training.checkpoint import TrainState
 from megarch.training.logging import MetricsWriter
@@ -214,10 +219,10 @@ class Trainer:
         """The whole model, its tensor-parallel shard, or this pipeline stage's layers."""
         if self.ctx.pp == 1:
             return build_model(self.cfg.model, self.device, self.ctx)
-        if self.cfg.model.is_encoder_decoder:
-            raise ConfigError(f"parallel.pp={self.ctx.pp} with model.arch=encoder_decoder: "
-                              "pipelines of encoder-decoders are not yet supported; use pp 1")
-        return build_stage(self.cfg.model, self.ctx, self.device)
+        parallel = self.cfg.parallel
+        return build_stage(self.cfg.model, self.ctx, self.device,
+                           virtual_stages=parallel.virtual_stages,
+                           encoder_stages=parallel.encoder_stages)
 
     def _peak_flops(self) -> float | None:
         if self.cfg.run.peak_tflops > 0:
@@ -272,12 +277,16 @@ class Trainer:
                        tp_group=self.tp_group)
 
     def _pipeline_totals(self, batches: list[dict], num_tokens: float, train: bool) -> list:
-        """(loss, ce, z_loss) summed over ``batches`` run through the pipeline (1F1B when
-        ``train``: gradients accumulate), the same on every stage."""
+        """(loss, ce, z_loss) summed over ``batches`` run through the pipeline (1F1B, or
+        interleaved 1F1B with virtual stages, when ``train``: gradients accumulate), the same on
+        every stage."""
         def loss_fn(logits, batch):
             return self.loss_of(logits, batch, num_tokens)
 
-        schedule = one_f_one_b if train else forward_only
+        schedule = forward_only
+        if train:
+            interleaved = self.model.virtual_stages > 1
+            schedule = interleaved_one_f_one_b if interleaved else one_f_one_b
         results = schedule(self.model, batches, loss_fn)
         sums = [float(sum(r[k].detach() for r in results)) if results else 0.0
                 for k in ("loss", "ce", "z_loss")]
