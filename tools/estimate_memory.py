@@ -3,19 +3,26 @@
 
     python tools/estimate_memory.py --preset cd_flm --tp 2 --dp 64
     python tools/estimate_memory.py --preset ed_mlm --tp 4 --dp 32 --zero1 --model.n_layers 12
+    python tools/estimate_memory.py --recipes          # the launch/recipes/ table (A100-80GB)
 
-What is counted, per rank (a first-order estimate, not a measurement):
+What is counted, per rank of the most loaded pipeline stage:
 
 - parameters: the tensor-parallel shard (vocab, heads, d_ff split by tp; norms replicated), the
   layers divided evenly over pp stages, the embedding on the first stage (and the last, tied);
 - weights and gradients in float32 (the trainer keeps fp32 master weights; bf16 is autocast);
 - optimizer state: AdamW 2 x 4 bytes per parameter, Adafactor its factored row/column second
   moments (~4 (rows + cols) bytes per matrix); divided by dp under ZeRO-1;
-- activations per micro-batch of the stored forward: Korthikanti et al. (2022)'s per-layer
-  ``s b h (10 + 24 / t + 5 a s / (h t))`` bytes for 16-bit activations without sequence
-  parallelism (doubled for fp32), scaled by this model's widths; ``2 s b h`` per layer with
-  activation checkpointing; 1F1B keeps up to pp micro-batches in flight on the first stage;
-- the float32 logits of one micro-batch (vocab / tp wide) and their gradient.
+- activations: the bytes of the tensors megarch's model saves for the backward pass, counted
+  op by op from its code (:func:`activation_bytes`) and checked against a measurement of the
+  saved tensors of tiny models, every architecture at TP1 and TP2, with and without
+  activation checkpointing, in float32 with the CPU attention and in bf16 autocast with the
+  attention kernel (tests/parallel/test_estimate_memory.py, within 5%). 1F1B keeps up to pp
+  micro-batches in flight on the first stage;
+- transients: the float32 logits' gradient, one block's recomputation under activation
+  checkpointing, and (dp > 1) the flat gradient copy of the data-parallel all-reduce.
+
+Not counted: the CUDA context, NCCL and cuBLAS workspaces and allocator fragmentation (the
+recipes keep a margin for them, :data:`FIT_FRACTION`), rotary embeddings' extra tensors.
 
 FLOPs: megarch.model.flops (6 N per token + attention), per step and per rank.
 """
@@ -23,13 +30,22 @@ FLOPs: megarch.model.flops (6 N per token + attention), per step and per rank.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import sys
 
 from megarch.config.model import ModelConfig
-from megarch.config.train import TRAIN_PRESETS, load_train_config
+from megarch.config.train import TRAIN_PRESETS, TrainConfig, load_train_config
 from megarch.model.flops import config_parameter_count, model_flops_per_token
 
 GIB = 2**30
+A100_GIB = 80.0
+"""Memory of one A100-80GB (80 GiB)."""
+FIT_FRACTION = 0.85
+"""A recipe fits when the estimated total is at most this share of the GPU's memory: the rest
+is for what the estimate leaves out (CUDA context, NCCL/cuBLAS workspaces, fragmentation)."""
+RECIPE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "launch", "recipes")
 
 
 def replicated_parameters(cfg: ModelConfig) -> int:
@@ -61,66 +77,224 @@ def _optimizer_bytes(cfg: ModelConfig, name: str, params: int, tp: int) -> float
     return float(layers * per_layer + 4 * (cfg.vocab_size // tp + cfg.d_model))
 
 
-def activation_bytes(cfg: ModelConfig, seq: int, micro: int, tp: int, fp32: bool,
-                     checkpointing: bool) -> float:
-    """Stored activations of one micro-batch through all layers of one rank (pp=1)."""
-    h, heads = cfg.d_model, cfg.n_heads
-    layers = cfg.n_layers + (cfg.decoder_layers if cfg.is_encoder_decoder else 0)
-    if checkpointing:
-        per_layer = 2.0 * seq * micro * h
+@dataclasses.dataclass
+class Precision:
+    """How the forward runs: ``bf16`` autocast (CUDA) or float32; ``flash`` the attention kernel
+    (CUDA, no attention dropout) or the PyTorch reference (CPU, or dropout > 0)."""
+
+    bf16: bool
+    flash: bool
+
+    @property
+    def act(self) -> int:
+        """Bytes per element of a matmul output."""
+        return 2 if self.bf16 else 4
+
+
+def _norm(tokens: float, d: int) -> float:
+    """RMSNorm (PyTorch path): its float32 input and normalised output, and the 1 / rms."""
+    return tokens * (8 * d + 4)
+
+
+def _linear_inputs(tokens: float, d: int, consumers: int, p: Precision) -> float:
+    """The input the projections after a norm save: one float32 tensor they share, or under
+    autocast one bf16 cast per projection (autocast casts per call)."""
+    return tokens * d * (2 * consumers if p.bf16 else 4)
+
+
+def _attention_core(cfg: ModelConfig, b: int, q_len: int, k_len: int, tp: int, p: Precision,
+                    bias: bool) -> float:
+    """q, k, v and what the attention itself saves, and the o projection's input."""
+    heads = cfg.n_heads // tp
+    inner = heads * cfg.kv_dim
+    if p.flash:  # the kernel saves q, k, v, out (input dtype) and the fp32 log-sum-exp
+        core = p.act * inner * (2 * b * q_len + 2 * b * k_len) + 4 * heads * b * q_len
+    else:  # fp32 q, k, v; softmax output and masked probs; bool mask; int64 bias buckets
+        core = 4 * inner * (b * q_len + 2 * b * k_len) + 8 * heads * b * q_len * k_len
+        core += b * q_len * k_len * (1 + (8 if bias else 0))
+        if cfg.dropout > 0:
+            core += heads * b * q_len * k_len  # dropout mask of the probabilities
+    return core + p.act * inner * b * q_len  # merged heads: the o projection's input
+
+
+def _feed_forward(cfg: ModelConfig, tokens: float, tp: int, p: Precision) -> float:
+    """GEGLU: gate, gelu(gate), up, and their product (wo's input)."""
+    hidden = cfg.d_ff // tp
+    return tokens * hidden * (4 * p.act + (1 if cfg.dropout > 0 else 0))
+
+
+def layer_bytes(cfg: ModelConfig, kind: str, b: int, length: int, tp: int, sp: bool,
+                p: Precision, enc_len: int = 0) -> float:
+    """Saved bytes of one block of ``kind`` (``self``: decoder-only or encoder layer; ``cross``:
+    the encoder-decoder's decoder layer) for ``b`` rows of ``length`` tokens."""
+    d, tokens = cfg.d_model, b * length
+    local = tokens / (tp if sp else 1)  # the residual stream's tokens on this rank
+    bias = cfg.position == "t5_relative"
+    out = 2 * _norm(local, d) + _linear_inputs(tokens, d, 3, p) + _linear_inputs(tokens, d, 2, p)
+    out += _attention_core(cfg, b, length, length, tp, p, bias) + _feed_forward(cfg, tokens, tp, p)
+    if cfg.dropout > 0:
+        out += local * 2 * d  # the two residual dropouts' masks
+    if kind == "cross":
+        out += _norm(local, d) + _linear_inputs(tokens, d, 1, p)
+        out += _attention_core(cfg, b, length, enc_len, tp, p, bias=False)
+        enc = b * enc_len
+        if p.bf16:  # k and v each cast the encoder output
+            out += _linear_inputs(enc, d, 2, p)
+        elif sp:  # each layer gathers the encoder output's chunks
+            out += _linear_inputs(enc, d, 1, p)
+        if cfg.dropout > 0:
+            out += local * d
+    return out
+
+
+def _weight_copy_bytes(cfg: ModelConfig, kind: str, tp: int) -> float:
+    """bf16 copies of one block's matmul weights, saved by autocast's linears."""
+    d, inner, f = cfg.d_model, cfg.n_heads * cfg.kv_dim // tp, cfg.d_ff // tp
+    matmul = 4 * d * inner + 3 * d * f + (4 * d * inner if kind == "cross" else 0)
+    return 2.0 * matmul
+
+
+def activation_bytes(cfg: ModelConfig, enc_len: int, dec_len: int, micro: int, tp: int = 1,
+                     sp: bool = False, bf16: bool = False, flash: bool = False,
+                     layers: float | None = None, ends: bool = True) -> dict[str, float]:
+    """Bytes one micro-batch keeps for the backward pass on one rank, by part.
+
+    ``dec_len`` is the decoder-only model's row length; ``enc_len`` (encoder-decoder) the
+    encoder's. ``layers`` scales the blocks to a pipeline stage's share (default all) and
+    ``ends`` says whether this rank also holds the embedding, final norm and logits. With
+    ``model.activation_checkpointing`` each block keeps only its input (plus, once, the
+    encoder output), and ``recompute`` is one block's activations, rebuilt in the backward.
+    Parts: ``blocks``, ``weight_copies`` (bf16 weights under autocast), ``ends``, ``logits``
+    (the two float32 copies the loss keeps), ``recompute``.
+    """
+    p = Precision(bf16, flash and cfg.dropout == 0)  # the kernel has no attention dropout
+    d, b, sp = cfg.d_model, micro, sp and tp > 1
+    div = tp if sp else 1
+    if cfg.is_encoder_decoder:
+        stacks = [("self", cfg.n_layers, enc_len), ("cross", cfg.decoder_layers, dec_len)]
     else:
-        ffn_scale = cfg.d_ff / (4 * h) * 1.5  # GEGLU: two up projections of d_ff vs 4h
-        per_layer = seq * micro * h * (10 + 24 * ffn_scale / tp + 5 * heads * seq / (h * tp))
-    return per_layer * layers * (2.0 if fp32 else 1.0)
+        stacks = [("self", cfg.n_layers, dec_len)]
+    total_layers = sum(n for _, n, _ in stacks)
+    share = (layers if layers is not None else total_layers) / total_layers
+    blocks = copies = recompute = 0.0
+    for kind, n, length in stacks:
+        full = layer_bytes(cfg, kind, b, length, tp, sp, p, enc_len)
+        recompute = max(recompute, full + (_weight_copy_bytes(cfg, kind, tp) if bf16 else 0))
+        if cfg.activation_checkpointing:
+            blocks += n * 4 * d * b * length / div  # the fp32 residual input of each block
+        else:
+            blocks += n * full
+            copies += n * _weight_copy_bytes(cfg, kind, tp) if bf16 else 0.0
+    if cfg.is_encoder_decoder and (cfg.activation_checkpointing or not (bf16 or sp)):
+        blocks += 4 * d * b * enc_len / (div if cfg.activation_checkpointing else 1)
+    ends_bytes = logits = 0.0
+    if ends:
+        dec_tokens, enc_tokens = b * dec_len, b * enc_len
+        ends_bytes = 8 * (dec_tokens + enc_tokens)  # int64 token ids of the embedding lookups
+        ends_bytes += _norm(dec_tokens / div, d) + 4 * d * dec_tokens  # final norm, scaled input
+        if cfg.is_encoder_decoder:
+            ends_bytes += _norm(enc_tokens / div, d)
+        if cfg.dropout > 0:
+            ends_bytes += d * (2 * dec_tokens + 2 * enc_tokens) / div
+        logits = 2 * 4.0 * dec_tokens * cfg.vocab_size / tp
+    return {"blocks": blocks * share, "weight_copies": copies * share, "ends": ends_bytes,
+            "logits": logits,
+            "recompute": recompute if cfg.activation_checkpointing else 0.0}
 
 
-def estimate(overrides: list[str], preset: str, tp: int, pp: int, dp: int,
-             zero1: bool) -> dict[str, float]:
-    """Per-rank memory (GiB) and FLOPs of ``preset`` with dotted ``overrides``."""
-    cfg = load_train_config(preset, None, overrides)
+def sequence_lengths(cfg: TrainConfig) -> tuple[int, int]:
+    """(encoder length, decoder length) of the config's samples (encoder 0 for decoders)."""
+    data = cfg.data
+    if data.objective == "multitask":
+        if cfg.model.is_encoder_decoder:
+            return data.inputs_len, data.targets_len
+        return 0, data.inputs_len + data.targets_len
+    if not cfg.model.is_encoder_decoder:
+        return 0, data.seq_len
+    if data.objective == "mlm":
+        from megarch.data.span_corruption import corrupted_lengths, raw_length_for
+
+        raw = raw_length_for(data.seq_len, noise_density=data.noise_density,
+                             mean_span=data.mean_noise_span)
+        return corrupted_lengths(raw, data.noise_density, data.mean_noise_span)
+    return data.seq_len, data.seq_len
+
+
+def estimate_config(cfg: TrainConfig, tp: int, pp: int, dp: int, zero1: bool,
+                    sp: bool = False) -> dict[str, float]:
+    """Per-rank memory (GiB) and FLOPs of ``cfg`` on CUDA (the attention kernel; bf16 autocast
+    when ``run.precision`` is bf16) under a TP x PP x DP layout."""
     model, run = cfg.model, cfg.run
     if model.vocab_size == 0:
         model.vocab_size = 32128
-    seq = cfg.data.seq_len
+    enc_len, dec_len = sequence_lengths(cfg)
     params = parameters_per_rank(model, tp, pp)
     optimizer = _optimizer_bytes(model, cfg.optim.name, params, tp) / (dp if zero1 else 1)
-    fp32 = run.precision == "fp32"
-    # 1F1B: a first stage stores n_layers / pp layers for up to pp micro-batches in flight
-    acts = activation_bytes(model, seq, run.micro_batch, tp, fp32, model.activation_checkpointing)
-    logits = 2 * 4.0 * run.micro_batch * seq * model.vocab_size / tp
+    layers = model.n_layers + (model.decoder_layers if model.is_encoder_decoder else 0)
+    micro_per_rank = max(1, run.global_batch // (run.micro_batch * dp))
+    in_flight = min(pp, micro_per_rank)  # 1F1B: the first stage's forwards awaiting backward
+    kwargs = dict(micro=run.micro_batch, tp=tp, sp=sp, bf16=run.precision == "bf16", flash=True)
+    stages = []
+    for stage, count in ((0, in_flight), (pp - 1, 1)):
+        acts = activation_bytes(model, enc_len, dec_len, layers=-(-layers // pp),
+                                ends=pp == 1 or stage == pp - 1, **kwargs)
+        stored = count * (acts["blocks"] + acts["weight_copies"]) + acts["ends"] + acts["logits"]
+        backward = acts["recompute"] + acts["logits"] / 2  # the logits' fp32 gradient
+        stages.append((stored + backward, stored, backward))
+    peak_acts, stored, backward = max(stages)
+    allreduce = 4.0 * params if dp > 1 else 0.0  # flat gradient copy, after the backward
     if model.is_encoder_decoder:
-        flops_token = model_flops_per_token(model, encoder_len=seq, decoder_len=seq)
+        flops_token = model_flops_per_token(model, encoder_len=enc_len, decoder_len=dec_len)
     else:
-        flops_token = model_flops_per_token(model, seq_len=seq)
-    tokens = run.global_batch * seq * (2 if model.is_encoder_decoder else 1)
+        flops_token = model_flops_per_token(model, seq_len=dec_len)
+    tokens = run.global_batch * (enc_len + dec_len)
     return {
         "parameters_per_rank_M": params / 1e6,
         "weights_GiB": 4.0 * params / GIB,
         "gradients_GiB": 4.0 * params / GIB,
         "optimizer_GiB": optimizer / GIB,
-        "activations_GiB": acts / GIB,
-        "logits_GiB": logits / GIB,
-        "total_GiB": (8.0 * params + optimizer + acts + logits) / GIB,
+        "activations_GiB": stored / GIB,
+        "backward_transient_GiB": backward / GIB,
+        "allreduce_GiB": allreduce / GIB,
+        "total_GiB": (8.0 * params + optimizer + max(peak_acts, allreduce)) / GIB,
         "step_PFLOP": flops_token * tokens / 1e15,
         "step_PFLOP_per_rank": flops_token * tokens / 1e15 / (tp * pp * dp),
     }
 
 
+def estimate(overrides: list[str], preset: str, tp: int, pp: int, dp: int,
+             zero1: bool, sp: bool = False) -> dict[str, float]:
+    """Per-rank memory (GiB) and FLOPs of ``preset`` with dotted ``overrides``."""
+    return estimate_config(load_train_config(preset, None, overrides), tp, pp, dp, zero1, sp)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Print the estimate; dotted ``--section.field VALUE`` overrides as megarch-train."""
+    """Print the estimate, or the recipes' table; dotted ``--section.field VALUE`` overrides as
+    megarch-train."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="cd_flm", help=", ".join(TRAIN_PRESETS))
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--dp", type=int, default=1)
     parser.add_argument("--zero1", action="store_true", help="shard optimizer state over dp")
+    parser.add_argument("--sp", action="store_true", help="sequence parallelism (tp > 1)")
+    parser.add_argument("--recipes", action="store_true",
+                        help="print the table of launch/recipes/*.env (A100-80GB nodes)")
+    parser.add_argument("--nodes", type=int, default=8, help="--recipes: nodes of 8 GPUs")
     args, overrides = parser.parse_known_args(argv)
-    result = estimate(overrides, args.preset, args.tp, args.pp, args.dp, args.zero1)
-    print(f"{args.preset}: tp={args.tp} pp={args.pp} dp={args.dp} zero1={args.zero1}")
+    if args.recipes:
+        from tools.recipes import recipe_table
+
+        print(recipe_table(args.nodes))
+        return 0
+    result = estimate(overrides, args.preset, args.tp, args.pp, args.dp, args.zero1, args.sp)
+    print(f"{args.preset}: tp={args.tp} pp={args.pp} dp={args.dp} zero1={args.zero1} "
+          f"sp={args.sp}")
     for key, value in result.items():
         print(f"  {key:<22} {value:12.3f}")
     return 0
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     sys.exit(main())
