@@ -1,6 +1,48 @@
 """megarch: training and comparing transformer language-model architectures and objectives."""
 
+import os
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+from setuptools.command.editable_wheel import editable_wheel
+
+PTH_NAME = "megarch-lm-eval.pth"
+PTH_LINE = (
+    "import sys; exec('try:\\n from megarch.lm_eval_plugin import install\\n install()\\n"
+    "except Exception:\\n pass')\n"
+)
+"""Installed into site-packages: lets the stock ``lm_eval --model megarch`` find our model
+(megarch/lm_eval_plugin.py says how; a failure is silent, never an error at Python start)."""
+
+
+def _write_pth(directory):
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, PTH_NAME), "w", encoding="utf-8") as f:
+        f.write(PTH_LINE)
+
+
+class BuildWithLmEvalHook(build_py):
+    """build_py that also puts :data:`PTH_NAME` at the root of the build (site-packages)."""
+
+    def run(self):
+        super().run()
+        if not self.dry_run:
+            _write_pth(self.build_lib)
+
+    def get_outputs(self, include_bytecode=True):
+        return [*super().get_outputs(include_bytecode), os.path.join(self.build_lib, PTH_NAME)]
+
+
+class EditableWithLmEvalHook(editable_wheel):
+    """``pip install -e``: the editable wheel gets :data:`PTH_NAME` at its root too. setuptools
+    offers no public hook for extra root files; its namespace step writes into the unpacked
+    wheel's root, so we add ours there (skipped silently if a setuptools renames that step:
+    ``megarch-lm-eval`` still works then)."""
+
+    def _install_namespaces(self, installation_dir, pth_prefix):
+        super()._install_namespaces(installation_dir, pth_prefix)
+        _write_pth(installation_dir)
+
 
 setup(
     name="megarch",
@@ -30,6 +72,7 @@ setup(
         # The lm-evaluation-harness adapter (megarch-lm-eval); megarch imports without it.
         "lm-eval": ["lm-eval>=0.4.13,<0.5"],
     },
+    cmdclass={"build_py": BuildWithLmEvalHook, "editable_wheel": EditableWithLmEvalHook},
     entry_points={
         "console_scripts": [
             "megarch-data=megarch.cli.data:main",

@@ -1,15 +1,17 @@
 """A megarch checkpoint as an EleutherAI lm-evaluation-harness model, named ``megarch``.
 
 Optional: needs ``lm-eval`` (``pip install 'megarch[lm-eval]'``); megarch imports without it.
-Importing this module registers the model. lm-eval 0.4 finds models only among its own or
-those imported into the process, so run the harness through megarch's front, which is the
-``lm_eval`` command line with ``megarch`` registered::
+Installing megarch makes the stock harness command know it (a ``.pth`` start-up hook,
+:mod:`megarch.lm_eval_plugin`; lm-eval 0.4 has no plugin discovery of its own)::
 
-    python -m megarch.eval.lm_eval_adapter --model megarch \\
-        --model_args checkpoint=runs/cd_flm_tiny --tasks hellaswag --batch_size 16
+    lm_eval --model megarch --model_args checkpoint=runs/cd_flm_tiny \\
+        --tasks hellaswag --batch_size 16
 
-(console script ``megarch-lm-eval``), or from Python: ``import megarch.eval.lm_eval_adapter``,
-then ``lm_eval.simple_evaluate(model="megarch", model_args="checkpoint=PATH", ...)``.
+``megarch-lm-eval`` (or ``python -m megarch.eval.lm_eval_adapter``) is the same command line
+with the model imported first, for a Python that skips the hook (``python -S``, or a source
+tree used through PYTHONPATH without installing); from Python:
+``import megarch.eval.lm_eval_adapter``, then
+``lm_eval.simple_evaluate(model="megarch", model_args="checkpoint=PATH", ...)``.
 
 ``--model_args``: ``checkpoint`` (a checkpoint or a run's out_dir, required), ``device``
 (default auto), ``tokenizer`` (overrides the run's), ``max_length`` (default the run's
@@ -39,6 +41,7 @@ from megarch.eval.generation import GenerationOptions, generate
 from megarch.eval.loading import load_for_eval
 from megarch.eval.rank_classification import RankOptions
 from megarch.eval.scoring import score_continuations, start_id
+from megarch.lm_eval_plugin import MODEL_NAME
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +71,6 @@ def rolling_windows(ids: list[int], max_length: int | None) -> list[tuple[list[i
             for s in range(0, len(ids), stride)]
 
 
-@register_model("megarch")
 class MegarchLM(LM):
     """The lm-evaluation-harness model over a megarch checkpoint (module docstring)."""
 
@@ -174,9 +176,15 @@ class MegarchLM(LM):
         return outputs
 
 
+if __name__ != "__main__":  # under ``python -m`` main() imports this module by its own name
+    register_model(MODEL_NAME)(MegarchLM)  # replaces the plugin's placeholder, if there is one
+
+
 def main(argv: list[str] | None = None) -> None:
     """``lm_eval``'s command line with the ``megarch`` model registered."""
     from lm_eval.__main__ import cli_evaluate
+
+    import megarch.eval.lm_eval_adapter  # noqa: F401  (registers MegarchLM under its name)
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]

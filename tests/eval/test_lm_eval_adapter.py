@@ -19,7 +19,7 @@ from megarch.eval.lm_eval_adapter import MegarchLM, rolling_windows  # noqa: E40
 from megarch.eval.rank_classification import RankOptions, rank_classify  # noqa: E402
 from megarch.eval.tasks import Example, Task  # noqa: E402
 from tests.eval.helpers import reference_logprob  # noqa: E402
-from tests.eval.test_loading_cli import REPO, _save_run  # noqa: E402
+from tests.eval.test_loading_cli import _save_run  # noqa: E402
 
 DOCS = [
     {"question": "Is fire hot?", "choices": ["yes", "no"], "label": 0},
@@ -105,13 +105,24 @@ def test_rolling_and_generation_use_megarch_code(setup):
     assert lm.loglikelihood([SimpleNamespace(args=("ctx", ""))]) == [(0.0, True)]
 
 
-@pytest.mark.slow
-def test_lm_eval_command_line_offline(setup):
+def _stock_lm_eval() -> list[str]:
+    """The harness's own console script of this environment (``python -m lm_eval`` if absent)."""
+    script = os.path.join(os.path.dirname(sys.executable), "lm_eval")
+    return [script] if os.path.exists(script) else [sys.executable, "-m", "lm_eval"]
+
+
+@pytest.mark.parametrize("command", [
+    pytest.param("lm_eval", id="stock-lm_eval"),
+    pytest.param("megarch-lm-eval", id="megarch-front", marks=pytest.mark.slow),
+])
+def test_lm_eval_command_line_offline(setup, command):
     root, checkpoint, tasks = setup
     out = root / "out"
-    env = {**os.environ, "PYTHONPATH": REPO, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    launcher = (_stock_lm_eval() if command == "lm_eval"
+                else [sys.executable, "-m", "megarch.eval.lm_eval_adapter"])
     proc = subprocess.run(
-        [sys.executable, "-m", "megarch.eval.lm_eval_adapter", "--model", "megarch",
+        [*launcher, "--model", "megarch",
          "--model_args", f"checkpoint={checkpoint}", "--tasks", "megarch_toy",
          "--include_path", tasks, "--output_path", str(out), "--batch_size", "2"],
         capture_output=True, text=True, env=env, timeout=300,
@@ -123,3 +134,27 @@ def test_lm_eval_command_line_offline(setup):
     with open(result_file, encoding="utf-8") as f:
         acc = json.load(f)["results"]["megarch_toy"]["acc,none"]
     assert acc == pytest.approx(_megarch_eval_scores(checkpoint)[1])
+
+
+def test_start_up_hook_is_installed_and_light():
+    """The installed .pth hook registers megarch lazily: a bare interpreter start imports
+    neither lm-eval nor torch, and lm-eval's own lookup then finds MegarchLM."""
+    import site
+
+    from megarch.lm_eval_plugin import MODEL_PATH
+
+    pth = [os.path.join(d, "megarch-lm-eval.pth") for d in site.getsitepackages()]
+    assert any(os.path.isfile(p) for p in pth), (
+        f"none of {pth} exists: reinstall megarch (pip install -e .) to get the lm_eval hook")
+    code = (
+        "import sys\n"
+        "assert 'torch' not in sys.modules and 'lm_eval' not in sys.modules\n"
+        "from lm_eval.api.registry import get_model, model_registry\n"
+        "cls = get_model('megarch')\n"
+        "print(f'{cls.__module__}:{cls.__name__}')\n"
+        "print('hf' in model_registry)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == [MODEL_PATH, "True"]  # lm-eval's own models still there
