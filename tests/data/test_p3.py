@@ -118,7 +118,8 @@ CB = [("It rains. The street is wet?", "True"), ("Cats bark. Cats are loud?", "F
 
 
 def _p3(root) -> str:
-    """A small P3 download: two training datasets, CB (two ranked prompts and one generative),
+    """A small P3 download: two training datasets, CB (two ranked prompts, one without labels,
+    one generative),
     COPA through a _score_eval copy only, a folder of no T0 dataset."""
     data = str(root / "P3" / "data")
     write_task_folder(data, "glue_mrpc_same_thing", "train",
@@ -133,6 +134,8 @@ def _p3(root) -> str:
                       [prompted(f"{q} Always, sometimes or never?",
                                 {"True": "Always", "False": "Never"}.get(a, "Sometimes"),
                                 ["Always", "Sometimes", "Never"]) for q, a in CB])
+    write_task_folder(data, "super_glue_cb_unlabelled", "validation",
+                      [prompted(q, "<NO LABEL>", ["True", "False", "Neither"]) for q, _ in CB])
     write_task_folder(data, "super_glue_cb_write_a_claim", "validation",
                       [prompted(q, "a claim") for q, _ in CB])
     write_task_folder(data, "super_glue_copa_choose_score_eval", "validation",
@@ -157,7 +160,8 @@ def test_prepare_writes_the_mixture_and_the_eval_tasks(tmp_path):
     with open(os.path.join(out, "mtf_data.json"), encoding="utf-8") as f:
         assert json.load(f) == {"data": {
             "objective": "multitask", "mixture_cap": 500_000,
-            "paths": [os.path.join(out, "tokenized", d) for d in ("imdb", "glue_mrpc")]}}  # table order
+            # in table order
+            "paths": [os.path.join(out, "tokenized", d) for d in ("imdb", "glue_mrpc")]}}
     assert any(c.startswith("megarch-data preprocess --input ") and "--json-keys inputs "
                "targets" in c for c in report["commands"])
 
@@ -172,8 +176,10 @@ def test_prepare_writes_the_mixture_and_the_eval_tasks(tmp_path):
     copa = load_task(os.path.join(out, "tasks", "copa.jsonl"))
     assert [(e.prompts, e.choices, e.label) for e in copa.examples] == [
         (["Rain. So?"], [["wet", "dry"]], 0), (["Sun. Because?"], [["night", "day"]], 1)]
-    assert "super_glue_cb_write_a_claim: no validation split with answer choices" in report[
-        "skipped_prompts"]
+    assert report["skipped_prompts"] == [
+        "super_glue_cb_unlabelled: validation record 0: the target '<NO LABEL>' is not one of "
+        "the answer choices ['True', 'False', 'Neither'] (a split without labels?)",
+        "super_glue_cb_write_a_claim: no validation split with answer choices"]
     missing = report["missing"]
     assert len(missing) == 36 + 9  # T0's other 36 training and 9 eval datasets
     assert "t0_eval: rte (no P3 folder matches super_glue_rte_*)" in missing

@@ -68,6 +68,11 @@ MIXTURE_CAP = 500_000
 """T0's cap on examples per dataset in its mixture (PAPER.md)."""
 
 
+class UnusablePrompt(DataError):
+    """A prompt whose records cannot be ranked (no label among its choices): skipped and
+    reported, not fatal."""
+
+
 def p3_data_dir(p3_dir: str) -> str:
     """The folder holding P3's task folders: ``p3_dir/data`` when it exists (a clone of the
     P3 repository), else ``p3_dir`` itself; DataError if neither exists."""
@@ -144,9 +149,8 @@ def _plain_prompt(folder: str, split: str, verify: bool) -> list[tuple[str, list
         choices = [c.decode("utf-8").strip() for c in example["answer_choices"]]
         target = _text(example, "targets_pretokenized", where)
         if target not in choices:
-            raise DataError(f"{where}: the target {target!r} is not one of the answer choices "
-                            f"{choices}; a split without labels (test)? use --eval-split "
-                            "validation")
+            raise UnusablePrompt(f"{split} record {index}: the target {target!r} is not one "
+                                 f"of the answer choices {choices} (a split without labels?)")
         out.append((_text(example, "inputs_pretokenized", where), choices,
                     choices.index(target)))
     _check_count(folder, split, len(out))
@@ -177,24 +181,30 @@ def _score_eval_prompt(folder: str, split: str, verify: bool
         rows = sorted(grouped[i])
         labels = [k for k, row in enumerate(rows) if row[3]]
         if len(labels) != 1:
-            raise DataError(f"{folder}: example {i} has {len(labels)} correct choices (needs "
-                            "exactly 1); a split without labels (test)? use --eval-split "
-                            "validation")
+            raise UnusablePrompt(f"{folder}: example {i} has {len(labels)} correct choices, "
+                                 "not 1 (a split without labels?)")
         out.append((rows[0][1], [row[2] for row in rows], labels[0]))
     return out
 
 
 def read_eval_prompt(folders: list[str], split: str, verify: bool = True
-                     ) -> list[tuple[str, list[str], int]]:
+                     ) -> tuple[list[tuple[str, list[str], int]], str | None]:
     """One prompt's examples as (input, choices, label), from its plain folder (with
-    ``answer_choices``) or else its ``_score_eval`` copy; [] when neither can rank choices."""
+    ``answer_choices``) or else its ``_score_eval`` copy, and None; or ``([], why)`` when
+    neither gives labelled choices (corrupt files still raise)."""
     plain = [f for f in folders if not f.endswith(SCORE_EVAL) and split_files(f, split)]
     scored = [f for f in folders if f.endswith(SCORE_EVAL) and split_files(f, split)]
-    if plain:
-        examples = _plain_prompt(plain[0], split, verify)
-        if examples:
-            return examples
-    return _score_eval_prompt(scored[0], split, verify) if scored else []
+    why = f"no {split} split with answer choices"
+    try:
+        if plain:
+            examples = _plain_prompt(plain[0], split, verify)
+            if examples:
+                return examples, None
+        if scored:
+            return _score_eval_prompt(scored[0], split, verify), None
+    except UnusablePrompt as err:
+        why = str(err)
+    return [], why
 
 
 def align_prompts(name: str, prompts: dict[str, list[tuple[str, list[str], int]]]
@@ -317,12 +327,11 @@ def _prepare_eval(data_dir: str, folders: list[str], suite: str, out_dir: str, s
             owners.append((dataset, prompt))
     results = _run_units(read_eval_prompt, units, workers, f"{suite} ({split})", progress)
     by_dataset: dict[str, dict[str, list]] = {}
-    for (dataset, prompt), unit, examples in zip(owners, units, results, strict=True):
+    for (dataset, prompt), unit, (examples, why) in zip(owners, units, results, strict=True):
         if examples:
             by_dataset.setdefault(dataset, {})[prompt] = examples
         else:
-            report["skipped_prompts"].append(
-                f"{os.path.basename(unit[0][0])}: no {split} split with answer choices")
+            report["skipped_prompts"].append(f"{os.path.basename(unit[0][0])}: {why}")
     for dataset in found:
         if dataset not in by_dataset:
             if found[dataset]:
