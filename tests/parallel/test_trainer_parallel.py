@@ -148,3 +148,58 @@ def test_tp2_pp2_trainer_matches_single_process_and_merges_to_tp1(embedded, tmp_
     model, _ = load_model(reshard(str(tmp_path / "tp2pp2"), str(tmp_path / "merged")))
     weights = single.model.state_dict()
     assert max(relative_difference(model.state_dict()[k], w) for k, w in weights.items()) < 1e-4
+
+
+PIPELINE_RUNS = {  # name: (preset, overrides) run with pp=1 and pp=2
+    "ed_pp2": ("ed_plm_tiny", {}),  # encoder stage, decoder stage (automatic split)
+    "cd_interleaved": (PRESET, {"model__n_layers": "4", "parallel__virtual_stages": "2"}),
+}
+
+
+def _pipeline_config(embedded, out_dir: str, name: str, pp: int):
+    preset, extra = PIPELINE_RUNS[name]
+    if pp == 1:
+        extra = {k: v for k, v in extra.items() if not k.startswith("parallel__")}
+    return fast_config(preset, embedded, out_dir, STEPS, run__resume="none",
+                       run__save_every="0", run__eval_batches="2", parallel__pp=str(pp),
+                       **extra)
+
+
+def _pipeline_ranks(rank: int, world: int, embedded, root: str) -> dict:
+    torch.set_num_threads(1)
+    out = {}
+    for name in PIPELINE_RUNS:
+        trainer = Trainer(_pipeline_config(embedded, os.path.join(root, name), name, 2))
+        torch.manual_seed(trainer.cfg.run.seed)
+        full = build_model(trainer.cfg.model).state_dict()  # the single process's weights
+        trainer.model.load_state_dict({n: full[n] for n in trainer.model.state_dict()})
+        result = trainer.train()
+        out[name] = {"params": {k: v.clone() for k, v in trainer.model.state_dict().items()},
+                     "valid": result.valid_loss}
+    return out
+
+
+def test_encoder_decoder_pp2_and_interleaved_trainers_match_single_process(embedded, tmp_path):
+    """Trainer level: the encoder-decoder over PP2 (encoder stage, decoder stage) and the causal
+    decoder over PP2 x 2 virtual stages give the pp=1 run's losses, validation loss and final
+    weights."""
+    singles = {}
+    for name in PIPELINE_RUNS:
+        trainer = Trainer(_pipeline_config(embedded, str(tmp_path / f"{name}_single"), name, 1))
+        singles[name] = (trainer.train().valid_loss, trainer.model.state_dict())
+    results = spawn(2, timeout_s=240)(_pipeline_ranks, embedded, str(tmp_path))
+    for name, (valid, weights) in singles.items():
+        losses, reference = _losses(str(tmp_path / name)), _losses(str(tmp_path / f"{name}_single"))
+        assert len(losses) == STEPS
+        worst = max(abs(a - b) / abs(b) for a, b in zip(losses, reference, strict=True))
+        assert worst <= 1e-5, (name, losses, reference)
+        params = {**results[1][name]["params"], **results[0][name]["params"]}
+        assert set(params) == set(weights)
+        diff = max(relative_difference(params[k], weights[k]) for k in params)
+        assert diff <= 1e-4, (name, diff)
+        assert all(abs(r[name]["valid"] - valid) <= 1e-5 * valid for r in results)
+    stages = [set(results[r]["ed_pp2"]["params"]) for r in range(2)]
+    assert "encoder_norm.weight" in stages[0] - stages[1]
+    assert "decoder_blocks.0.cross.q.weight" in stages[1] - stages[0]
+    assert "embed.weight" in stages[0] & stages[1]
+    assert "blocks.2.attn.q.weight" in set(results[0]["cd_interleaved"]["params"])
