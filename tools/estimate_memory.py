@@ -35,7 +35,12 @@ import os
 import sys
 
 from megarch.config.model import ModelConfig
-from megarch.config.train import TRAIN_PRESETS, TrainConfig, load_train_config
+from megarch.config.train import (
+    TRAIN_PRESETS,
+    TrainConfig,
+    get_train_preset,
+    load_train_config,
+)
 from megarch.model.flops import config_parameter_count, model_flops_per_token
 
 GIB = 2**30
@@ -268,6 +273,122 @@ def estimate(overrides: list[str], preset: str, tp: int, pp: int, dp: int,
     return estimate_config(load_train_config(preset, None, overrides), tp, pp, dp, zero1, sp)
 
 
+RECIPE_KEYS = ("PRESET", "GPUS_PER_NODE", "TP", "PP", "MICRO_BATCH", "ACTIVATION_CHECKPOINTING",
+               "ZERO1")
+"""The variables a launch/recipes/*.env file sets (launch/common.sh reads the same)."""
+GPUS_PER_NODE = 8
+
+
+def read_recipe(name_or_path: str) -> dict[str, str]:
+    """The KEY=VALUE lines of a recipe (``cd_flm`` or a path to an ``.env`` file)."""
+    path = name_or_path if name_or_path.endswith(".env") else os.path.join(
+        RECIPE_DIR, f"{name_or_path}.env")
+    values: dict[str, str] = {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            key, eq, value = line.partition("=")
+            if not eq or key not in RECIPE_KEYS:
+                raise ValueError(f"{path}:{number}: expected KEY=VALUE with KEY one of "
+                                 f"{', '.join(RECIPE_KEYS)}, got {line!r}")
+            values[key] = value
+    missing = set(RECIPE_KEYS) - set(values)
+    if missing:
+        raise ValueError(f"{path}: missing {', '.join(sorted(missing))}")
+    return values
+
+
+def recipe_overrides(recipe: dict[str, str]) -> list[str]:
+    """The megarch-train overrides a recipe adds (launch/common.sh passes the same)."""
+    return ["--run.micro_batch", recipe["MICRO_BATCH"],
+            "--model.activation_checkpointing", recipe["ACTIVATION_CHECKPOINTING"],
+            "--parallel.zero1", recipe["ZERO1"]]
+
+
+def recipe_dp(recipe: dict[str, str], nodes: int) -> int:
+    """The data-parallel size of a recipe on ``nodes`` nodes."""
+    return nodes * int(recipe["GPUS_PER_NODE"]) // (int(recipe["TP"]) * int(recipe["PP"]))
+
+
+def recipe_estimate(recipe: dict[str, str], dp: int) -> dict[str, float]:
+    """The estimate of a recipe at data-parallel size ``dp`` (ZeRO-1 over it when on)."""
+    tp, pp = int(recipe["TP"]), int(recipe["PP"])
+    cfg = load_train_config(recipe["PRESET"], None, recipe_overrides(recipe))
+    return estimate_config(cfg, tp, pp, dp, recipe["ZERO1"] == "true")
+
+
+def choose_layout(preset: str) -> dict[str, str]:
+    """The recipe for ``preset`` on 8-GPU A100-80GB nodes: the first layout, in order of
+    expected throughput, whose estimate fits :data:`FIT_FRACTION` of 80 GiB at any node count
+    (the larger estimate of dp = 1, where ZeRO-1 saves nothing, and dp = 2, which adds the
+    all-reduce's gradient copy).
+
+    Order: no activation checkpointing (it recomputes the forward: ~1/3 more compute), then
+    pp = 1 (no pipeline bubble), then a micro-batch of at least 4 rows (fuller matmuls), then
+    the smallest tp within the node (less communication per layer), then the largest
+    micro-batch. ZeRO-1 is always on: free memory for one reduce of the state. Encoder-decoders
+    stay at pp = 1 (their pipelines are not in the trainer yet).
+    """
+    limit = FIT_FRACTION * A100_GIB
+    is_ed = get_train_preset(preset).model.is_encoder_decoder
+    for ckpt in ("false", "true"):
+        for pp in (1,) if is_ed else (1, 2, 4):
+            for least in (4, 1):
+                for tp in (1, 2, 4, 8):
+                    for micro in (8, 4, 2, 1):
+                        if micro < least:
+                            continue
+                        recipe = {"PRESET": preset, "GPUS_PER_NODE": str(GPUS_PER_NODE),
+                                  "TP": str(tp), "PP": str(pp), "MICRO_BATCH": str(micro),
+                                  "ACTIVATION_CHECKPOINTING": ckpt, "ZERO1": "true"}
+                        if tp * pp <= GPUS_PER_NODE and max(
+                                recipe_estimate(recipe, dp)["total_GiB"] for dp in (1, 2)
+                        ) <= limit:
+                            return recipe
+    raise ValueError(f"{preset}: no layout fits {limit:.0f} GiB per GPU")
+
+
+def recipe_text(recipe: dict[str, str]) -> str:
+    """The ``.env`` file of a recipe."""
+    head = (f"# {recipe['PRESET']} on NNODES x 8 A100-80GB (the study's full scale). Written by\n"
+            "# tools/estimate_memory.py --write-recipes (the rule: choose_layout); launch with\n"
+            f"#   RECIPE={recipe['PRESET']} NNODES=N launch/torchrun_multi_node.sh\n")
+    return head + "".join(f"{key}={recipe[key]}\n" for key in RECIPE_KEYS)
+
+
+def write_recipes(directory: str = RECIPE_DIR) -> list[str]:
+    """Write one recipe per study pair (atomically: a temp file renamed); the paths."""
+    from megarch.config.train import STUDY_PAIRS
+
+    os.makedirs(directory, exist_ok=True)
+    paths = []
+    for preset, _, _ in STUDY_PAIRS:
+        path = os.path.join(directory, f"{preset}.env")
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write(recipe_text(choose_layout(preset)))
+        os.replace(path + ".tmp", path)
+        paths.append(path)
+    return paths
+
+
+def recipe_table(nodes: int = 8) -> str:
+    """A markdown table of the recipes in launch/recipes/ on ``nodes`` nodes."""
+    from megarch.config.train import STUDY_PAIRS
+
+    rows = ["| recipe | TP x PP x DP | micro-batch | act. ckpt | ZeRO-1 | GiB / GPU "
+            "| PFLOP / step |", "|---|---|---|---|---|---|---|"]
+    for preset, _, _ in STUDY_PAIRS:
+        recipe = read_recipe(preset)
+        tp, pp, dp = int(recipe["TP"]), int(recipe["PP"]), recipe_dp(recipe, nodes)
+        est = recipe_estimate(recipe, dp)
+        rows.append(f"| {preset} | {tp} x {pp} x {dp} | {recipe['MICRO_BATCH']} | "
+                    f"{recipe['ACTIVATION_CHECKPOINTING']} | {recipe['ZERO1']} | "
+                    f"{est['total_GiB']:.1f} | {est['step_PFLOP']:.0f} |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print the estimate, or the recipes' table; dotted ``--section.field VALUE`` overrides as
     megarch-train."""
@@ -281,10 +402,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipes", action="store_true",
                         help="print the table of launch/recipes/*.env (A100-80GB nodes)")
     parser.add_argument("--nodes", type=int, default=8, help="--recipes: nodes of 8 GPUs")
+    parser.add_argument("--write-recipes", action="store_true",
+                        help="choose and write launch/recipes/<pair>.env (choose_layout)")
     args, overrides = parser.parse_known_args(argv)
-    if args.recipes:
-        from tools.recipes import recipe_table
-
+    if args.write_recipes:
+        print("\n".join(write_recipes()))
+    if args.recipes or args.write_recipes:
+        print(f"{args.nodes} nodes x {GPUS_PER_NODE} A100-80GB; fits: estimate <= "
+              f"{FIT_FRACTION:.0%} of {A100_GIB:.0f} GiB")
         print(recipe_table(args.nodes))
         return 0
     result = estimate(overrides, args.preset, args.tp, args.pp, args.dp, args.zero1, args.sp)

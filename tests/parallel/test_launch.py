@@ -10,9 +10,20 @@ import sys
 import pytest
 import torch
 
+from megarch.config.train import STUDY_PAIRS, load_train_config
 from megarch.parallel.spawn import free_port
 from megarch.training import read_metrics
 from tests.training.helpers import REPO, fast_args
+from tools.estimate_memory import (
+    A100_GIB,
+    FIT_FRACTION,
+    choose_layout,
+    read_recipe,
+    recipe_dp,
+    recipe_estimate,
+    recipe_overrides,
+    recipe_table,
+)
 
 SINGLE = os.path.join(REPO, "launch", "torchrun_single_node.sh")
 MULTI = os.path.join(REPO, "launch", "torchrun_multi_node.sh")
@@ -87,3 +98,60 @@ def test_tp2_and_pp2_cpu_jobs_through_the_single_node_script(embedded, tmp_path)
         assert os.listdir(os.path.join(out_dir, "checkpoints")) == ["step_00000002"]
         step = os.path.join(out_dir, "checkpoints", "step_00000002")
         assert sorted(f for f in os.listdir(step) if f.startswith("model")) == shards
+
+
+PAIRS = [name for name, _, _ in STUDY_PAIRS]
+
+
+@pytest.mark.parametrize("pair", PAIRS)
+def test_recipe_fits_validates_and_is_the_rules_choice(pair, monkeypatch):
+    """launch/recipes/<pair>.env: fits 85% of 80 GiB by the estimator at 1 to 64 nodes, is a
+    valid TrainConfig for 8 processes per node, and is what choose_layout picks."""
+    recipe = read_recipe(pair)
+    assert recipe["PRESET"] == pair and recipe["GPUS_PER_NODE"] == "8"
+    for nodes in (1, 8, 64):
+        dp = recipe_dp(recipe, nodes)
+        assert recipe_estimate(recipe, dp)["total_GiB"] <= FIT_FRACTION * A100_GIB
+        monkeypatch.setenv("WORLD_SIZE", str(8 * nodes))
+        cfg = load_train_config(pair, None, [*recipe_overrides(recipe), "--parallel.tp",
+                                             recipe["TP"], "--parallel.pp", recipe["PP"]])
+        assert cfg.run.global_batch % (cfg.run.micro_batch * dp) == 0  # whole accumulation
+    assert choose_layout(pair) == recipe
+
+
+def test_recipe_dry_runs_are_the_readme_table():
+    """RECIPE=<pair> DRY_RUN=1: the command carries the row's layout; launch/README.md holds
+    the table tools/estimate_memory.py --recipes prints."""
+    with open(os.path.join(REPO, "launch", "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    table = recipe_table(8)
+    assert table in readme, "launch/README.md: paste `tools/estimate_memory.py --recipes`"
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in table.splitlines()[2:]}
+    for pair in PAIRS:
+        env = {"DRY_RUN": "1", "RECIPE": pair, "NNODES": "8", "MASTER_ADDR": "n1",
+               "PYTHON": "py"}
+        out = _run(MULTI, env, "--run.steps", "5")
+        assert out.returncode == 0, out.stderr
+        words = shlex.split(out.stdout)
+        args = {w: words[i + 1] for i, w in enumerate(words[:-1]) if w.startswith("--")}
+        layout, micro, ckpt, zero1 = rows[pair][:4]
+        tp, pp, dp = layout.split(" x ")
+        assert (args["--nnodes"], args["--nproc-per-node"], args["--preset"]) == ("8", "8", pair)
+        assert (args["--parallel.tp"], args["--parallel.pp"]) == (tp, pp)
+        assert int(dp) == 64 // (int(tp) * int(pp))
+        assert args["--run.micro_batch"] == micro
+        assert args["--model.activation_checkpointing"] == ckpt
+        assert args["--parallel.zero1"] == zero1 and words[-2:] == ["--run.steps", "5"]
+
+
+def test_recipe_errors_and_environment_precedence(tmp_path):
+    out = _run(SINGLE, {"DRY_RUN": "1", "RECIPE": "cd_flx"})
+    assert out.returncode == 2 and "RECIPE=cd_flx" in out.stderr and "cd_flm" in out.stderr
+    out = _run(SINGLE, {"DRY_RUN": "1", "RECIPE": "cd_flm", "TP": "2", "PYTHON": "py"})
+    words = shlex.split(out.stdout)
+    assert words[words.index("--parallel.tp") + 1] == "2"  # the environment wins
+    bad = tmp_path / "bad.env"
+    bad.write_text("PRESET=cd_flm\nTP=2\nSEQ=3\n")
+    with pytest.raises(ValueError, match="bad.env:3"):
+        read_recipe(str(bad))
