@@ -23,9 +23,10 @@ import enum
 import os
 
 import torch
-import torch.nn.functional as F
 
 from megarch.model.position import RelativeBias
+from megarch.parallel.collectives import Group
+from megarch.parallel.rng import split_dropout
 
 ATTENTION_ENV = "MEGARCH_ATTENTION"
 """``reference`` forces the PyTorch path everywhere; ``kernel`` also uses the Triton kernel on
@@ -98,6 +99,7 @@ def attention(
     bias: torch.Tensor | RelativeBias | None = None,
     scale: float | None = None,
     dropout_p: float = 0.0,
+    dropout_group: Group = None,
 ) -> torch.Tensor:
     """Masked multi-head attention: softmax(q k^T * scale + bias, masked) v.
 
@@ -111,6 +113,8 @@ def attention(
             :class:`RelativeBias` (table + positions), which the kernel computes in place.
         scale: logit scale, default ``head_dim ** -0.5``.
         dropout_p: dropout on the attention probabilities (apply only while training).
+        dropout_group: the tensor-parallel group the heads are split over: each rank draws
+            its own masks (megarch.parallel.rng); None: the global torch generator.
 
     Returns [batch, heads, q_len, head_dim] in q's dtype; rows with no visible key are zero.
     """
@@ -125,7 +129,7 @@ def attention(
     mask = build_mask(mode, q.shape[-2], k.shape[-2], q_segment_ids, k_segment_ids, prefix_len,
                       device=q.device)
     return attention_reference(q, k, v, mask[:, None], bias=bias, scale=scale,
-                               dropout_p=dropout_p)
+                               dropout_p=dropout_p, dropout_group=dropout_group)
 
 
 def _use_kernel(q: torch.Tensor, bias, dropout_p: float) -> bool:
@@ -165,6 +169,7 @@ def attention_reference(
     bias: torch.Tensor | None = None,
     scale: float,
     dropout_p: float = 0.0,
+    dropout_group: Group = None,
 ) -> torch.Tensor:
     """Plain PyTorch attention with an explicit boolean ``mask`` [batch or 1, 1, q_len, k_len].
 
@@ -180,6 +185,6 @@ def attention_reference(
     scores = scores.masked_fill(~mask, float("-inf")).masked_fill(~visible_row, 0.0)
     probs = torch.softmax(scores, dim=-1).masked_fill(~visible_row, 0.0)  # [b, h, q, k]
     if dropout_p > 0.0:
-        probs = F.dropout(probs, p=dropout_p, training=True)
+        probs = split_dropout(probs, dropout_p, dropout_group)  # heads split under TP
     out = torch.matmul(probs, v.to(compute))  # [batch, heads, q_len, head_dim]
     return out.to(q.dtype)

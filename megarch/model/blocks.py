@@ -22,6 +22,7 @@ from megarch.model.cache import LayerCache
 from megarch.model.layers import CrossAttention, FeedForward, RMSNorm, SelfAttention
 from megarch.model.position import RelativeBias, RelativePositionBias
 from megarch.parallel.collectives import Group, group_size
+from megarch.parallel.rng import TensorParallelDropout
 
 
 def _position_parts(
@@ -63,7 +64,7 @@ class SelfAttentionBlock(nn.Module):
                                   tp_group)
         self.ff_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ff = FeedForward(cfg.d_model, cfg.d_ff // tp, cfg.dropout, tp_group)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = TensorParallelDropout(cfg.dropout, tp_group)  # split under SP
 
     def forward(
         self,
@@ -98,7 +99,7 @@ class CrossAttentionBlock(nn.Module):
         self.cross = CrossAttention(cfg.d_model, n_heads, cfg.kv_dim, cfg.dropout, tp_group)
         self.ff_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ff = FeedForward(cfg.d_model, cfg.d_ff // tp, cfg.dropout, tp_group)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = TensorParallelDropout(cfg.dropout, tp_group)  # split under SP
 
     def forward(
         self,

@@ -23,6 +23,7 @@ from megarch.model.attention import MaskMode, attention, attention_reference
 from megarch.model.cache import LayerCache
 from megarch.model.position import RelativeBias, apply_rotary, rotary_cos_sin
 from megarch.parallel.collectives import Group, enter_tp, exit_tp
+from megarch.parallel.rng import TensorParallelDropout
 
 
 @functools.cache
@@ -79,7 +80,7 @@ class FeedForward(nn.Module):
         self.wi_gate = nn.Linear(d_model, d_ff, bias=False)
         self.wi_up = nn.Linear(d_model, d_ff, bias=False)
         self.wo = nn.Linear(d_ff, d_model, bias=False)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = TensorParallelDropout(dropout, tp_group, split=True)  # d_ff split
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = enter_tp(x, self.tp_group, self.sequence_parallel)  # [batch, len, d_model]
@@ -164,6 +165,7 @@ class SelfAttention(_MultiHead):
         out = attention(
             q, k, v, mode, q_segment_ids=segment_ids, k_segment_ids=segment_ids,
             prefix_len=prefix_len, bias=bias, dropout_p=self.dropout if self.training else 0.0,
+            dropout_group=self.tp_group,
         )
         return exit_tp(self.o(_merge_heads(out)), self.tp_group, self.sequence_parallel)
 
@@ -199,5 +201,6 @@ class CrossAttention(_MultiHead):
         out = attention(
             q, k, v, MaskMode.CROSS, q_segment_ids=segment_ids,
             k_segment_ids=encoder_segment_ids, dropout_p=self.dropout if self.training else 0.0,
+            dropout_group=self.tp_group,
         )
         return exit_tp(self.o(_merge_heads(out)), self.tp_group, self.sequence_parallel)

@@ -52,6 +52,7 @@ from megarch.model.layers import RMSNorm
 from megarch.model.position import RelativePositionBias
 from megarch.parallel.collectives import enter_tp, exit_tp
 from megarch.parallel.context import ParallelContext
+from megarch.parallel.rng import TensorParallelDropout
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class _LanguageModel(nn.Module):
         self.vocab_start = self.ctx.tp_rank * vocab
         self.embed = nn.Embedding(vocab, cfg.d_model)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, vocab, bias=False)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = TensorParallelDropout(cfg.dropout, self.tp_group)  # split under SP
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Embeddings [batch, len, d_model] of ``tokens`` [batch, len] (vocab-parallel: each rank

@@ -62,6 +62,7 @@ from megarch.parallel.pipeline import (
     interleaved_one_f_one_b,
     one_f_one_b,
 )
+from megarch.parallel.rng import dropout_seed
 from megarch.parallel.tensor_parallel import clip_grad_norm, reduce_sequence_parallel_grads
 from megarch.training.checkpoint import TrainState
 from megarch.training.logging import MetricsWriter
@@ -198,8 +199,10 @@ class Trainer:
             self.model = self._build_model().train()
         except ValueError as err:  # a size tensor parallelism cannot split
             raise ConfigError(str(err)) from None
-        if self.ctx.world_size > 1:  # dropout: the same masks on the TP ranks (replicated
-            torch.manual_seed(cfg.run.seed + 1_000_003 * self.ctx.dp_rank)  # activations)
+        if self.ctx.world_size > 1:  # dropout: one global stream per DP rank and stage, shared
+            # by the TP ranks (replicated masks agree); split activations draw per-TP-rank
+            # masks from it (megarch.parallel.rng)
+            torch.manual_seed(dropout_seed(cfg.run.seed, self.ctx))
         self.tp_group = self.model.tp_group
         self.optimizer = build_optimizer(cfg.optim, self.model)
         if cfg.parallel.zero1 and self.ctx.dp > 1:
