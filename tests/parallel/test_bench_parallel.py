@@ -1,0 +1,42 @@
+"""tools/bench_parallel.py at its smallest size: the table's rows and ratios are printed."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+from tests.training.helpers import REPO
+from tools.bench_parallel import format_table
+
+
+def test_bench_parallel_prints_rows_and_ratios():
+    """Real gloo processes: every layout's row with a positive time, and both ratios equal to
+    the rows' quotients."""
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "bench_parallel.py"), "--seq-len", "16",
+         "--micro-batch", "2", "--micro", "2", "--steps", "1", "--warmup", "1", "--trials", "1",
+         "--model.n_layers", "2"],
+        env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    rows = {m[0]: (int(m[1]), float(m[2]))
+            for m in re.findall(r"^(TP1|TP2|PP1|PP2)\s+(\d)\s+([\d.]+)\s+[\d,]+$", out.stdout,
+                                re.M)}
+    assert set(rows) == {"TP1", "TP2", "PP1", "PP2"}, out.stdout
+    assert [rows[k][0] for k in ("TP1", "TP2", "PP1", "PP2")] == [1, 2, 1, 2]
+    assert all(ms > 0 for _, ms in rows.values())
+    for layout in ("TP", "PP"):
+        ratio = float(re.search(rf"^{layout}2 / {layout}1 step time ([\d.]+)", out.stdout,
+                                re.M).group(1))
+        slow, fast = rows[f"{layout}2"][1], rows[f"{layout}1"][1]
+        rounding = slow / fast * (0.05 / slow + 0.05 / fast) + 0.0005  # rows: 0.1 ms
+        assert abs(ratio - slow / fast) <= rounding
+
+
+def test_format_table_ratios_and_ideals():
+    table = format_table({"TP1": 0.1, "TP2": 0.08, "PP1": 0.1, "PP2": 0.07}, 1000, micro=4)
+    assert "TP2 / TP1 step time 0.800 (0.500" in table
+    assert "PP2 / PP1 step time 0.700 (0.625" in table  # (4 + 1) / (2 * 4)
+    assert "TP1              1       100.0      10,000" in table
