@@ -64,10 +64,10 @@ def _pipeline_step(stage, batch: dict, opt, tp_group) -> float:
 
 
 def _compare(rank: int, world: int, arch: str, tp: int, n_layers: int, virtual: int = 1,
-             encoder_stages: int = 0) -> dict:
+             encoder_stages: int = 0, tie: bool = True) -> dict:
     torch.manual_seed(0)
     cfg = tiny_config(arch)
-    cfg.n_layers = n_layers
+    cfg.n_layers, cfg.tie_embeddings = n_layers, tie
     reference = build_model(cfg)
     ctx = ParallelContext.build(tp=tp, pp=world // tp)
     stage = build_stage(cfg, ctx, virtual_stages=virtual, encoder_stages=encoder_stages)
@@ -182,9 +182,13 @@ def test_pp4_encoder_decoder_three_embedding_copies():
 
 
 @pytest.mark.slow
-def test_pp4_interleaved_matches_single_process():
-    results = spawn(4, timeout_s=240)(_compare, "nonc_decoder", 1, 8, 2)
+def test_pp4_interleaved_untied_matches_single_process():
+    """PP4 x 2 virtual stages, untied output projection: the embedding on rank 0 only, the
+    output projection on rank 3."""
+    results = spawn(4, timeout_s=240)(_compare, "nonc_decoder", 1, 8, 2, 0, False)
     assert results[1]["layers"] == [[1], [5]]
+    assert [r["embed0"] is not None for r in results] == [True, False, False, False]
+    assert "lm_head.weight" in results[3]["grads"]
     _check(results)
 
 
