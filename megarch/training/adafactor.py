@@ -174,16 +174,17 @@ class Adafactor(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         tp = self._tp_size()
+        # unsharded parameters are updated here; sharded ones wait with their partial sums
         pending = [item for group in self.param_groups for item in self._start_group(group)]
-        if not pending:
+        if not pending:  # the same on every TP rank (same parameters): no collective at all
             return loss
         all_reduce_tensors([t for item in pending for t in item.sums], self.tp_layout.group)
         for item in pending:
             self._second_moments(item, tp)
-        for item in pending:
+        for item in pending:  # the update's sum of squares, for the clipping RMS
             item.sums = [_update(item).norm(2).double().square().reshape(1)]
         all_reduce_tensors([item.sums[0] for item in pending], self.tp_layout.group)
-        for item in pending:
+        for item in pending:  # decay, then the recomputed update (torch's order of effects)
             numel = item.param.numel() * tp
             denom = max(1.0, math.sqrt(item.sums[0].item()) / ((numel**0.5) * item.d))
             if item.weight_decay != 0:
