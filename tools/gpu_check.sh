@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The prepared GPU check (one lent GPU, under ~5 minutes): compiled kernel tests on the GPU, the
-# attention benchmark table, and a short bf16 training run with MFU. Runs from the repository
+# The prepared GPU check (one lent GPU, under ~6 minutes): compiled kernel tests on the GPU, the
+# attention benchmark table, a short bf16 training run with MFU, and the MFU of a ~1B-parameter
+# causal decoder on this one GPU. Runs from the repository
 # root on a machine with torch + triton (no install needed: PYTHONPATH is the checkout; nothing
 # here imports megatron-core). Writes logs and tables under $OUT (default benchmarks/gpu/).
 set -u
@@ -34,5 +35,19 @@ timeout 120 $PY -m megarch.train --preset cd_flm_tiny --run.resume none \
   --run.log_every 10 --run.eval_every 0 --run.save_every 0 --data.seq_len 1024 \
   --model.d_model 768 --model.n_heads 12 --model.d_ff 2048 --model.n_layers 12 \
   --run.micro_batch 16 --run.global_batch 16 2>&1 | tee "$OUT/train.log"
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+
+# ~1.0B parameters: 20 layers of d_model 2048, 32 heads x 64, GEGLU d_ff 5120 (48M each) and the
+# corpus's 8,064-id vocabulary; 8 x 1024 tokens a step, AdamW, bf16 autocast: ~35 GiB estimated by
+# tools/estimate_memory.py (fits an 80 GiB A100); tests/parallel/test_estimate_memory.py
+# validates these settings.
+ONE_B=(--model.d_model 2048 --model.n_heads 32 --model.head_dim 64 --model.d_ff 5120
+       --model.n_layers 20 --data.seq_len 1024 --run.micro_batch 8 --run.global_batch 8
+       --run.precision bf16 --run.deterministic false)
+echo "== MFU of a ~1B-parameter causal decoder on one GPU (bf16, 30 steps; MFU on each line)"
+timeout 240 $PY -m megarch.train --preset cd_flm_tiny --run.resume none \
+  --run.out_dir "$OUT/run_1b" --run.device cuda --run.steps 30 --run.log_every 5 \
+  --run.eval_every 0 --run.eval_batches 0 --run.save_every 0 "${ONE_B[@]}" 2>&1 \
+  | tee "$OUT/train_1b.log"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 exit $status

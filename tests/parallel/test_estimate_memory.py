@@ -183,3 +183,28 @@ def test_activation_estimate_matches_saved_tensors_full_matrix():
     """Both settings, every architecture, TP1 / TP2 / TP2 with sequence parallelism."""
     _check([(arch, ckpt, setting, tp, sp) for arch in ARCHS for ckpt in (False, True)
             for setting in SETTINGS for tp, sp in ((1, False), (2, False), (2, True))])
+
+
+def test_gpu_check_one_billion_run_is_a_valid_config_that_fits():
+    """tools/gpu_check.sh parses (bash -n); its ~1B run (ONE_B settings on cd_flm_tiny, whose
+    embedded tokenizer has 8,000 ids padded to 8,064) validates, has ~1B parameters and fits
+    an 80 GiB GPU by the estimator."""
+    import re
+    import shlex
+    import subprocess
+
+    from megarch.config.train import load_train_config
+    from megarch.model.flops import config_parameter_count
+    from tests.training.helpers import REPO
+    from tools.estimate_memory import A100_GIB, FIT_FRACTION, estimate_config
+
+    script = os.path.join(REPO, "tools", "gpu_check.sh")
+    assert subprocess.run(["bash", "-n", script], capture_output=True).returncode == 0
+    with open(script, encoding="utf-8") as f:
+        text = f.read()
+    overrides = shlex.split(re.search(r"^ONE_B=\((.*?)\)", text, re.M | re.S).group(1))
+    assert '--preset cd_flm_tiny' in text and '"${ONE_B[@]}"' in text
+    cfg = load_train_config("cd_flm_tiny", None, [*overrides, "--model.vocab_size", "8064"])
+    assert 0.9e9 < config_parameter_count(cfg.model) < 1.2e9
+    assert cfg.run.precision == "bf16"
+    assert estimate_config(cfg, 1, 1, 1, False)["total_GiB"] < FIT_FRACTION * A100_GIB
