@@ -31,18 +31,29 @@ log-sum-exp; the backward recomputes the probabilities (FlashAttention-2), one k
 dK/dV over key blocks and one for dQ over query blocks, which also adds the bias gradient with
 atomics (so that one gradient is not bitwise deterministic).
 
+Tiles: on a GPU each kernel's (BLOCK_M, BLOCK_N, num_warps, num_stages) is autotuned per
+(kernel, mode, segments, bias, head dim, dtype, sequence-length bucket) from
+``candidate_block_configs``, timed once on the first call's tensors; under the interpreter the
+fixed ``default_block_configs`` are used. ``MEGARCH_FLASH_CONFIG`` forces them ("default", or
+e.g. "fwd=128x64x8x3,bwd=32x64x4x2"); explicit ``fwd_config`` / ``bwd_config`` win over both.
+
 Order (the Triton tutorial's): jit kernels, launcher, autograd Function, public function,
 plain-PyTorch reference ``flash_attention_ref``.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+logger = logging.getLogger(__name__)
 
 CAUSAL = 0
 PREFIX = 1
@@ -405,6 +416,160 @@ def default_block_configs(head_dim: int, dtype: torch.dtype = torch.float16
     return BlockConfig(128, 32, num_warps=8, num_stages=3), BlockConfig(32, 32, num_warps=4)
 
 
+KERNELS = ("fwd", "dkdv", "dq")  # the forward kernel and the two backward kernels
+CONFIG_ENV = "MEGARCH_FLASH_CONFIG"  # "auto" (default), "default", or "fwd=128x64x8x3,bwd=..."
+
+
+def default_block_config(kernel: str, head_dim: int, dtype: torch.dtype) -> BlockConfig:
+    """The fixed default of one kernel ("fwd", "dkdv" or "dq"): ``default_block_configs``."""
+    fwd, bwd = default_block_configs(head_dim, dtype)
+    return fwd if kernel == "fwd" else bwd
+
+
+def candidate_block_configs(kernel: str, head_dim: int, dtype: torch.dtype
+                            ) -> list[BlockConfig]:
+    """The autotuner's candidates for one kernel ("fwd", "dkdv" or "dq"), the default first.
+
+    Each compiles for sm_80 and sm_90 within their shared memory (tests/kernels/test_compile.py;
+    ``tools/kernel_report.py --candidates`` prints registers and spills). The forward wants
+    long query blocks; dK/dV (outer loop over keys) long key blocks and dQ long query blocks,
+    as in FlashAttention-2. fp32 (3xTF32, a correctness path) keeps small tiles.
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    default = default_block_config(kernel, head_dim, dtype)
+    if dtype == torch.float32:
+        extra = [BlockConfig(64, 32, 4, 2)] if kernel != "dkdv" else [BlockConfig(32, 64, 4, 2)]
+    elif kernel == "fwd":
+        extra = [BlockConfig(64, 64, 4, 3), BlockConfig(128, 64, 8, 2),
+                 BlockConfig(128, 32, 4, 3), BlockConfig(64, 32, 4, 3)]
+    elif kernel == "dkdv":
+        extra = [BlockConfig(32, 64, 4, 2), BlockConfig(32, 128, 8, 2),
+                 BlockConfig(64, 64, 8, 2), BlockConfig(16, 64, 4, 2)]
+    else:
+        extra = [BlockConfig(64, 32, 4, 2), BlockConfig(128, 32, 8, 2),
+                 BlockConfig(64, 64, 8, 2), BlockConfig(32, 64, 4, 2)]
+    return [default] + [config for config in extra if config != default]
+
+
+def _parse_block_config(text: str) -> BlockConfig:
+    fields = text.lower().split("x")
+    if len(fields) != 4 or not all(field.isdigit() for field in fields):
+        raise ValueError(f"{CONFIG_ENV}: {text!r} is not BLOCK_MxBLOCK_NxWARPSxSTAGES "
+                         "(e.g. 128x64x8x3)")
+    return BlockConfig(*map(int, fields))
+
+
+@functools.lru_cache(maxsize=16)
+def forced_block_configs(setting: str) -> dict[str, BlockConfig] | None:
+    """The kernels' configs forced by a ``MEGARCH_FLASH_CONFIG`` value.
+
+    ``""`` / ``"auto"``: none forced ({}): autotune on a GPU, defaults elsewhere. ``"default"``:
+    None (the fixed defaults, no tuning). ``"fwd=128x64x8x3,bwd=32x64x4x2"``: those kernels
+    (``fwd``, ``dkdv``, ``dq``; ``bwd`` sets both backward kernels); the others as for "auto".
+    """
+    setting = setting.strip()
+    if setting in ("", "auto"):
+        return {}
+    if setting == "default":
+        return None
+    forced = {}
+    for item in setting.split(","):
+        name, _, value = item.partition("=")
+        name = name.strip()
+        if name not in (*KERNELS, "bwd") or not value:
+            raise ValueError(f"{CONFIG_ENV}={setting!r}: expected 'auto', 'default' or "
+                             "comma-separated KERNEL=BMxBNxWARPSxSTAGES with KERNEL one of fwd, "
+                             f"bwd, dkdv, dq (e.g. fwd=128x64x8x3,bwd=32x64x4x2), got {item!r}")
+        for kernel in (("dkdv", "dq") if name == "bwd" else (name,)):
+            forced[kernel] = _parse_block_config(value)
+    return forced
+
+
+def _length_bucket(length: int) -> int:
+    """Sequence-length bucket of the tuning key: the next power of two, from 128 to 16384."""
+    return min(max(128, triton.next_power_of_2(length)), 16384)
+
+
+def _tuning_available(device: torch.device) -> bool:
+    """Autotuning needs compiled kernels on a GPU (the interpreter cannot time them)."""
+    return device.type == "cuda" and not _interpreting()
+
+
+def _bench_ms(fn) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=5, rep=20)
+
+
+class _Autotuner:
+    """The fastest candidate per tuning key, timed on the first call's own tensors, then cached.
+
+    A candidate that fails to launch (e.g. too much shared memory on a smaller GPU) is skipped;
+    tiles never change the result beyond rounding, so any candidate is a correct choice.
+    """
+
+    def __init__(self, timer=_bench_ms):
+        self.timer = timer  # ms of one call of a zero-argument function
+        self.cache: dict[tuple, BlockConfig] = {}
+
+    def choose(self, key: tuple, candidates: list[BlockConfig], launch) -> BlockConfig:
+        if key in self.cache:
+            return self.cache[key]
+        times, errors = {}, []
+        for config in candidates:
+            try:
+                times[config] = self.timer(lambda config=config: launch(config))
+            except Exception as error:  # noqa: BLE001 - skip the candidate, keep the others
+                errors.append(error)
+                logger.debug("flash_attention autotune %s: %s failed: %s", key, config, error)
+        if not times:
+            raise RuntimeError(f"flash_attention: no tile config could launch for {key}") \
+                from errors[0]
+        best = min(times, key=times.get)
+        self.cache[key] = best
+        logger.info("flash_attention autotune %s: %s (%.3f ms of %d candidates)", key, best,
+                    times[best], len(times))
+        return best
+
+
+_AUTOTUNER = _Autotuner()
+
+
+def _tuning_key(kernel: str, q: torch.Tensor, k_len: int, mode: int, has_seg: bool,
+                has_bias: bool) -> tuple:
+    bucket = _length_bucket(max(q.shape[2], k_len))
+    return kernel, mode, has_seg, has_bias, q.shape[-1], q.dtype, bucket
+
+
+def _block_config(kernel: str, explicit: BlockConfig | None, q: torch.Tensor, k_len: int,
+                  mode: int, has_seg: bool, has_bias: bool, launch=None) -> BlockConfig:
+    """The config one launch uses: explicit > MEGARCH_FLASH_CONFIG > autotuned (GPU) > default.
+
+    With ``launch`` None nothing is timed: a config not tuned yet reads as the default.
+    """
+    if explicit is not None:
+        return explicit
+    forced = forced_block_configs(os.environ.get(CONFIG_ENV, ""))
+    if forced is not None and kernel in forced:
+        return forced[kernel]
+    default = default_block_config(kernel, q.shape[-1], q.dtype)
+    if forced is None or not _tuning_available(q.device):
+        return default
+    key = _tuning_key(kernel, q, k_len, mode, has_seg, has_bias)
+    if launch is None:
+        return _AUTOTUNER.cache.get(key, default)
+    candidates = candidate_block_configs(kernel, q.shape[-1], q.dtype)
+    return _AUTOTUNER.choose(key, candidates, launch)
+
+
+def selected_block_configs(q: torch.Tensor, k_len: int, mode: int, *, has_segments: bool = False,
+                           has_bias: bool = False) -> dict[str, BlockConfig]:
+    """The config each kernel would use now for such a call (tuned ones once a call ran)."""
+    return {kernel: _block_config(kernel, None, q, k_len, int(mode), has_segments, has_bias)
+            for kernel in KERNELS}
+
+
 @dataclass
 class _MaskArgs:
     """Mask and bias inputs in kernel form (int32, contiguous), built once per call."""
@@ -420,8 +585,9 @@ class _MaskArgs:
     k_pos: torch.Tensor | None  # [batch, k_len]
     bias_range: int  # R: the bias-by-distance table holds distances -R..R
     scale: float
-    fwd_config: BlockConfig
-    bwd_config: BlockConfig
+    fwd_config: BlockConfig | None  # None: chosen at launch (_block_config)
+    dkdv_config: BlockConfig | None
+    dq_config: BlockConfig | None
 
     @property
     def has_seg(self) -> bool:
@@ -564,13 +730,18 @@ def _forward(q, k, v, bias, mask: _MaskArgs) -> tuple[torch.Tensor, torch.Tensor
     out = _empty(q.shape, q.dtype, q.device)
     lse = _empty((batch, heads, q_len), torch.float32, q.device)
     p = _Pointers(q.device)
-    cfg = mask.fwd_config
     strides, sizes = _common_args(q, k, v, out, mask)
-    _fwd_kernel[(triton.cdiv(q_len, cfg.block_m), batch * heads)](
-        q, k, v, out, lse, p(mask.q_seg), p(mask.k_seg), p(mask.q_span), p(mask.prefix),
-        p(bias, torch.float32), p(mask.q_pos), p(mask.k_pos),
-        *strides, *sizes, **_constexprs(q, mask, cfg, bias is not None),
-    )
+    has_bias = bias is not None
+
+    def launch(cfg: BlockConfig) -> None:
+        _fwd_kernel[(triton.cdiv(q_len, cfg.block_m), batch * heads)](
+            q, k, v, out, lse, p(mask.q_seg), p(mask.k_seg), p(mask.q_span), p(mask.prefix),
+            p(bias, torch.float32), p(mask.q_pos), p(mask.k_pos),
+            *strides, *sizes, **_constexprs(q, mask, cfg, has_bias),
+        )
+
+    launch(_block_config("fwd", mask.fwd_config, q, k.shape[2], mask.mode, mask.has_seg,
+                         has_bias, launch))
     return out, lse
 
 
@@ -584,19 +755,29 @@ def _backward(q, k, v, out, lse, do, bias, mask: _MaskArgs):
     dv = _empty(v.shape, v.dtype, v.device)
     dbias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None else None
     p = _Pointers(q.device)
-    cfg = mask.bwd_config
     strides, sizes = _common_args(q, k, v, do, mask)
-    constexprs = _constexprs(q, mask, cfg, bias is not None)
-    _bwd_dkdv_kernel[(triton.cdiv(k_len, cfg.block_n), batch * heads)](
-        q, k, v, do, lse, delta, dk, dv, p(mask.q_seg), p(mask.k_seg), p(mask.k_span),
-        p(mask.prefix), p(mask.prefix_max), p(bias, torch.float32), p(mask.q_pos),
-        p(mask.k_pos), *strides, *sizes, **constexprs,
-    )
-    _bwd_dq_kernel[(triton.cdiv(q_len, cfg.block_m), batch * heads)](
-        q, k, v, do, lse, delta, dq, p(dbias, torch.float32), p(mask.q_seg), p(mask.k_seg),
-        p(mask.q_span), p(mask.prefix), p(bias, torch.float32), p(mask.q_pos), p(mask.k_pos),
-        *strides, *sizes, **constexprs,
-    )
+    has_bias = bias is not None
+
+    def launch_dkdv(cfg: BlockConfig) -> None:
+        _bwd_dkdv_kernel[(triton.cdiv(k_len, cfg.block_n), batch * heads)](
+            q, k, v, do, lse, delta, dk, dv, p(mask.q_seg), p(mask.k_seg), p(mask.k_span),
+            p(mask.prefix), p(mask.prefix_max), p(bias, torch.float32), p(mask.q_pos),
+            p(mask.k_pos), *strides, *sizes, **_constexprs(q, mask, cfg, has_bias),
+        )
+
+    def launch_dq(cfg: BlockConfig) -> None:
+        if dbias is not None:
+            dbias.zero_()  # accumulated with atomics: every (tuning) launch starts from zero
+        _bwd_dq_kernel[(triton.cdiv(q_len, cfg.block_m), batch * heads)](
+            q, k, v, do, lse, delta, dq, p(dbias, torch.float32), p(mask.q_seg),
+            p(mask.k_seg), p(mask.q_span), p(mask.prefix), p(bias, torch.float32),
+            p(mask.q_pos), p(mask.k_pos), *strides, *sizes, **_constexprs(q, mask, cfg, has_bias),
+        )
+
+    for kernel, explicit, launch in (("dkdv", mask.dkdv_config, launch_dkdv),
+                                     ("dq", mask.dq_config, launch_dq)):
+        launch(_block_config(kernel, explicit, q, k_len, mask.mode, mask.has_seg, has_bias,
+                             launch))
     return dq, dk, dv, dbias
 
 
@@ -661,7 +842,7 @@ def flash_attention(
     max_distance: int = 128,
     scale: float | None = None,
     fwd_config: BlockConfig | None = None,
-    bwd_config: BlockConfig | None = None,
+    bwd_config: BlockConfig | tuple[BlockConfig, BlockConfig] | None = None,
 ) -> torch.Tensor:
     """Fused masked attention ``softmax(q k^T * scale + T5 bias, masked) v`` (module docstring).
 
@@ -679,7 +860,9 @@ def flash_attention(
             BIDIRECTIONAL and CROSS, False (causal bucketing) for CAUSAL and PREFIX.
         num_buckets, max_distance: T5 bucketing parameters (num_buckets must match the table).
         scale: logit scale, default head_dim ** -0.5.
-        fwd_config, bwd_config: tile overrides (default: ``default_block_configs``).
+        fwd_config, bwd_config: tile overrides; ``bwd_config`` is one config for both backward
+            kernels or a (dK/dV, dQ) pair. Default: ``MEGARCH_FLASH_CONFIG``, else autotuned
+            on a GPU (``candidate_block_configs``), else ``default_block_configs``.
 
     Returns [batch, heads, q_len, head_dim] in q's dtype; queries that see no key give zeros.
     """
@@ -705,10 +888,11 @@ def flash_attention(
         bias = bias_by_distance(rel_bias_table.to(device), bidirectional_buckets, max_distance)
         q_pos = _default_positions(q_positions, batch, q_len, device, "q_positions")
         k_pos = _default_positions(k_positions, batch, k_len, device, "k_positions")
-    default_fwd, default_bwd = default_block_configs(head_dim, q.dtype)
+    dkdv_config, dq_config = (bwd_config if isinstance(bwd_config, tuple)
+                              else (bwd_config, bwd_config))
     mask = _MaskArgs(mode, q_seg, k_seg, q_span, k_span, prefix, prefix_max, q_pos, k_pos, r,
                      head_dim ** -0.5 if scale is None else float(scale),
-                     fwd_config or default_fwd, bwd_config or default_bwd)
+                     fwd_config, dkdv_config, dq_config)
     return FlashAttentionFunction.apply(q, k, v, bias, mask)
 
 
