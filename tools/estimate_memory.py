@@ -38,7 +38,6 @@ from megarch.config.model import ModelConfig
 from megarch.config.train import (
     TRAIN_PRESETS,
     TrainConfig,
-    get_train_preset,
     load_train_config,
 )
 from megarch.model.flops import config_parameter_count, model_flops_per_token
@@ -328,13 +327,11 @@ def choose_layout(preset: str) -> dict[str, str]:
     Order: no activation checkpointing (it recomputes the forward: ~1/3 more compute), then
     pp = 1 (no pipeline bubble), then a micro-batch of at least 4 rows (fuller matmuls), then
     the smallest tp within the node (less communication per layer), then the largest
-    micro-batch. ZeRO-1 is always on: free memory for one reduce of the state. Encoder-decoders
-    stay at pp = 1 (their pipelines are not in the trainer yet).
+    micro-batch. ZeRO-1 is always on: free memory for one reduce of the state.
     """
     limit = FIT_FRACTION * A100_GIB
-    is_ed = get_train_preset(preset).model.is_encoder_decoder
     for ckpt in ("false", "true"):
-        for pp in (1,) if is_ed else (1, 2, 4):
+        for pp in (1, 2, 4):
             for least in (4, 1):
                 for tp in (1, 2, 4, 8):
                     for micro in (8, 4, 2, 1):
