@@ -52,6 +52,16 @@ def test_zero1_divides_optimizer_state_and_tp_divides_weights():
     assert base["step_PFLOP"] == pytest.approx(tp2["step_PFLOP"])
 
 
+def test_sequence_lengths_of_the_study_presets():
+    """The rows the samples give (PAPER.md): MLM's 568 raw tokens -> 512 inputs + 114 targets."""
+    from megarch.config.train import get_train_preset
+    from tools.estimate_memory import sequence_lengths
+
+    want = {"cd_flm": (0, 626), "nd_mlm": (0, 626), "ed_plm": (626, 626), "ed_mlm": (512, 114),
+            "ed_mtf": (1024, 256), "cd_mtf": (0, 1280)}
+    assert {name: sequence_lengths(get_train_preset(name)) for name in want} == want
+
+
 def _batch(arch: str) -> dict:
     """A packed batch as the samples give it: two segments with their own positions."""
     gen = torch.Generator().manual_seed(0)
