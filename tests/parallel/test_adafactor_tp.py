@@ -20,7 +20,7 @@ from megarch.model import build_model, lm_loss
 from megarch.parallel import ParallelContext, gather_full_state_dict, load_full_state_dict
 from megarch.parallel.data_parallel import zero1
 from megarch.parallel.spawn import spawn
-from megarch.parallel.tensor_parallel import tp_split_dim
+from megarch.parallel.tensor_parallel import reduce_sequence_parallel_grads, tp_split_dim
 from megarch.training.adafactor import Adafactor, TensorParallelLayout
 from megarch.training.optim import build_optimizer
 from tests.parallel.helpers import (
@@ -139,46 +139,55 @@ def _unsharded(rank: int) -> int:
     return count.calls
 
 
-def _train(model, optimizer, group, batches) -> list[float]:
+def _train(model, optimizer, group, batches, sequence_parallel: bool = False) -> list[float]:
     losses = []
     for batch in batches:
         labels, mask = labels_and_mask(batch)
         out = lm_loss(model(**batch), labels, mask, model.cfg.z_loss, tp_group=group)
         optimizer.zero_grad()
         out["loss"].backward()
+        if sequence_parallel:
+            reduce_sequence_parallel_grads(model, group)
         optimizer.step()
         losses.append(out["loss"].item())
     return losses
 
 
-def _model(rank: int, world: int, arch: str, use_zero1: bool = False) -> dict:
-    """TP2 model + build_optimizer's Adafactor vs the one-process model and optimizer."""
+def _model(rank: int, world: int, arch: str, use_zero1: bool = False,
+           sequence_parallel: bool = False) -> dict:
+    """TP2 model + build_optimizer's Adafactor vs the one-process model and optimizer. With
+    four ranks, two data-parallel replicas see the same batches (their summed gradients
+    would be twice the reference's) and ZeRO-1 shards the optimizer between them."""
     torch.manual_seed(0)
     cfg = tiny_config(arch)
     reference = build_model(cfg)
-    ctx = ParallelContext.build(tp=world)
+    ctx = ParallelContext.build(tp=2, dp=world // 2, sequence_parallel=sequence_parallel)
     model = build_model(cfg, ctx=ctx)
     load_full_state_dict(model, reference.state_dict(), ctx.tp_group)
     batches = [tiny_batch(arch, seed) for seed in range(STEPS)]
     ref_opt = build_optimizer(OPTIM, reference)
     assert type(ref_opt) is Adafactor and ref_opt.tp_layout is None
     opt = build_optimizer(OPTIM, model)
-    if use_zero1:  # over a data-parallel group of one: ZeRO rebuilds the optimizer
+    if use_zero1 and ctx.dp == 1:  # over a data-parallel group of one: still rebuilt
         singles = [dist.new_group([r]) for r in range(world)]
         opt = zero1(opt, singles[rank])
+    elif use_zero1:
+        opt = zero1(opt, ctx.dp_group)
     ref_losses = _train(reference, ref_opt, None, batches)
-    losses = _train(model, opt, ctx.tp_group, batches)
+    losses = _train(model, opt, ctx.tp_group, batches, sequence_parallel)
     local_opt = opt.optim if use_zero1 else opt
     assert local_opt.tp_layout is not None and local_opt.tp_layout.group is ctx.tp_group
     final = gather_full_state_dict(model, ctx.tp_group)
     ref_params = dict(reference.named_parameters())
     diffs = {f"{n}/param": relative_difference(final[n], ref_params[n].detach())
              for n in ref_params}
-    for name, param in model.named_parameters():
+    owned = [(n, p) for n, p in model.named_parameters() if p in local_opt.state]
+    for name, param in owned:  # ZeRO-1 over two replicas: this rank's share
         diffs.update(_compare_state(local_opt.state[param], ref_opt.state[ref_params[name]],
                                     tp_split_dim(name), param.dim(), ctx.tp_group, name))
     return {"loss": max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses, strict=True)),
-            "diffs": diffs, "sharded": sum(tp_split_dim(n) is not None for n in ref_params)}
+            "diffs": diffs, "sharded": sum(tp_split_dim(n) is not None for n, _ in owned),
+            "owned": len(owned), "params": len(ref_params)}
 
 
 def _check(results: list[dict]) -> None:
@@ -218,12 +227,29 @@ def test_tp2_matches_single_process_tensors_and_causal_decoder():
 
 
 def _slow(rank: int, world: int) -> list[dict]:
-    return [_model(rank, world, arch) for arch in ARCHS if arch != "causal_decoder"]
+    return [*(_model(rank, world, arch) for arch in ARCHS if arch != "causal_decoder"),
+            _model(rank, world, "encoder_decoder", sequence_parallel=True)]
 
 
 @pytest.mark.slow
 def test_tp2_other_archs_match_single_process():
-    """The non-causal decoder and the encoder-decoder, as the causal decoder above."""
+    """The non-causal decoder and the encoder-decoder (also with sequence parallelism), as
+    the causal decoder above."""
     results = spawn(2, timeout_s=300)(_slow)
     for per_rank in zip(*results, strict=True):
         _check(list(per_rank))
+        assert all(r["owned"] == r["params"] for r in per_rank)
+
+
+def _tp2_dp2(rank: int, world: int) -> dict:
+    return _model(rank, world, "nonc_decoder", use_zero1=True)
+
+
+@pytest.mark.slow
+def test_tp2_dp2_zero1_matches_single_process():
+    """Four ranks: TP2 x DP2 with ZeRO-1, each TP pair updating its share of the parameters
+    (and the same share on both TP ranks: their reductions pair up)."""
+    results = spawn(4, timeout_s=300)(_tp2_dp2)
+    _check(results)
+    assert results[0]["owned"] == results[1]["owned"] < results[0]["params"]
+    assert results[0]["owned"] + results[2]["owned"] == results[0]["params"]
