@@ -35,7 +35,6 @@ import contextlib
 import logging
 import os
 import random
-import signal
 import time
 from dataclasses import dataclass
 
@@ -45,16 +44,10 @@ import torch
 from megarch.config.overrides import ConfigError
 from megarch.config.train import TrainConfig
 from megarch.data.datasets import build_dataset
-from megarch.data.embedded import (
-    EMBEDDED_PREFIX,
-    EMBEDDED_TOKENIZER,
-    is_prepared,
-    prepare_embedded,
-)
-from megarch.data.loader import MicroBatchSampler, make_loader
+from megarch.data.loader import make_loader
 from megarch.data.tokenizers import load_tokenizer
 from megarch.model import build_model, lm_loss, model_flops_per_token, peak_flops
-from megarch.parallel.context import ParallelContext, init_distributed
+from megarch.parallel.context import ParallelContext
 from megarch.parallel.data_parallel import all_reduce_grads, any_over, sum_over, zero1
 from megarch.parallel.pipeline import (
     build_stage,
@@ -68,11 +61,21 @@ from megarch.training.checkpoint import TrainState
 from megarch.training.logging import MetricsWriter
 from megarch.training.optim import build_optimizer, lr_at, set_lr
 from megarch.training.resume import SHAPE_FIELDS, check_shapes, resume_trainer, save_trainer
-from megarch.training.signals import STOP_SIGNALS, StopFlag
+from megarch.training.runtime import (
+    batch_tokens,
+    build_context,
+    ensure_embedded_corpus,
+    loss_fields,
+    micro_batch_stream,
+    resolve_device,
+)
+from megarch.training.runtime import iterate as _iterate
+from megarch.training.signals import StopFlag
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SHAPE_FIELDS", "NonFiniteError", "TrainResult", "Trainer"]
+__all__ = ["SHAPE_FIELDS", "NonFiniteError", "TrainResult", "Trainer", "build_context",
+           "ensure_embedded_corpus", "resolve_device"]
 
 
 class NonFiniteError(RuntimeError):
@@ -99,58 +102,6 @@ class TrainResult:
     """True when SIGTERM/SIGINT ended the run early (after saving)."""
 
 
-def ensure_embedded_corpus(cfg: TrainConfig) -> None:
-    """Build the embedded corpus when ``data.paths`` names it (``<dir>/stdlib`` with the
-    tokenizer ``<dir>/stdlib_sp.model``) and it does not exist yet."""
-    if len(cfg.data.paths) != 1:
-        return
-    directory, name = os.path.split(cfg.data.paths[0])
-    expected_tokenizer = os.path.join(directory, EMBEDDED_TOKENIZER)
-    if name != EMBEDDED_PREFIX or os.path.normpath(cfg.data.tokenizer) != os.path.normpath(
-        expected_tokenizer
-    ):
-        return
-    if is_prepared(directory or "."):
-        return
-    log.info("building the embedded corpus in %s (first use)", directory or ".")
-    prepare_embedded(directory or ".", progress=False)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("run.device=cuda but no CUDA device is available: use auto or cpu")
-    return torch.device(name)
-
-
-def _batch_fields(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    if "decoder_labels" in batch:
-        return batch["decoder_labels"], batch["decoder_loss_mask"]
-    return batch["labels"], batch["loss_mask"]
-
-
-def _tokens_in(batch: dict) -> int:
-    if "encoder_tokens" in batch:
-        return batch["encoder_tokens"].numel() + batch["decoder_tokens"].numel()
-    return batch["tokens"].numel()
-
-
-def _iterate(loader: torch.utils.data.DataLoader):
-    """``iter(loader)`` without touching the global torch RNG (a DataLoader draws its workers'
-    base seed from it), so resuming, which starts a new iterator mid-run, changes no dropout."""
-    with torch.random.fork_rng(devices=[]):
-        return iter(loader)
-
-
-def ignore_stop_signals(worker_id: int) -> None:
-    """Data-loader workers ignore SIGTERM/SIGINT: a scheduler signals the whole process group,
-    and the main process stops them itself after saving its checkpoint."""
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
-
-
 def first_nonfinite(model: torch.nn.Module) -> str:
     """Names the first parameter, then the first gradient, holding a NaN or inf."""
     for name, param in model.named_parameters():
@@ -160,16 +111,6 @@ def first_nonfinite(model: torch.nn.Module) -> str:
         if param.grad is not None and not torch.isfinite(param.grad).all():
             return f"gradient of {name}"
     return "no parameter or gradient (the loss alone)"
-
-
-def build_context(cfg: TrainConfig) -> ParallelContext:
-    """The parallel context of this process: from torchrun's environment when launched by it
-    (gloo for ``run.device`` cpu, else NCCL), else the single-process one."""
-    backend = "gloo" if resolve_device(cfg.run.device).type == "cpu" else "nccl"
-    if not init_distributed(backend, cfg.parallel.timeout_s):
-        return ParallelContext.single()
-    return ParallelContext.build(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp or None,
-                                 cfg.parallel.sequence_parallel)
 
 
 class Trainer:
@@ -275,7 +216,7 @@ class Trainer:
 
     def loss_of(self, logits: torch.Tensor, batch: dict, num_tokens: float) -> dict:
         """The loss dict of ``logits`` (this rank's vocab shard under TP) for ``batch``."""
-        labels, mask = _batch_fields(batch)
+        labels, mask = loss_fields(batch)
         return lm_loss(logits, labels, mask, self.cfg.model.z_loss, num_tokens=num_tokens,
                        tp_group=self.tp_group)
 
@@ -316,7 +257,7 @@ class Trainer:
                    for b in micro_batches]
         if self.flops_per_token is None:
             self._set_flops(batches[0])
-        local_tokens = float(sum(_batch_fields(b)[1].sum().item() for b in batches))
+        local_tokens = float(sum(loss_fields(b)[1].sum().item() for b in batches))
         num_tokens = sum_over([local_tokens], self.ctx.dp_group)[0]  # of the global batch
         self.optimizer.zero_grad(set_to_none=True)
         totals = {"loss": 0.0, "ce": 0.0, "z_loss": 0.0}
@@ -335,7 +276,7 @@ class Trainer:
                                            self.ctx.dp_group), strict=True))
         lr = lr_at(self.cfg.optim, step, self.cfg.run.steps)
         grad_norm = self._clip_and_step(step, totals["loss"], lr)
-        tokens = int(sum_over([float(sum(_tokens_in(b) for b in batches))],
+        tokens = int(sum_over([float(sum(batch_tokens(b) for b in batches))],
                               self.ctx.dp_group)[0])
         self.state.step = step
         self.state.consumed_samples += self.cfg.run.global_batch
@@ -392,7 +333,7 @@ class Trainer:
             if index >= self.cfg.run.eval_batches:
                 break
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            count = float(_batch_fields(batch)[1].sum().item())
+            count = float(loss_fields(batch)[1].sum().item())
             if self.ctx.pp > 1:
                 loss, ce, _ = self._pipeline_totals([batch], max(count, 1.0), train=False)
             else:
@@ -405,21 +346,8 @@ class Trainer:
         return loss, ce
 
     def _micro_batches(self):
-        run = self.cfg.run
-        workers = self.cfg.data.num_workers
-        sampler = MicroBatchSampler(len(self.train_data), run.micro_batch, run.global_batch,
-                                    self.ctx.dp_rank, self.ctx.dp,
-                                    consumed_samples=self.state.consumed_samples)
-        loader = torch.utils.data.DataLoader(
-            self.train_data, batch_sampler=sampler, num_workers=workers,
-            pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
-            prefetch_factor=4 if workers else None,
-            worker_init_fn=ignore_stop_signals if workers else None,
-        )
-        accumulation = sampler.accumulation_steps
-        iterator = _iterate(loader)
-        while True:
-            yield [next(iterator) for _ in range(accumulation)]
+        return micro_batch_stream(self.train_data, self.cfg, self.ctx,
+                                  self.state.consumed_samples, self.device)
 
     def train(self) -> TrainResult:
         """Resume if asked, train to ``run.steps``, save; return a :class:`TrainResult`."""

@@ -247,7 +247,7 @@ def check_shapes(path: str, model_cfg) -> None:
 
 def resume_trainer(trainer: Trainer) -> None:
     """:meth:`Trainer.resume`: load the checkpoint ``run.resume`` names (auto: the newest in
-    out_dir, if any), whatever its layout."""
+    out_dir, if any; a run's out_dir: its newest), whatever its layout."""
     run = trainer.cfg.run
     if run.resume == "none":
         existing = find_latest(run.out_dir)
@@ -260,9 +260,11 @@ def resume_trainer(trainer: Trainer) -> None:
     path = find_latest(run.out_dir) if run.resume == "auto" else run.resume
     if path is None:
         return
+    if not os.path.isfile(os.path.join(path, STATE_FILE)):  # a run's out_dir: its newest
+        path = find_latest(path) or path
     if not os.path.isfile(os.path.join(path, STATE_FILE)):
-        raise ConfigError(f"run.resume={path!r}: no such checkpoint directory (a step_* "
-                          f"directory holding {STATE_FILE})")
+        raise ConfigError(f"run.resume={path!r}: no such checkpoint (a step_* directory "
+                          f"holding {STATE_FILE}, or a run's out_dir with one)")
     check_shapes(path, trainer.cfg.model)
     try:
         trainer.state = load_into(path, trainer.model, trainer.optimizer, trainer.ctx)

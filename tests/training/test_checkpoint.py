@@ -13,6 +13,7 @@ import torch
 
 from megarch.config.presets import tiny_model
 from megarch.config.train import TrainConfig
+from megarch.eval.loading import load_for_eval
 from megarch.model import build_model
 from megarch.training.checkpoint import (
     TrainState,
@@ -133,6 +134,8 @@ def test_tool_round_trip_through_tp2_pp2_is_bit_exact(tmp_path, optimizer):
     loaded, cfg = load_model(sharded)  # any layout loads as the single-process model
     assert cfg.parallel.tp == cfg.parallel.pp == 1
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in full.items())
+    evaluated, _, _ = load_for_eval(str(tmp_path / "two"))  # megarch-eval: merged in memory
+    assert all(torch.equal(evaluated.state_dict()[k], v) for k, v in full.items())
 
 
 def test_a_missing_shard_file_or_an_indivisible_layout_is_named(tmp_path, capsys):

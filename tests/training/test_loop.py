@@ -100,16 +100,16 @@ def test_nonfinite_step_skipped_leaves_weights_unchanged(embedded, tmp_path):
 
 
 def test_embedded_corpus_is_built_on_first_use(tmp_path, monkeypatch):
-    import megarch.training.loop as loop
+    import megarch.training.runtime as runtime
 
     calls = []
-    monkeypatch.setattr(loop, "prepare_embedded", lambda d, **kw: calls.append(d))
+    monkeypatch.setattr(runtime, "prepare_embedded", lambda d, **kw: calls.append(d))
     cfg = fast_config("cd_flm_tiny", (str(tmp_path / "stdlib"),
                                       str(tmp_path / "stdlib_sp.model")), str(tmp_path), 1)
-    loop.ensure_embedded_corpus(cfg)
+    runtime.ensure_embedded_corpus(cfg)
     assert calls == [str(tmp_path)]
     cfg.data.paths = [str(tmp_path / "c4")]  # not the embedded corpus: left alone
-    loop.ensure_embedded_corpus(cfg)
+    runtime.ensure_embedded_corpus(cfg)
     assert calls == [str(tmp_path)]
 
 
