@@ -15,6 +15,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from megarch.model import build_model, lm_loss
 from megarch.parallel import ParallelContext
@@ -191,9 +192,16 @@ def _by_tp_dp(results: list[dict]) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tp2() -> list[dict]:
-    """The two TP ranks' results (DP ranks simulated by their seeds)."""
-    return spawn(2, timeout_s=180)(_tp2_masks, True)
+def tp2(embedded, tmp_path_factory) -> list[dict]:
+    """The two TP ranks' results (DP ranks simulated by their seeds), the Trainer run's under
+    "trainer" (one spawned job for both)."""
+    out_dir = str(tmp_path_factory.mktemp("dropout_tp2") / "trainer")
+    return spawn(2, timeout_s=240)(_tp2_job, embedded, out_dir)
+
+
+def _tp2_job(rank: int, world: int, embedded, out_dir: str) -> dict:
+    return {**_tp2_masks(rank, world, True), "trainer": _train_tp2(rank, world, embedded,
+                                                                   out_dir)}
 
 
 def _differ(a, b) -> bool:
@@ -252,9 +260,43 @@ def test_activation_checkpointing_recomputes_the_masks(tp2):
             assert result[arch]["other_seed"] > 1e-2, (arch, result[arch])
 
 
+def _cuda_split_dropout(rank: int, world: int) -> dict:
+    group = torch.distributed.group.WORLD  # a TP group of 2 (gloo: ranks only, no collective)
+    torch.manual_seed(0)
+    x = torch.randn(256, 256, device="cuda", requires_grad=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # a host sync inside raises
+    try:
+        out = split_dropout(x, P, group)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+    def layer(t):
+        return split_dropout(t * 2.0, P, group).sin()
+
+    grads = []
+    for checkpointing in (True, False):
+        torch.manual_seed(1)
+        y = checkpoint(layer, x, use_reentrant=False) if checkpointing else layer(x)
+        x.grad = None
+        y.square().sum().backward()
+        grads.append(x.grad.clone())
+    return {"dropped": (out == 0).cpu(), "device": out.device.type,
+            "recomputed": torch.equal(grads[0], grads[1])}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_split_dropout_on_cuda_needs_no_sync_and_recomputes():
+    ranks = spawn(2, timeout_s=180)(_cuda_split_dropout)
+    assert all(r["device"] == "cuda" and r["recomputed"] for r in ranks)
+    assert not torch.equal(ranks[0]["dropped"], ranks[1]["dropped"])
+    assert 0.08 < ranks[0]["dropped"].float().mean().item() < 0.12
+
+
 # ---- a TP2 Trainer with dropout ---------------------------------------------------------------
 
-STEPS = 6
+STEPS = 4
 
 
 def _train_tp2(rank: int, world: int, embedded, out_dir: str) -> dict:
@@ -277,8 +319,10 @@ def _train_tp2(rank: int, world: int, embedded, out_dir: str) -> dict:
     return {"losses": losses, "norms": norms}
 
 
-def test_tp2_trainer_with_dropout_trains(embedded, tmp_path):
-    ranks = spawn(2, timeout_s=180)(_train_tp2, embedded, str(tmp_path / "tp2"))
+def test_tp2_trainer_with_dropout_trains(tp2):
+    """TP2 Trainer, dropout 0.1: the same finite, decreasing losses on both ranks; the
+    replicated norm weights stay identical (equal replicated masks)."""
+    ranks = [r["trainer"] for r in tp2]
     losses = [r["losses"] for r in ranks]
     assert len(losses[0]) == STEPS and losses[0] == losses[1]
     assert all(torch.isfinite(torch.tensor(losses[0])))
