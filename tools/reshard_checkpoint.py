@@ -29,7 +29,7 @@ from megarch.atomic import atomic_dir
 from megarch.config.train import TrainConfig
 from megarch.model import build_model
 from megarch.parallel.context import ParallelContext
-from megarch.parallel.pipeline import build_stage
+from megarch.parallel.pipeline import build_stage, pipeline_layout
 from megarch.parallel.reshard import optimizer_group_names
 from megarch.parallel.tensor_parallel import tp_split_dim
 from megarch.training.checkpoint import (
@@ -78,9 +78,12 @@ def target_config(cfg: TrainConfig, tp: int, pp: int) -> TrainConfig:
             raise CheckpointError(f"--tp {tp} (parallel.tp) does not divide the model: {name} "
                                   f"has {param.shape[dim]} along its split dim {dim}; choose "
                                   "a divisor of model.n_heads, d_ff and vocab_size")
-    if pp > 1 and cfg.model.n_layers < pp:
-        raise CheckpointError(f"--pp {pp} (parallel.pp) does not divide the model: "
-                              f"model.n_layers={cfg.model.n_layers} gives a stage no block")
+    if pp > 1:
+        try:
+            pipeline_layout(cfg.model, pp)
+        except ValueError as err:
+            raise CheckpointError(f"--pp {pp} (parallel.pp) does not divide the model: "
+                                  f"{err}") from None
     cfg.parallel.tp, cfg.parallel.pp = tp, pp
     cfg.parallel.sequence_parallel = cfg.parallel.sequence_parallel and tp > 1
     for field, value in _PIPELINE_FIELDS.items():

@@ -32,6 +32,7 @@ from megarch.config.train import TrainConfig, config_from_json
 from megarch.parallel.context import ParallelContext
 from megarch.parallel.reshard import (
     optimizer_group_names,
+    optimizer_param_names,
     reshard_param_state,
     take_shard,
 )
@@ -204,8 +205,12 @@ def load_into(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimize
         model.load_state_dict(saved.load("model", ctx.tp_rank, ctx.pp_rank))
         if optimizer is not None:
             record = _plain_load(saved.file("optimizer", ctx.tp_rank, ctx.pp_rank))
-            record.pop(PARAM_NAMES, None)
-            optimizer.load_state_dict(record)
+            names = record.pop(PARAM_NAMES, None)
+            if names is None or names == optimizer_param_names(model, optimizer):
+                optimizer.load_state_dict(record)
+            else:  # the same parameters in another order: match them by name
+                groups = optimizer_group_names(model, optimizer)
+                optimizer.load_state_dict(saved.optimizer_state(groups, ctx.tp_rank, ctx.tp))
     else:
         log.info("resharding %s from tp %d x pp %d to tp %d x pp %d", path, saved.tp, saved.pp,
                  ctx.tp, ctx.pp)

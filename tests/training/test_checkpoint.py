@@ -87,7 +87,9 @@ def _trained_run(out_dir: str, optimizer: str, arch: str = "causal_decoder") -> 
     tokens = torch.randint(0, cfg.model.vocab_size, (2, 8))
     for _ in range(2):
         opt.zero_grad()
-        model(tokens=tokens).float().square().mean().backward()
+        inputs = ({"encoder_tokens": tokens, "decoder_tokens": tokens}
+                  if arch == "encoder_decoder" else {"tokens": tokens})
+        model(**inputs).float().square().mean().backward()
         opt.step()
     path = save_checkpoint(out_dir, TrainState(step=2, consumed_samples=4), model, opt,
                            cfg.to_json(), lineage={"stages": [], "tokens_by_objective": {}})
@@ -151,3 +153,18 @@ def test_a_missing_shard_file_or_an_indivisible_layout_is_named(tmp_path, capsys
         load_model(sharded)
     assert tool_main([sharded, str(tmp_path / "again")]) == 2
     assert "model_tp01_pp00.pt is missing" in capsys.readouterr().err
+
+
+def test_tool_round_trip_of_an_encoder_decoder_pipeline(tmp_path):
+    path, model, opt = _trained_run(str(tmp_path / "one"), "adafactor", "encoder_decoder")
+    sharded = reshard(path, str(tmp_path / "two"), tp=2, pp=2)
+    first = torch.load(os.path.join(sharded, "model_tp00_pp00.pt"))
+    second = torch.load(os.path.join(sharded, "model_tp00_pp01.pt"))
+    assert any(k.startswith("encoder_blocks.") for k in first)  # encoder stage, then decoder
+    assert not any(k.startswith("encoder_blocks.") for k in second)
+    assert any(k.startswith("decoder_blocks.") for k in second)
+    back = reshard(sharded, str(tmp_path / "back"))
+    merged = torch.load(os.path.join(back, "model.pt"))
+    assert merged.keys() == model.state_dict().keys()
+    assert all(torch.equal(merged[k], v) for k, v in model.state_dict().items())
+    _assert_same_optimizer(torch.load(os.path.join(back, "optimizer.pt")), opt.state_dict())
