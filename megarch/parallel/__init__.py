@@ -10,6 +10,8 @@ Modules and their public API:
   Megatron's mappings on plain tensors), ``all_reduce_tensors``
 - tensor_parallel: :func:`tp_split_dim` (the sharding rule), :func:`load_full_state_dict`,
   :func:`gather_full_state_dict`, :func:`gather_grads`, :func:`clip_grad_norm`
+- rng: :class:`TensorParallelDropout`, :func:`split_dropout` (per-TP-rank masks where
+  activations are split, the global stream where replicated), :func:`dropout_seed`
 - data_parallel: ``all_reduce_grads``, ``sum_over``, ``any_over``, ``zero1``
 - pipeline: ``DecoderStage``, ``build_stage``, ``stage_layers``, ``one_f_one_b``,
   ``forward_only``
