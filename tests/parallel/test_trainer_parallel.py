@@ -18,6 +18,7 @@ from megarch.parallel import gather_full_state_dict, load_full_state_dict
 from megarch.parallel.spawn import spawn
 from megarch.parallel.tensor_parallel import shard_tensor
 from megarch.training import Trainer, load_model, read_metrics
+from megarch.training.checkpoint import step_path
 from tests.parallel.helpers import relative_difference
 from tests.training.helpers import fast_config
 from tools.reshard_checkpoint import reshard
@@ -182,7 +183,8 @@ def _pipeline_ranks(rank: int, world: int, embedded, root: str) -> dict:
 def test_encoder_decoder_pp2_and_interleaved_trainers_match_single_process(embedded, tmp_path):
     """Trainer level: the encoder-decoder over PP2 (encoder stage, decoder stage) and the causal
     decoder over PP2 x 2 virtual stages give the pp=1 run's losses, validation loss and final
-    weights."""
+    weights; a pp=1 run resumes their last checkpoint with those weights."""
+
     singles = {}
     for name in PIPELINE_RUNS:
         trainer = Trainer(_pipeline_config(embedded, str(tmp_path / f"{name}_single"), name, 1))
@@ -198,6 +200,11 @@ def test_encoder_decoder_pp2_and_interleaved_trainers_match_single_process(embed
         diff = max(relative_difference(params[k], weights[k]) for k in params)
         assert diff <= 1e-4, (name, diff)
         assert all(abs(r[name]["valid"] - valid) <= 1e-5 * valid for r in results)
+        resumed = Trainer(_pipeline_config(embedded, str(tmp_path / f"{name}_to_pp1"), name, 1))
+        resumed.cfg.run.resume = step_path(str(tmp_path / name), STEPS)
+        resumed.resume()  # the stages' checkpoint loads into one process by name
+        assert resumed.state.step == STEPS
+        assert all(torch.equal(v, params[k]) for k, v in resumed.model.state_dict().items())
     stages = [set(results[r]["ed_pp2"]["params"]) for r in range(2)]
     assert "encoder_norm.weight" in stages[0] - stages[1]
     assert "decoder_blocks.0.cross.q.weight" in stages[1] - stages[0]
