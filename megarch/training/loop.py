@@ -46,7 +46,7 @@ from megarch.config.train import TrainConfig
 from megarch.data.datasets import build_dataset
 from megarch.data.loader import make_loader
 from megarch.data.tokenizers import load_tokenizer
-from megarch.model import build_model, lm_loss, model_flops_per_token, peak_flops
+from megarch.model import build_model, lm_loss, model_flops_per_token
 from megarch.parallel.context import ParallelContext
 from megarch.parallel.data_parallel import all_reduce_grads, any_over, sum_over, zero1
 from megarch.parallel.pipeline import (
@@ -64,6 +64,7 @@ from megarch.training.resume import SHAPE_FIELDS, check_shapes, resume_trainer, 
 from megarch.training.runtime import (
     batch_tokens,
     build_context,
+    device_peak_flops,
     ensure_embedded_corpus,
     loss_fields,
     micro_batch_stream,
@@ -157,7 +158,7 @@ class Trainer:
             self.valid_data = build_dataset(cfg.data, self.tokenizer, "valid",
                                             cfg.run.eval_batches * cfg.run.micro_batch)
         self.flops_per_token: float | None = None
-        self.peak = self._peak_flops()
+        self.peak = device_peak_flops(cfg, self.device)
 
     def _build_model(self) -> torch.nn.Module:
         """The whole model, its tensor-parallel shard, or this pipeline stage's layers."""
@@ -167,17 +168,6 @@ class Trainer:
         return build_stage(self.cfg.model, self.ctx, self.device,
                            virtual_stages=parallel.virtual_stages,
                            encoder_stages=parallel.encoder_stages)
-
-    def _peak_flops(self) -> float | None:
-        if self.cfg.run.peak_tflops > 0:
-            return self.cfg.run.peak_tflops * 1e12
-        if self.device.type != "cuda":
-            return None
-        try:
-            return peak_flops()
-        except ValueError as err:
-            log.warning("no MFU: %s (set run.peak_tflops)", err)
-            return None
 
     def resume(self) -> None:
         """Load the checkpoint ``run.resume`` names (auto: the newest in out_dir, if any), of
@@ -231,7 +221,8 @@ class Trainer:
         if train:
             interleaved = self.model.virtual_stages > 1
             schedule = interleaved_one_f_one_b if interleaved else one_f_one_b
-        results = schedule(self.model, batches, loss_fn)
+        results = schedule(self.model, batches, loss_fn,
+                           torch.bfloat16 if self.autocast else None)
         sums = [float(sum(r[k].detach() for r in results)) if results else 0.0
                 for k in ("loss", "ce", "z_loss")]
         return sum_over(sums, self.ctx.pp_group)  # only the last stage's are non-zero

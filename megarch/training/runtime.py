@@ -1,5 +1,6 @@
-"""Where a run executes and what it reads: the device, the parallel context, the embedded
-corpus built on first use, and the stream of training micro-batches.
+"""Where a run executes and what it reads: the device (and its peak FLOP/s for MFU), the
+parallel context, the embedded corpus built on first use, and the stream of training
+micro-batches.
 
 The stream (:func:`micro_batch_stream`) restarts at any consumed-samples position (resume) and
 leaves the global torch RNG untouched (:func:`iterate`), so resuming changes no dropout mask.
@@ -23,6 +24,7 @@ from megarch.data.embedded import (
     prepare_embedded,
 )
 from megarch.data.loader import MicroBatchSampler
+from megarch.model import peak_flops
 from megarch.parallel.context import ParallelContext, init_distributed
 from megarch.training.signals import STOP_SIGNALS
 
@@ -53,6 +55,20 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("run.device=cuda but no CUDA device is available: use auto or cpu")
     return torch.device(name)
+
+
+def device_peak_flops(cfg: TrainConfig, device: torch.device) -> float | None:
+    """The dense bf16 peak FLOP/s MFU divides by: ``run.peak_tflops`` when set, else the CUDA
+    device's (None on CPU or an unknown GPU: no MFU)."""
+    if cfg.run.peak_tflops > 0:
+        return cfg.run.peak_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    try:
+        return peak_flops()
+    except ValueError as err:
+        log.warning("no MFU: %s (set run.peak_tflops)", err)
+        return None
 
 
 def build_context(cfg: TrainConfig) -> ParallelContext:
