@@ -25,6 +25,7 @@ transfer of boundary ``s`` post it there.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections import defaultdict
 from collections.abc import Callable
@@ -171,12 +172,17 @@ def _p2p(ops: list[tuple[str, torch.Tensor, int, int]]) -> None:
 LossFn = Callable[[torch.Tensor, dict], dict]
 
 
-def _run(stage: _Stage, micro_batches: list[dict], loss_fn: LossFn, kind: str,
-         train: bool) -> list[dict]:
+def _run(stage: _Stage, micro_batches: list[dict], loss_fn: LossFn, kind: str, train: bool,
+         autocast_dtype: torch.dtype | None) -> list[dict]:
     """Run ``kind``'s timetable on this rank (see the module docstring)."""
     ctx, layout = stage.ctx, stage.layout
     plan = _plan(kind, ctx.pp, layout.virtual_stages, len(micro_batches), ctx.pp_rank)
     device = next(stage.parameters()).device
+
+    def autocast() -> contextlib.AbstractContextManager:
+        if autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=autocast_dtype)
     received: dict[tuple[bool, int, int], list[torch.Tensor]] = {}
     saved: dict[tuple[int, int], tuple] = {}
     results: dict[int, dict] = {}
@@ -186,7 +192,8 @@ def _run(stage: _Stage, micro_batches: list[dict], loss_fn: LossFn, kind: str,
         inputs = tuple(received.pop((False, op.micro, k), ()))
         if train:
             inputs = tuple(x.requires_grad_() for x in inputs)
-        out = stage(batch, inputs, op.chunk)
+        with autocast():  # the forward only (the loss and the backward outside)
+            out = stage(batch, inputs, op.chunk)
         if k == layout.n_virtual - 1:
             results[op.micro] = loss_fn(out, batch)
             out, outgoing = (results[op.micro]["loss"],), None
@@ -225,30 +232,34 @@ def _run(stage: _Stage, micro_batches: list[dict], loss_fn: LossFn, kind: str,
     return [results[m] for m in sorted(results)]
 
 
-def one_f_one_b(stage: _Stage, micro_batches: list[dict], loss_fn: LossFn) -> list[dict]:
+def one_f_one_b(stage: _Stage, micro_batches: list[dict], loss_fn: LossFn,
+                autocast_dtype: torch.dtype | None = None) -> list[dict]:
     """Forward and backward ``micro_batches`` through the pipeline in 1F1B order (one model
     chunk per rank). Every rank of the pipeline calls it with the same micro-batches.
 
     ``loss_fn(logits, batch)`` (last stage) returns a dict with a scalar ``loss`` to
     back-propagate (normalise it over all micro-batches yourself). Gradients accumulate in the
     stage's parameters, embedding gradients summed over the ranks holding a copy. Returns the
-    ``loss_fn`` results in micro-batch order on the last stage, [] elsewhere.
+    ``loss_fn`` results in micro-batch order on the last stage, [] elsewhere. With
+    ``autocast_dtype`` (e.g. bfloat16) the stages' forward passes run under autocast (the
+    hidden states that travel stay float32, as the residual stream).
     """
     if stage.virtual_stages != 1:
         raise ValueError(f"one_f_one_b runs one model chunk per rank, the stage has "
                          f"{stage.virtual_stages}: use interleaved_one_f_one_b")
-    return _run(stage, micro_batches, loss_fn, "1f1b", train=True)
+    return _run(stage, micro_batches, loss_fn, "1f1b", True, autocast_dtype)
 
 
-def interleaved_one_f_one_b(stage: _Stage, micro_batches: list[dict],
-                            loss_fn: LossFn) -> list[dict]:
+def interleaved_one_f_one_b(stage: _Stage, micro_batches: list[dict], loss_fn: LossFn,
+                            autocast_dtype: torch.dtype | None = None) -> list[dict]:
     """As :func:`one_f_one_b`, in interleaved 1F1B order over the stage's model chunks; the
     number of micro-batches must be a multiple of ``pp``."""
-    return _run(stage, micro_batches, loss_fn, "interleaved", train=True)
+    return _run(stage, micro_batches, loss_fn, "interleaved", True, autocast_dtype)
 
 
 @torch.no_grad()
-def forward_only(stage: _Stage, micro_batches: list[dict], loss_fn: LossFn) -> list[dict]:
+def forward_only(stage: _Stage, micro_batches: list[dict], loss_fn: LossFn,
+                 autocast_dtype: torch.dtype | None = None) -> list[dict]:
     """Forward ``micro_batches`` through the pipeline without gradients (evaluation); returns
     the ``loss_fn(logits, batch)`` results on the last stage, [] elsewhere."""
-    return _run(stage, micro_batches, loss_fn, "forward", train=False)
+    return _run(stage, micro_batches, loss_fn, "forward", False, autocast_dtype)
