@@ -24,6 +24,7 @@ import shutil
 import sys
 
 import torch
+from tqdm import tqdm
 
 from megarch.atomic import atomic_dir
 from megarch.config.train import TrainConfig
@@ -104,8 +105,10 @@ def stage_model(cfg: TrainConfig, pp_rank: int) -> torch.nn.Module:
         raise CheckpointError(f"--pp {cfg.parallel.pp} (parallel.pp): {err}") from None
 
 
-def _write_shards(saved: SavedCheckpoint, cfg: TrainConfig, directory: str) -> None:
+def _write_shards(saved: SavedCheckpoint, cfg: TrainConfig, directory: str,
+                  progress: bool) -> None:
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    bar = tqdm(total=tp * pp, unit="shard", disable=not progress)
     for pp_rank in range(pp):
         stage = stage_model(cfg, pp_rank)
         names = list(stage.state_dict())
@@ -121,11 +124,14 @@ def _write_shards(saved: SavedCheckpoint, cfg: TrainConfig, directory: str) -> N
             rng = saved.rng(tp_rank, pp_rank)
             if rng is not None:
                 torch.save(rng, file("rng"))
+            bar.update()
+    bar.close()
 
 
-def reshard(src: str, dest: str, tp: int = 1, pp: int = 1, step: int | None = None) -> str:
+def reshard(src: str, dest: str, tp: int = 1, pp: int = 1, step: int | None = None,
+            progress: bool = False) -> str:
     """Write checkpoint ``src`` (or its run's newest / ``step``) at layout ``tp`` x ``pp``
-    to ``dest/checkpoints/step_N``; return that path. An existing complete one is kept."""
+    to ``dest/checkpoints/step_N``; return that path (refused when it exists)."""
     saved = SavedCheckpoint(resolve_source(src, step))
     saved.require("optimizer")
     cfg = target_config(saved.config(), tp, pp)
@@ -135,7 +141,7 @@ def reshard(src: str, dest: str, tp: int = 1, pp: int = 1, step: int | None = No
         raise CheckpointError(f"{path} already exists: choose another DEST or remove it")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with atomic_dir(path) as tmp:
-        _write_shards(saved, cfg, tmp)
+        _write_shards(saved, cfg, tmp, progress)
         with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
             f.write(cfg.to_json())
         if os.path.isfile(os.path.join(saved.path, LINEAGE_FILE)):
@@ -158,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tp < 1 or args.pp < 1:
         parser.error("--tp and --pp must be >= 1")
     try:
-        path = reshard(args.src, args.dest, args.tp, args.pp, args.step)
+        path = reshard(args.src, args.dest, args.tp, args.pp, args.step, progress=True)
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
