@@ -59,6 +59,7 @@ from megarch.atomic import atomic_file
 from megarch.data.errors import DataError
 from megarch.data.p3.tables import EVAL_SUITES, EXCLUDED, MIXTURES, SCORE_EVAL, match_folders
 from megarch.data.p3.tfrecord import read_examples
+from megarch.data.preprocess import pool_start_method
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +253,9 @@ def _run_units(fn, units: list[tuple], workers: int, desc: str, progress: bool) 
                 results.append(fn(*unit))
                 bar.update()
             return results
-        with multiprocessing.get_context("spawn").Pool(min(workers, len(units))) as pool:
+        # fork on Linux: the workers only read files, parse and write json (see there)
+        context = multiprocessing.get_context(pool_start_method())
+        with context.Pool(min(workers, len(units))) as pool:
             pending = [pool.apply_async(fn, unit, callback=lambda _: bar.update())
                        for unit in units]
             return [p.get() for p in pending]
