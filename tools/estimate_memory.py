@@ -16,8 +16,10 @@ What is counted, per rank of the most loaded pipeline stage:
   op by op from its code (:func:`activation_bytes`) and checked against a measurement of the
   saved tensors of tiny models, every architecture at TP1 and TP2, with and without
   activation checkpointing, in float32 with the CPU attention and in bf16 autocast with the
-  attention kernel (tests/parallel/test_estimate_memory.py, within 5%). 1F1B keeps up to pp
-  micro-batches in flight on the first stage;
+  attention kernel, with and without dropout (tests/parallel/test_estimate_memory.py, within
+  5%). Dropout > 0 costs more than its masks: the attention kernel has no dropout, so the
+  model takes the PyTorch attention, whose [batch, heads, len, len] probabilities are saved.
+  1F1B keeps up to pp micro-batches in flight on the first stage;
 - transients: the float32 logits' gradient, one block's recomputation under activation
   checkpointing, and (dp > 1) the flat gradient copy of the data-parallel all-reduce.
 
@@ -83,16 +85,24 @@ def _optimizer_bytes(cfg: ModelConfig, name: str, params: int, tp: int) -> float
 
 @dataclasses.dataclass
 class Precision:
-    """How the forward runs: ``bf16`` autocast (CUDA) or float32; ``flash`` the attention kernel
-    (CUDA, no attention dropout) or the PyTorch reference (CPU, or dropout > 0)."""
+    """How the forward runs: ``bf16`` autocast or float32; ``flash`` the attention kernel
+    (CUDA, no attention dropout) or the PyTorch reference (CPU, or dropout > 0); ``cuda``
+    whether dropout is CUDA's fused kernel (a 1-byte mask) rather than the CPU's (a mask of
+    the input's dtype)."""
 
     bf16: bool
     flash: bool
+    cuda: bool = True
 
     @property
     def act(self) -> int:
         """Bytes per element of a matmul output."""
         return 2 if self.bf16 else 4
+
+    def mask(self, elem: int, split: bool) -> int:
+        """Bytes per element of a dropout mask on an input of ``elem`` bytes; ``split``:
+        activations split over TP ranks (megarch.parallel.rng draws a bool mask there)."""
+        return 1 if self.cuda or split else elem
 
 
 def _norm(tokens: float, d: int) -> float:
@@ -113,18 +123,21 @@ def _attention_core(cfg: ModelConfig, b: int, q_len: int, k_len: int, tp: int, p
     inner = heads * cfg.kv_dim
     if p.flash:  # the kernel saves q, k, v, out (input dtype) and the fp32 log-sum-exp
         core = p.act * inner * (2 * b * q_len + 2 * b * k_len) + 4 * heads * b * q_len
-    else:  # fp32 q, k, v; softmax output and masked probs; bool mask; int64 bias buckets
-        core = 4 * inner * (b * q_len + 2 * b * k_len) + 8 * heads * b * q_len * k_len
+    else:  # q, k, v (as autocast casts them for the matmuls); the fp32 softmax output and
+        # the probabilities the second matmul takes; bool mask; int64 bias buckets
+        core = p.act * inner * (b * q_len + 2 * b * k_len)
+        core += (4 + p.act) * heads * b * q_len * k_len
         core += b * q_len * k_len * (1 + (8 if bias else 0))
-        if cfg.dropout > 0:
-            core += heads * b * q_len * k_len  # dropout mask of the probabilities
+        if cfg.dropout > 0:  # the float32 probabilities' mask
+            core += heads * b * q_len * k_len * p.mask(4, tp > 1)
     return core + p.act * inner * b * q_len  # merged heads: the o projection's input
 
 
 def _feed_forward(cfg: ModelConfig, tokens: float, tp: int, p: Precision) -> float:
     """GEGLU: gate, gelu(gate), up, and their product (wo's input)."""
     hidden = cfg.d_ff // tp
-    return tokens * hidden * (4 * p.act + (1 if cfg.dropout > 0 else 0))
+    mask = p.mask(p.act, tp > 1) if cfg.dropout > 0 else 0
+    return tokens * hidden * (4 * p.act + mask)
 
 
 def layer_bytes(cfg: ModelConfig, kind: str, b: int, length: int, tp: int, sp: bool,
@@ -136,8 +149,8 @@ def layer_bytes(cfg: ModelConfig, kind: str, b: int, length: int, tp: int, sp: b
     bias = cfg.position == "t5_relative"
     out = 2 * _norm(local, d) + _linear_inputs(tokens, d, 3, p) + _linear_inputs(tokens, d, 2, p)
     out += _attention_core(cfg, b, length, length, tp, p, bias) + _feed_forward(cfg, tokens, tp, p)
-    if cfg.dropout > 0:
-        out += local * 2 * d  # the two residual dropouts' masks
+    residual_mask = p.mask(p.act, sp) * local * d if cfg.dropout > 0 else 0.0
+    out += 2 * residual_mask  # after attention and feed-forward
     if kind == "cross":
         out += _norm(local, d) + _linear_inputs(tokens, d, 1, p)
         out += _attention_core(cfg, b, length, enc_len, tp, p, bias=False)
@@ -146,8 +159,7 @@ def layer_bytes(cfg: ModelConfig, kind: str, b: int, length: int, tp: int, sp: b
             out += _linear_inputs(enc, d, 2, p)
         elif sp:  # each layer gathers the encoder output's chunks
             out += _linear_inputs(enc, d, 1, p)
-        if cfg.dropout > 0:
-            out += local * d
+        out += residual_mask
     return out
 
 
@@ -160,7 +172,8 @@ def _weight_copy_bytes(cfg: ModelConfig, kind: str, tp: int) -> float:
 
 def activation_bytes(cfg: ModelConfig, enc_len: int, dec_len: int, micro: int, tp: int = 1,
                      sp: bool = False, bf16: bool = False, flash: bool = False,
-                     layers: float | None = None, ends: bool = True) -> dict[str, float]:
+                     layers: float | None = None, ends: bool = True, cuda: bool = True
+                     ) -> dict[str, float]:
     """Bytes one micro-batch keeps for the backward pass on one rank, by part.
 
     ``dec_len`` is the decoder-only model's row length; ``enc_len`` (encoder-decoder) the
@@ -169,9 +182,10 @@ def activation_bytes(cfg: ModelConfig, enc_len: int, dec_len: int, micro: int, t
     ``model.activation_checkpointing`` each block keeps only its input (plus, once, the
     encoder output), and ``recompute`` is one block's activations, rebuilt in the backward.
     Parts: ``blocks``, ``weight_copies`` (bf16 weights under autocast), ``ends``, ``logits``
-    (the two float32 copies the loss keeps), ``recompute``.
+    (the two float32 copies the loss keeps), ``recompute``. ``cuda``: dropout masks as CUDA
+    stores them (1 byte; see :class:`Precision`).
     """
-    p = Precision(bf16, flash and cfg.dropout == 0)  # the kernel has no attention dropout
+    p = Precision(bf16, flash and cfg.dropout == 0, cuda)  # the kernel has no attn. dropout
     d, b, sp = cfg.d_model, micro, sp and tp > 1
     div = tp if sp else 1
     if cfg.is_encoder_decoder:
@@ -198,8 +212,8 @@ def activation_bytes(cfg: ModelConfig, enc_len: int, dec_len: int, micro: int, t
         ends_bytes += _norm(dec_tokens / div, d) + 4 * d * dec_tokens  # final norm, scaled input
         if cfg.is_encoder_decoder:
             ends_bytes += _norm(enc_tokens / div, d)
-        if cfg.dropout > 0:
-            ends_bytes += d * (2 * dec_tokens + 2 * enc_tokens) / div
+        if cfg.dropout > 0:  # after each embedding and each final norm (float32)
+            ends_bytes += p.mask(4, sp) * d * (2 * dec_tokens + 2 * enc_tokens) / div
         logits = 2 * 4.0 * dec_tokens * cfg.vocab_size / tp
     return {"blocks": blocks * share, "weight_copies": copies * share, "ends": ends_bytes,
             "logits": logits,

@@ -5,10 +5,12 @@ Measurement: one micro-batch forward (and loss) of a tiny model on CPU under
 ``torch.autograd.graph.saved_tensors_hooks``, each storage counted once; parameters and the
 batch's own tensors are not activations and are left out; bf16 copies of weights (autocast) are
 counted apart. With activation checkpointing the checkpoint keeps its blocks' inputs itself
-(outside the hooks), so those are counted from the arguments ``run_block`` receives. Two
-settings: float32 with the PyTorch attention (the CPU path) and bf16 autocast with the
-attention kernel (the CUDA path; here through the Triton interpreter, which computes wrong
-bf16 values but saves the same tensors). TP2 runs on real gloo processes.
+(outside the hooks), so those are counted from the arguments ``run_block`` receives. Settings:
+float32 with the PyTorch attention (the CPU path), bf16 autocast with the attention kernel (the
+CUDA path; here through the Triton interpreter, which computes wrong bf16 values but saves the
+same tensors), and both with dropout 0.1 (PyTorch attention then; CPU dropout masks have the
+input's dtype where CUDA's are bytes, which the estimator is told). TP2 runs on real gloo
+processes.
 """
 
 from __future__ import annotations
@@ -131,7 +133,10 @@ def measure_saved_bytes(model: torch.nn.Module, batch: dict, bf16: bool) -> dict
     return {"activations": sum(n for n, _ in seen.values()) - copies, "weight_copies": copies}
 
 
-SETTINGS = {"fp32_reference": (False, "reference"), "bf16_kernel": (True, "kernel")}
+SETTINGS = {"fp32_reference": (False, "reference"), "bf16_kernel": (True, "kernel"),
+            "fp32_dropout": (False, "reference"), "bf16_dropout": (True, "kernel")}
+"""name: (bf16 autocast, MEGARCH_ATTENTION); the dropout ones train with model.dropout 0.1 (the
+kernel has no attention dropout: the model takes the PyTorch attention then, in bf16 too)."""
 
 
 def _measure_all(rank: int, world: int, cases: list[tuple]) -> dict:
@@ -145,6 +150,7 @@ def _measure_all(rank: int, world: int, cases: list[tuple]) -> dict:
         os.environ["MEGARCH_ATTENTION"] = path
         cfg = tiny_model(arch)
         cfg.activation_checkpointing = ckpt
+        cfg.dropout = 0.1 if setting.endswith("dropout") else 0.0
         ctx = ParallelContext.single() if tp == 1 else ctx2
         ctx.sequence_parallel = sp and tp > 1
         torch.manual_seed(0)
@@ -156,9 +162,11 @@ def _measure_all(rank: int, world: int, cases: list[tuple]) -> dict:
 def _estimated(arch: str, ckpt: bool, setting: str, tp: int, sp: bool) -> dict[str, float]:
     cfg = tiny_model(arch)
     cfg.activation_checkpointing = ckpt
+    cfg.dropout = 0.1 if setting.endswith("dropout") else 0.0
     enc, dec = (ENC_LEN, ED_DEC_LEN) if arch == "encoder_decoder" else (0, DEC_LEN)
     bf16 = SETTINGS[setting][0]
-    parts = activation_bytes(cfg, enc, dec, MICRO, tp=tp, sp=sp, bf16=bf16, flash=bf16)
+    parts = activation_bytes(cfg, enc, dec, MICRO, tp=tp, sp=sp, bf16=bf16, flash=bf16,
+                             cuda=False)
     return {"activations": parts["blocks"] + parts["ends"] + parts["logits"],
             "weight_copies": parts["weight_copies"]}
 
@@ -180,17 +188,20 @@ def test_activation_estimate_matches_saved_tensors():
     """The CPU path (float32, PyTorch attention with its materialised scores, bias buckets and
     masks): every architecture at TP1 and TP2, with and without activation checkpointing. The
     CUDA path (bf16 autocast, the attention kernel): the decoder and the encoder-decoder at TP1
-    and TP2 (the rest of its matrix is the slow test's). One spawn for all: it is the cost."""
+    and TP2; with dropout, one case of each precision (the rest of the matrix is the slow
+    test's). One spawn for all: it is the cost."""
     fp32 = [(arch, ckpt, "fp32_reference", tp, False)
             for arch in ARCHS for ckpt in (False, True) for tp in (1, 2)]
     bf16 = [(arch, False, "bf16_kernel", tp, False)
             for arch in ("causal_decoder", "encoder_decoder") for tp in (1, 2)]
-    _check(fp32 + bf16)
+    dropout = [("encoder_decoder", False, "fp32_dropout", 1, False),
+               ("causal_decoder", False, "bf16_dropout", 2, False)]
+    _check(fp32 + bf16 + dropout)
 
 
 @pytest.mark.slow
 def test_activation_estimate_matches_saved_tensors_full_matrix():
-    """Both settings, every architecture, TP1 / TP2 / TP2 with sequence parallelism."""
+    """Every setting and architecture, TP1 / TP2 / TP2 with sequence parallelism."""
     _check([(arch, ckpt, setting, tp, sp) for arch in ARCHS for ckpt in (False, True)
             for setting in SETTINGS for tp, sp in ((1, False), (2, False), (2, True))])
 
