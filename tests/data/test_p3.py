@@ -119,7 +119,7 @@ CB = [("It rains. The street is wet?", "True"), ("Cats bark. Cats are loud?", "F
 
 def _p3(root) -> str:
     """A small P3 download: two training datasets, CB (two ranked prompts, one without labels,
-    one generative),
+    one with two choices instead of three, one generative),
     COPA through a _score_eval copy only, a folder of no T0 dataset."""
     data = str(root / "P3" / "data")
     write_task_folder(data, "glue_mrpc_same_thing", "train",
@@ -136,6 +136,8 @@ def _p3(root) -> str:
                                 ["Always", "Sometimes", "Never"]) for q, a in CB])
     write_task_folder(data, "super_glue_cb_unlabelled", "validation",
                       [prompted(q, "<NO LABEL>", ["True", "False", "Neither"]) for q, _ in CB])
+    write_task_folder(data, "super_glue_cb_is_it_true", "validation",
+                      [prompted(q, "Yes" if a == "True" else "No", ["Yes", "No"]) for q, a in CB])
     write_task_folder(data, "super_glue_cb_write_a_claim", "validation",
                       [prompted(q, "a claim") for q, _ in CB])
     write_task_folder(data, "super_glue_copa_choose_score_eval", "validation",
@@ -179,7 +181,8 @@ def test_prepare_writes_the_mixture_and_the_eval_tasks(tmp_path):
     assert report["skipped_prompts"] == [
         "super_glue_cb_unlabelled: validation record 0: the target '<NO LABEL>' is not one of "
         "the answer choices ['True', 'False', 'Neither'] (a split without labels?)",
-        "super_glue_cb_write_a_claim: no validation split with answer choices"]
+        "super_glue_cb_write_a_claim: no validation split with answer choices",
+        "cb prompt is_it_true: 2 answer choices where the dataset's other prompts have 3"]
     missing = report["missing"]
     assert len(missing) == 36 + 9  # T0's other 36 training and 9 eval datasets
     assert "t0_eval: rte (no P3 folder matches super_glue_rte_*)" in missing

@@ -26,7 +26,9 @@ the count is checked only when present.
   its weights differ from ours for datasets whose size times prompts exceeds 500k.)
 - ``tasks/{dataset}.jsonl``: one line per example of the evaluation split, in megarch-eval's
   task format (megarch.eval.tasks): every prompt's rendered input and answer choices and the
-  label, prompts in name order.
+  label, prompts in name order. A prompt counts if it has labelled answer choices, as many as
+  most of the dataset's prompts (a yes/no question about one candidate ending is another
+  task); the others are listed in the summary.
 - ``mtf_data.json`` (the ``data`` section for ``megarch-train --config``) and ``summary.json``
   (counts, prompts, what was not found or skipped, the commands to run next).
 
@@ -43,6 +45,7 @@ so that one label holds for all, which rank classification does not notice.
 
 from __future__ import annotations
 
+import collections
 import glob
 import json
 import logging
@@ -208,6 +211,20 @@ def read_eval_prompt(folders: list[str], split: str, verify: bool = True
     return [], why
 
 
+def keep_usual_choice_count(name: str, prompts: dict[str, list], skipped: list[str]
+                            ) -> dict[str, list]:
+    """The prompts of dataset ``name`` whose first example has the number of choices most of
+    its prompts have; the others (a yes/no question about one candidate ending, say: another
+    task on the same examples) are appended to ``skipped`` with the reason."""
+    counts = {prompt: len(examples[0][1]) for prompt, examples in prompts.items()}
+    usual = collections.Counter(counts.values()).most_common(1)[0][0]
+    for prompt in sorted(prompts):
+        if counts[prompt] != usual:
+            skipped.append(f"{name} prompt {prompt}: {counts[prompt]} answer choices where the "
+                           f"dataset's other prompts have {usual}")
+    return {prompt: examples for prompt, examples in prompts.items() if counts[prompt] == usual}
+
+
 def align_prompts(name: str, prompts: dict[str, list[tuple[str, list[str], int]]]
                   ) -> list[dict[str, Any]]:
     """Task records (megarch.eval.tasks format) of dataset ``name`` from each prompt's
@@ -341,11 +358,13 @@ def _prepare_eval(data_dir: str, folders: list[str], suite: str, out_dir: str, s
                 report["missing"].append(f"{suite}: {dataset} (no prompt with answer choices "
                                          f"and a {split} split)")
             continue
-        records = align_prompts(dataset, by_dataset[dataset])
+        prompts = keep_usual_choice_count(dataset, by_dataset[dataset],
+                                          report["skipped_prompts"])
+        records = align_prompts(dataset, prompts)
         path = os.path.join(tasks_dir, f"{dataset}.jsonl")
         _write_jsonl(path, records)
         report["tasks"][dataset] = {"file": path, "examples": len(records),
-                                    "prompts": sorted(by_dataset[dataset])}
+                                    "prompts": sorted(prompts)}
 
 
 def _pattern(suite: str, dataset: str) -> str:
@@ -408,6 +427,8 @@ def prepare_p3(p3_dir: str, out_dir: str, mixture: str | None = "t0_train",
     if report["mtf"]:
         _write_json(os.path.join(out_dir, "mtf_data.json"), report["config"])
     _write_json(os.path.join(out_dir, "summary.json"), report)
+    log.info("P3 -> %s: %d training datasets, %d eval tasks, %d not found", out_dir,
+             len(report["mtf"]), len(report["tasks"]), len(report["missing"]))
     return report
 
 

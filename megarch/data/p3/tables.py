@@ -82,8 +82,8 @@ T0_EVAL = (
     P3Dataset("wsc", "super_glue_wsc.fixed_"),
     P3Dataset("wic", "super_glue_wic_"),
 )
-"""T0's held-out evaluation: 11 datasets (PAPER.md's T0-Eval), all their prompts that have
-answer choices."""
+"""T0's held-out evaluation: 11 datasets (PAPER.md's T0-Eval), each with all its prompts that
+have answer choices (megarch.data.p3.prepare says which count)."""
 
 MIXTURES = {"t0_train": T0_TRAIN}
 """Training mixtures by ``--mixture`` name."""
