@@ -80,6 +80,7 @@ setup(
             "megarch-eval=megarch.eval.cli:main",
             "megarch-lm-eval=megarch.eval.lm_eval_adapter:main",
             "megarch-study=megarch.study.cli:main",
+            "megarch-bench-attention=kernels.bench:main",
         ],
     },
 )

@@ -1,0 +1,519 @@
+"""Benchmark the fused attention kernel against SDPA and FlexAttention, in one run.
+
+The comparisons (each with the same q, k, v, in the same run):
+
+- ``causal``: the kernel (CAUSAL, no segments, no bias) vs ``sdpa_is_causal`` (torch SDPA with
+  ``is_causal=True`` and no mask: its flash path on a GPU) and vs ``flex_block_mask``
+  (compiled FlexAttention with a causal block mask).
+- ``prefix``: the kernel (one prefix length per row) vs ``sdpa_dense_mask`` (SDPA with a dense
+  boolean [batch, 1, len, len] mask) and vs ``flex_block_mask`` (a prefix-LM block mask).
+  Masks are built outside the timed call; their build time is its own column (``mask_ms``),
+  since a real run builds one per batch.
+
+Forward (``fwd``) and forward + backward (``fwd_bwd``) for every sequence length and head dim.
+TFLOP/s come from an explicit count of visible (query, key) pairs (masked work is not counted):
+forward ``4 * batch * heads * head_dim * pairs``, forward + backward 3.5x that
+(FlashAttention-2's convention), the same count for every implementation. Each row has its
+peak memory (``torch.cuda.max_memory_allocated`` over one call after a reset: inputs, masks and
+the call's own memory), the kernel's speed-up over it (``kernel_speedup`` = its ms / the
+kernel's ms), and its forward output's relative difference to the kernel's
+(``rel_diff_vs_kernel``: the comparison is apples to apples). A baseline that runs out of memory
+is recorded as ``oom`` and the run goes on. The end prints the three targets (met / not met):
+prefix forward+backward >= 1.0x FlexAttention and >= 3x SDPA with a dense mask, causal >= 0.9x
+SDPA's flash path (forward and forward+backward). Rows are appended to a CSV (GPU, commit,
+date, torch and triton versions) after each case.
+
+``--cpu-small`` runs the same comparison on CPU at small sizes (the kernel through the Triton
+interpreter, fp32, one timed call each after one warm-up call for the baselines): it exercises
+the tool in CI; its timings mean nothing. FlexAttention has no backward on CPU, so its
+forward+backward rows there read ``skipped``.
+
+Usage: megarch-bench-attention [--seq-lens 512 1024 2048 4096 8192] [--head-dims 64 128]
+           [--modes causal prefix] [--passes fwd fwd_bwd] [--dtype bf16] [--tokens 16384]
+           [--hidden 2048] [--csv benchmarks/attention.csv] [--cpu-small]
+       (or python -m kernels.bench ...)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import functools
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+MODES = ("causal", "prefix")
+PASSES = ("fwd", "fwd_bwd")
+BASELINES = {"causal": ("sdpa_is_causal", "flex_block_mask"),
+             "prefix": ("sdpa_dense_mask", "flex_block_mask")}
+BACKWARD_FACTOR = 2.5  # backward FLOPs / forward FLOPs (FlashAttention-2's convention)
+CPU_SMALL = dict(seq_lens=[40, 72], head_dims=[16, 32], batch=1, heads=2, dtype="fp32")
+FIELDS = ("date", "commit", "gpu", "torch", "triton", "mode", "pass", "seq_len", "head_dim",
+          "batch", "heads", "dtype", "prefix_len", "impl", "status", "ms", "tflops", "flops",
+          "visible_pairs", "peak_mib", "mask_ms", "kernel_speedup", "rel_diff_vs_kernel",
+          "tiles", "note")
+# (name, mode, pass(es), baseline, minimum kernel speed-up) of the issue's targets on a GPU.
+TARGETS = (("prefix fwd+bwd vs FlexAttention", "prefix", ("fwd_bwd",), "flex_block_mask", 1.0),
+           ("prefix fwd+bwd vs SDPA dense mask", "prefix", ("fwd_bwd",), "sdpa_dense_mask", 3.0),
+           ("causal vs SDPA flash (is_causal)", "causal", PASSES, "sdpa_is_causal", 0.9))
+
+
+def _out_of_memory_errors() -> tuple[type[BaseException], ...]:
+    return tuple({getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),
+                  torch.cuda.OutOfMemoryError})
+
+
+# ---------------------------------------------------------------------------------------------
+# Cases: inputs, FLOP count, the implementations
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    """One benchmarked shape: inputs [batch, heads, len, head_dim] and the mask's parameters."""
+
+    mode: str  # "causal" or "prefix"
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    prefix_len: torch.Tensor | None  # [batch] int64 (prefix only)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return tuple(self.q.shape)
+
+
+def make_case(mode: str, batch: int, heads: int, seq_len: int, head_dim: int,
+              dtype: torch.dtype, device: torch.device | str, seed: int = 0) -> Case:
+    """Random q, k, v (and per-row prefix lengths in [len/4, 3 len/4]), reproducible by seed."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + seq_len * 1009 + head_dim)
+    q, k, v = (torch.randn(batch, heads, seq_len, head_dim, generator=gen)
+               .to(device=device, dtype=dtype) for _ in range(3))
+    prefix = None
+    if mode == "prefix":
+        prefix = torch.randint(seq_len // 4, 3 * seq_len // 4 + 1, (batch,), generator=gen)
+        prefix = prefix.to(device)
+    return Case(mode, q, k, v, prefix)
+
+
+def visible_pairs(mode: str, seq_len: int, prefix_len: list[int] | None, batch: int) -> int:
+    """(query, key) pairs the mask leaves visible, summed over the batch (closed form).
+
+    Causal: len (len + 1) / 2 per row. Prefix p: queries before p see the p prefix keys, query
+    i >= p sees i + 1 keys: p^2 + len (len + 1) / 2 - p (p + 1) / 2.
+    """
+    triangle = seq_len * (seq_len + 1) // 2
+    if mode == "causal":
+        return batch * triangle
+    return sum(p * p + triangle - p * (p + 1) // 2 for p in prefix_len)
+
+
+def attention_flops(pairs: int, heads: int, head_dim: int, bench_pass: str) -> int:
+    """FLOPs of one call: two matmuls of 2 * head_dim per visible pair and head (forward)."""
+    forward = 4 * heads * head_dim * pairs
+    return int(forward * (1 + BACKWARD_FACTOR)) if bench_pass == "fwd_bwd" else forward
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex(device: torch.device):
+    """Compiled FlexAttention on a GPU; on CPU the eager one (forward only there)."""
+    if device.type == "cuda":
+        return _compiled_flex()
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed_build(build: Callable, device: torch.device):
+    """(build(), ms of a second build): the first call warms up (tracing, allocator)."""
+    build()
+    _synchronize(device)
+    start = time.perf_counter()
+    result = build()
+    _synchronize(device)
+    return result, (time.perf_counter() - start) * 1e3
+
+
+def dense_prefix_mask(seq_len: int, prefix_len: torch.Tensor) -> torch.Tensor:
+    """Boolean [batch, 1, len, len] prefix-LM mask (True = visible) for SDPA."""
+    index = torch.arange(seq_len, device=prefix_len.device)
+    causal = index[None, :] <= index[:, None]  # [q, k]
+    return (causal | (index[None, None, :] < prefix_len[:, None, None]))[:, None]
+
+
+def flex_block_mask(case: Case):
+    """FlexAttention block mask of the case (causal: shared by the batch; prefix: per row)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    batch, _, seq_len, _ = case.shape
+    if case.mode == "causal":
+        def causal(b, h, i, j):
+            return j <= i
+
+        return create_block_mask(causal, None, None, seq_len, seq_len, device=case.q.device)
+    prefix = case.prefix_len
+
+    def prefix_lm(b, h, i, j):
+        return (j <= i) | (j < prefix[b])
+
+    return create_block_mask(prefix_lm, batch, None, seq_len, seq_len, device=case.q.device)
+
+
+def build_impl(impl: str, case: Case, fa) -> tuple[Callable, float | None]:
+    """(function of (q, k, v) -> out, milliseconds to build its mask, or None without one)."""
+    device = case.q.device
+    if impl == "kernel":
+        mode = fa.CAUSAL if case.mode == "causal" else fa.PREFIX
+        prefix = case.prefix_len
+        return (lambda q, k, v: fa.flash_attention(q, k, v, mode, prefix_len=prefix)), None
+    if impl == "sdpa_is_causal":
+        return (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)), None
+    if impl == "sdpa_dense_mask":
+        mask, build_ms = _timed_build(lambda: dense_prefix_mask(case.shape[2], case.prefix_len),
+                                      device)
+        return (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)), \
+            build_ms
+    if impl == "flex_block_mask":
+        block_mask, build_ms = _timed_build(lambda: flex_block_mask(case), device)
+        flex = _flex(device)
+        return (lambda q, k, v: flex(q, k, v, block_mask=block_mask)), build_ms
+    raise ValueError(f"unknown implementation {impl!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+
+
+def _step(fn: Callable, case: Case, bench_pass: str) -> Callable[[], torch.Tensor]:
+    """A zero-argument call: forward, or forward + backward into fresh gradients."""
+    if bench_pass == "fwd":
+        def forward():
+            with torch.no_grad():
+                return fn(case.q, case.k, case.v)
+        return forward
+    leaves = [t.detach().requires_grad_() for t in (case.q, case.k, case.v)]
+    grad_out = torch.randn_like(case.q)
+
+    def forward_backward():
+        out = fn(*leaves)
+        torch.autograd.grad(out, leaves, grad_out)
+        return out
+
+    return forward_backward
+
+
+def measure(step: Callable, device: torch.device, warmup: bool
+            ) -> tuple[float, float | None, torch.Tensor]:
+    """(mean ms of one call, peak MiB during one call after a reset (None on CPU), an output).
+
+    CPU: one timed call (after one warm-up call if asked). GPU: a warm-up call (compiling and
+    autotuning happen there), one call for the peak memory, then ``triton.testing.do_bench``.
+    """
+    if warmup or device.type == "cuda":
+        step()
+    if device.type != "cuda":
+        start = time.perf_counter()
+        out = step()
+        return (time.perf_counter() - start) * 1e3, None, out.detach()
+    from triton.testing import do_bench
+
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    out = step().detach()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20
+    return do_bench(step, warmup=25, rep=100), peak, out
+
+
+def relative_difference(out: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.float()
+    return ((out.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+# ---------------------------------------------------------------------------------------------
+# One case: every implementation, both passes
+# ---------------------------------------------------------------------------------------------
+
+
+def _tiles(fa, case: Case) -> str:
+    mode = fa.CAUSAL if case.mode == "causal" else fa.PREFIX
+    configs = fa.selected_block_configs(case.q, case.shape[2], mode)
+    return " ".join(f"{kernel}={c.block_m}x{c.block_n}x{c.num_warps}x{c.num_stages}"
+                    for kernel, c in configs.items())
+
+
+def run_case(case: Case, passes: list[str], fa, base_row: dict) -> list[dict]:
+    """Rows for the kernel and the case's baselines, forward and/or forward + backward."""
+    device = case.q.device
+    batch, heads, seq_len, head_dim = case.shape
+    prefix = None if case.prefix_len is None else case.prefix_len.tolist()
+    pairs = visible_pairs(case.mode, seq_len, prefix, batch)
+    rows, kernel_out, kernel_ms = [], None, {}
+    for impl in ("kernel", *BASELINES[case.mode]):
+        row = {**base_row, "mode": case.mode, "seq_len": seq_len, "head_dim": head_dim,
+               "batch": batch, "heads": heads, "impl": impl, "visible_pairs": pairs,
+               "prefix_len": ";".join(map(str, prefix)) if prefix else ""}
+        try:
+            fn, mask_ms = build_impl(impl, case, fa)
+        except _out_of_memory_errors():
+            rows += [{**row, "pass": p, "status": "oom", "note": "building the mask"}
+                     for p in passes]
+            torch.cuda.empty_cache()
+            continue
+        out = None
+        for bench_pass in passes:
+            result = {**row, "pass": bench_pass,
+                      "flops": attention_flops(pairs, heads, head_dim, bench_pass),
+                      "mask_ms": "" if mask_ms is None else f"{mask_ms:.3f}"}
+            if (device.type != "cuda" and impl == "flex_block_mask"
+                    and bench_pass == "fwd_bwd"):
+                rows.append({**result, "status": "skipped",
+                             "note": "FlexAttention has no backward on CPU"})
+                continue
+            try:
+                # The interpreted kernel needs no warm-up call (nothing to compile).
+                ms, peak, last = measure(_step(fn, case, bench_pass), device,
+                                         warmup=impl != "kernel")
+            except _out_of_memory_errors():
+                rows.append({**result, "status": "oom"})
+                torch.cuda.empty_cache()
+                continue
+            out = last if out is None else out
+            del last
+            if impl == "kernel":
+                kernel_out = out if kernel_out is None else kernel_out
+                kernel_ms[bench_pass] = ms
+                result["tiles"] = _tiles(fa, case)
+            elif bench_pass in kernel_ms:
+                result["kernel_speedup"] = f"{ms / kernel_ms[bench_pass]:.4g}"
+            if kernel_out is not None and out is not None:
+                result["rel_diff_vs_kernel"] = f"{relative_difference(out, kernel_out):.2e}"
+            rows.append({**result, "status": "ok", "ms": f"{ms:.6g}",
+                         "tflops": f"{result['flops'] / ms / 1e9:.4g}",
+                         "peak_mib": "" if peak is None else f"{peak:.1f}"})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Output: table, targets, CSV
+# ---------------------------------------------------------------------------------------------
+
+
+HEADER = (f"{'mode':7} {'pass':7} {'len':>6} {'d':>4} {'impl':16} {'ms':>10} {'TFLOP/s':>8} "
+          f"{'peak MiB':>9} {'mask ms':>8} {'kernel x':>8}  status")
+
+
+def format_row(row: dict) -> str:
+    def get(name):
+        return row.get(name) or "-"
+
+    return (f"{row['mode']:7} {row['pass']:7} {row['seq_len']:>6} {row['head_dim']:>4} "
+            f"{row['impl']:16} {get('ms'):>10} {get('tflops'):>8} {get('peak_mib'):>9} "
+            f"{get('mask_ms'):>8} {get('kernel_speedup'):>8}  {row['status']}"
+            + (f" ({row['note']})" if row.get("note") else ""))
+
+
+def target_summary(rows: list[dict]) -> list[tuple[str, str, str]]:
+    """(target, "met" / "not met" / "not measured", detail) for each of the issue's targets.
+
+    A target is met when the kernel's speed-up over the baseline reaches the bound at every
+    measured length and head dim of its pass(es); a baseline that ran out of memory counts as
+    beaten; a failed kernel row counts as not met.
+    """
+    summary = []
+    for name, mode, passes, baseline, bound in TARGETS:
+        points = [r for r in rows if r["mode"] == mode and r["pass"] in passes
+                  and r["impl"] in ("kernel", baseline)]
+        worst, failed = None, []
+        by_point: dict[tuple, dict] = {}
+        for r in points:
+            by_point.setdefault((r["pass"], r["seq_len"], r["head_dim"]), {})[r["impl"]] = r
+        for point, pair in sorted(by_point.items()):
+            kernel, base = pair.get("kernel"), pair.get(baseline)
+            if kernel is None or base is None or base["status"] == "skipped":
+                continue
+            if kernel["status"] != "ok":
+                failed.append(f"kernel {kernel['status']} at {point}")
+            elif base["status"] == "oom":
+                continue
+            elif base["status"] == "ok":
+                speedup = float(base["kernel_speedup"])
+                if worst is None or speedup < worst[0]:
+                    worst = (speedup, point)
+        if worst is None and not failed:
+            summary.append((name, "not measured", ""))
+            continue
+        met = not failed and (worst is None or worst[0] >= bound)
+        detail = f"need >= {bound:.1f}x"
+        if worst is not None:
+            detail += f", worst {worst[0]:.2f}x at (pass, len, d) = {worst[1]}"
+        if failed:
+            detail += "; " + "; ".join(failed)
+        summary.append((name, "met" if met else "not met", detail))
+    return summary
+
+
+def append_csv(path: Path, rows: list[dict]) -> None:
+    """Append rows (header first in a new file) through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    existing = path.read_text() if path.exists() else ""
+    if existing:
+        header = existing.splitlines()[0].split(",")
+        if header != list(FIELDS):
+            raise SystemExit(f"{path}: its columns ({','.join(header)[:60]}...) are not this "
+                             "benchmark's; pass --csv with a new file or move the old one away")
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as handle:
+        handle.write(existing)
+        writer = csv.DictWriter(handle, fieldnames=FIELDS)
+        if not existing:
+            writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def environment(device: torch.device) -> dict:
+    """GPU name, commit, date and versions for every CSV row."""
+    import triton
+
+    commit = ""
+    for cwd in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=cwd,
+                                    capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            commit = ""
+        if commit:
+            break
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu-interpreter"
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": commit, "gpu": gpu, "torch": torch.__version__,
+            "triton": triton.__version__}
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="megarch-bench-attention",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--seq-lens", type=int, nargs="+",
+                        help="sequence lengths (default 512 1024 2048 4096 8192)")
+    parser.add_argument("--head-dims", type=int, nargs="+", help="head dims (default 64 128)")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--passes", nargs="+", default=list(PASSES), choices=PASSES)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default bf16 (CPU: fp32)")
+    parser.add_argument("--tokens", type=int, default=16384,
+                        help="tokens per batch: batch = max(1, tokens // seq_len)")
+    parser.add_argument("--hidden", type=int, default=2048,
+                        help="model width: heads = hidden // head_dim")
+    parser.add_argument("--batch", type=int, help="fixed batch size (overrides --tokens)")
+    parser.add_argument("--heads", type=int, help="fixed head count (overrides --hidden)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--csv", type=Path,
+                        help="CSV to append to (default benchmarks/attention.csv, "
+                             "benchmarks/attention_cpu.csv with --cpu-small)")
+    parser.add_argument("--cpu-small", action="store_true",
+                        help="the same comparison on CPU at small sizes (Triton interpreter)")
+    args = parser.parse_args(argv)
+    small = args.cpu_small
+    args.seq_lens = args.seq_lens or (CPU_SMALL["seq_lens"] if small
+                                      else [512, 1024, 2048, 4096, 8192])
+    args.head_dims = args.head_dims or (CPU_SMALL["head_dims"] if small else [64, 128])
+    args.dtype = args.dtype or (CPU_SMALL["dtype"] if small else "bf16")
+    if small:
+        args.batch = args.batch or CPU_SMALL["batch"]
+        args.heads = args.heads or CPU_SMALL["heads"]
+    args.csv = args.csv or Path("benchmarks", "attention_cpu.csv" if small else "attention.csv")
+    for name in ("seq_lens", "head_dims"):
+        if min(getattr(args, name)) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    if small and args.dtype == "bf16":
+        parser.error("--cpu-small: the Triton interpreter mis-computes bf16; use fp32 or fp16")
+    if not small and not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU; --cpu-small runs the same comparison on CPU at small "
+                     "sizes")
+    return args
+
+
+def _import_kernel(cpu: bool):
+    """kernels.flash_attention, interpreted on CPU, compiled on a GPU (checked)."""
+    if cpu:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are defined
+    from kernels import flash_attention as fa
+
+    if cpu and not fa._interpreting():
+        raise SystemExit("--cpu-small: kernels.flash_attention was imported in this process "
+                         "without TRITON_INTERPRET=1; run the benchmark in a fresh process")
+    if not cpu and fa._interpreting():
+        raise SystemExit("unset TRITON_INTERPRET: the GPU benchmark needs compiled kernels")
+    return fa
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    """Benchmark every case; print rows as they come and append them to the CSV per case."""
+    device = torch.device("cpu" if args.cpu_small else "cuda")
+    fa = _import_kernel(args.cpu_small)
+    base = {**environment(device), "dtype": args.dtype}
+    print(f"{base['gpu']} | torch {base['torch']} | triton {base['triton']} | {args.dtype} | "
+          f"commit {base['commit'] or '?'}")
+    if args.cpu_small:
+        print("CPU: the kernel runs in the Triton interpreter and FlexAttention eagerly, "
+              "forward only (no FlexAttention backward on CPU); timings mean nothing here")
+    print(HEADER, flush=True)
+    rows = []
+    for head_dim in args.head_dims:
+        heads = args.heads or max(1, args.hidden // head_dim)
+        for seq_len in args.seq_lens:
+            batch = args.batch or max(1, args.tokens // seq_len)
+            for mode in args.modes:
+                if device.type == "cuda":
+                    torch._dynamo.reset()  # a fresh compile per shape, no recompile limit
+                case = make_case(mode, batch, heads, seq_len, head_dim, DTYPES[args.dtype],
+                                 device, args.seed)
+                case_rows = run_case(case, args.passes, fa, base)
+                for row in case_rows:
+                    print(format_row(row), flush=True)
+                append_csv(args.csv, case_rows)
+                rows += case_rows
+                del case
+    print(f"appended {len(rows)} rows to {args.csv}")
+    print("targets (kernel speed-up over the baseline, every length and head dim):")
+    for name, status, detail in target_summary(rows):
+        if args.cpu_small:
+            status = f"n/a on CPU (would read: {status})"
+        print(f"  {name:36} {status}  {detail}")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    run(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""The attention benchmark's CPU comparison (kernel through the interpreter, SDPA, FlexAttention).
+
+Runs ``megarch-bench-attention --cpu-small`` in this process (TRITON_INTERPRET=1 comes from
+tests/conftest.py) and checks what it printed and appended: every row's FLOP count against an
+independent count of visible pairs from the kernel file's mask reference, and the three
+implementations' outputs on the benched inputs against the float64 reference. The targets
+summary and the CSV's append rules are checked on recorded rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernels.flash_attention as fa
+from kernels import bench
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _independent_flops(row: dict) -> int:
+    """4 * heads * head_dim per visible pair (x3.5 forward + backward), pairs from the mask."""
+    length, batch = int(row["seq_len"]), int(row["batch"])
+    if row["mode"] == "causal":
+        mask = fa.attention_mask_ref(fa.CAUSAL, length, length)  # [1, q, k]
+        pairs = int(mask.sum()) * batch
+    else:
+        prefix = torch.tensor([int(p) for p in row["prefix_len"].split(";")])
+        assert len(prefix) == batch
+        pairs = int(fa.attention_mask_ref(fa.PREFIX, length, length, prefix_len=prefix).sum())
+    forward = 4 * int(row["heads"]) * int(row["head_dim"]) * pairs
+    return forward * 7 // 2 if row["pass"] == "fwd_bwd" else forward
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory):
+    """One --cpu-small run (two lengths, one head dim, both modes and passes)."""
+    path = tmp_path_factory.mktemp("bench") / "attention.csv"
+    args = bench.parse_args(["--cpu-small", "--head-dims", "16", "--csv", str(path)])
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rows = bench.run(args)
+    with path.open() as handle:
+        parsed = list(csv.DictReader(handle))
+    return rows, parsed, out.getvalue()
+
+
+def test_rows_parse_and_count_visible_pairs(cpu_run):
+    rows, parsed, printed = cpu_run
+    assert len(parsed) == len(rows) == 2 * 2 * 2 * 3  # lengths x modes x passes x impls
+    assert list(parsed[0]) == list(bench.FIELDS)
+    impls = {(r["mode"], r["impl"]) for r in parsed}
+    assert impls == {("causal", "kernel"), ("causal", "sdpa_is_causal"),
+                     ("causal", "flex_block_mask"), ("prefix", "kernel"),
+                     ("prefix", "sdpa_dense_mask"), ("prefix", "flex_block_mask")}
+    for row in parsed:
+        assert row["gpu"] == "cpu-interpreter" and row["torch"] == torch.__version__
+        assert int(row["flops"]) == _independent_flops(row), row
+        if row["impl"] == "flex_block_mask" and row["pass"] == "fwd_bwd":
+            assert row["status"] == "skipped" and "no backward on CPU" in row["note"]
+            continue
+        assert row["status"] == "ok", row
+        ms, tflops = float(row["ms"]), float(row["tflops"])
+        assert ms > 0 and tflops == pytest.approx(int(row["flops"]) / ms / 1e9, rel=1e-3)
+        # Forward outputs on the same inputs agree (fp32: only rounding differs).
+        assert float(row["rel_diff_vs_kernel"]) < 1e-5, row
+        if row["impl"] != "kernel":
+            assert float(row["kernel_speedup"]) > 0
+        if row["impl"] in ("sdpa_dense_mask", "flex_block_mask"):
+            assert float(row["mask_ms"]) >= 0
+        if row["impl"] == "kernel":
+            assert re.fullmatch(r"fwd=32x32x4x2 dkdv=32x32x4x2 dq=32x32x4x2", row["tiles"])
+
+    # The printed table: a header, one line per row with its numbers, then the targets.
+    lines = printed.splitlines()
+    assert bench.HEADER in lines
+    for row in parsed:
+        pattern = (rf"^{row['mode']}\s+{row['pass']}\s+{row['seq_len']}\s+{row['head_dim']}\s+"
+                   rf"{row['impl']}\s+{re.escape(row['ms'] or '-')}\s+"
+                   rf"{re.escape(row['tflops'] or '-')}\s.*{row['status']}")
+        assert sum(bool(re.match(pattern, line)) for line in lines) == 1, pattern
+    for name, *_ in bench.TARGETS:
+        assert any(line.strip().startswith(name) and "n/a on CPU" in line for line in lines)
+    assert "forward only" in printed
+
+
+def test_benched_inputs_agree_with_the_float64_reference(cpu_run):
+    """The three implementations compute the same attention on a benched prefix case."""
+    _, parsed, _ = cpu_run
+    row = next(r for r in parsed if r["mode"] == "prefix" and r["seq_len"] == "72")
+    case = bench.make_case("prefix", int(row["batch"]), int(row["heads"]), 72, 16,
+                           torch.float32, "cpu", seed=0)
+    assert ";".join(map(str, case.prefix_len.tolist())) == row["prefix_len"]  # same inputs
+    ref = fa.flash_attention_ref(case.q.double(), case.k.double(), case.v.double(), fa.PREFIX,
+                                 prefix_len=case.prefix_len)
+    for impl in ("kernel", "sdpa_dense_mask", "flex_block_mask"):
+        fn, _ = bench.build_impl(impl, case, fa)
+        with torch.no_grad():
+            out = fn(case.q, case.k, case.v)
+        assert bench.relative_difference(out, ref) < 1e-5, impl
+
+
+def _row(mode, bench_pass, impl, status="ok", speedup=None, length=1024, head_dim=64):
+    return {"mode": mode, "pass": bench_pass, "impl": impl, "status": status,
+            "seq_len": length, "head_dim": head_dim,
+            "kernel_speedup": "" if speedup is None else str(speedup)}
+
+
+def test_target_summary():
+    rows = [
+        _row("prefix", "fwd_bwd", "kernel"),
+        _row("prefix", "fwd_bwd", "flex_block_mask", speedup=1.3),
+        _row("prefix", "fwd_bwd", "sdpa_dense_mask", speedup=4.0),
+        _row("prefix", "fwd_bwd", "kernel", length=8192),
+        _row("prefix", "fwd_bwd", "flex_block_mask", speedup=0.95, length=8192),
+        _row("prefix", "fwd_bwd", "sdpa_dense_mask", status="oom", length=8192),
+        _row("prefix", "fwd", "flex_block_mask", speedup=0.1),  # forward: not a target
+        _row("causal", "fwd", "kernel"),
+        _row("causal", "fwd", "sdpa_is_causal", speedup=0.92),
+    ]
+    summary = {name: (status, detail) for name, status, detail in bench.target_summary(rows)}
+    flex, dense, causal = (summary[name] for name, *_ in bench.TARGETS)
+    assert flex[0] == "not met" and "0.95x" in flex[1] and "8192" in flex[1]
+    assert dense[0] == "met" and "4.00x" in dense[1]  # the oom baseline counts as beaten
+    assert causal[0] == "met"
+    rows.append(_row("causal", "fwd_bwd", "kernel", status="oom"))
+    rows.append(_row("causal", "fwd_bwd", "sdpa_is_causal", speedup=None))
+    causal = dict((n, s) for n, s, _ in bench.target_summary(rows))[bench.TARGETS[2][0]]
+    assert causal == "not met"
+    assert all(s == "not measured" for _, s, _ in bench.target_summary([]))
+
+
+def test_csv_appends_and_refuses_other_columns(tmp_path):
+    path = tmp_path / "sub" / "attention.csv"
+    row = dict.fromkeys(bench.FIELDS, "x")
+    bench.append_csv(path, [row])
+    bench.append_csv(path, [{**row, "impl": "y"}])
+    with path.open() as handle:
+        assert [r["impl"] for r in csv.DictReader(handle)] == ["x", "y"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["attention.csv"]  # no temp left
+    old = tmp_path / "old.csv"
+    old.write_text("date,commit,gpu,mode\n1,2,3,4\n")
+    with pytest.raises(SystemExit, match="old.csv.*--csv"):
+        bench.append_csv(old, [row])
+    assert old.read_text() == "date,commit,gpu,mode\n1,2,3,4\n"
+
+
+def test_console_script_and_wrapper_point_at_the_benchmark():
+    assert "megarch-bench-attention=kernels.bench:main" in (REPO / "setup.py").read_text()
+    wrapper = (REPO / "tools" / "bench_flash_attention.py").read_text()
+    assert "from kernels.bench import main" in wrapper
+    with pytest.raises(SystemExit) as exit_info:  # --help parses and exits 0
+        bench.parse_args(["--help"])
+    assert exit_info.value.code == 0
