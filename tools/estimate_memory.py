@@ -24,7 +24,9 @@ What is counted, per rank of the most loaded pipeline stage:
   checkpointing, and (dp > 1) the flat gradient copy of the data-parallel all-reduce.
 
 Not counted: the CUDA context, NCCL and cuBLAS workspaces and allocator fragmentation (the
-recipes keep a margin for them, :data:`FIT_FRACTION`), rotary embeddings' extra tensors.
+recipes keep a margin for them, :data:`FIT_FRACTION`), rotary embeddings' extra tensors. The
+norms are counted as their PyTorch path (NVIDIA apex's fused RMS norm, used when installed,
+keeps 4 bytes per element less: an over-estimate then).
 
 FLOPs: megarch.model.flops (6 N per token + attention), per step and per rank.
 """
