@@ -14,13 +14,16 @@ import os
 import pytest
 import torch
 
+from megarch.parallel.context import ParallelContext
 from megarch.parallel.reshard import optimizer_param_names
 from megarch.parallel.spawn import SpawnError, spawn
 from megarch.training import Trainer, read_metrics
 from megarch.training.checkpoint import (
     KILL_IN_SAVE_ENV,
+    TrainState,
     checkpoint_dir,
     find_latest,
+    save_checkpoint,
     step_path,
 )
 from tests.training.helpers import fast_config
@@ -72,27 +75,34 @@ def test_tp2_and_pp2_checkpoints_resume_at_other_layouts(embedded, tmp_path):
         _assert_continues(out, str(tmp_path / name))
 
 
-def _killed_in_save(rank: int, world: int, embedded, out_dir: str) -> None:
-    torch.set_num_threads(1)
+def _save_steps(rank: int, world: int, out_dir: str) -> None:
+    """A TP2 job saving steps 1 and 2; rank 1 is SIGKILLed inside its step-2 write."""
+    ctx = ParallelContext.build(tp=2)
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters())
     if rank == 1:  # dies after writing its model shard of step 2, before its optimizer's
-        os.environ[KILL_IN_SAVE_ENV] = str(SAVED)
-    cfg = _config(embedded, out_dir, parallel__tp="2", run__save_every="1",
-                  parallel__timeout_s="60")
-    Trainer(cfg).train()
+        os.environ[KILL_IN_SAVE_ENV] = "2"
+    for step in (1, 2):
+        save_checkpoint(out_dir, TrainState(step=step), model, optimizer, "{}", ctx=ctx)
 
 
-def test_a_rank_killed_mid_save_leaves_no_complete_step(embedded, tmp_path):
+def test_a_rank_killed_mid_save_leaves_no_complete_step(tmp_path):
     out_dir = str(tmp_path)
     with pytest.raises(SpawnError):
-        spawn(2, timeout_s=90)(_killed_in_save, embedded, out_dir)
+        spawn(2, timeout_s=60)(_save_steps, out_dir)
     assert find_latest(out_dir) == step_path(out_dir, 1)
     names = sorted(os.listdir(checkpoint_dir(out_dir)))
     assert names == ["step_00000001", "step_00000002.tmp-save"], names
-    partial = os.listdir(step_path(out_dir, SAVED) + ".tmp-save")
-    assert "model_tp01_pp00.pt" in partial and "state.json" not in partial
-    # a TP1 run resumes the last complete step; its save removes the partial write
-    trainer = Trainer(_config(embedded, out_dir, run__resume="auto", run__steps="2"))
-    assert trainer.train().state.step == SAVED
+    assert set(os.listdir(step_path(out_dir, 1))) == {
+        f"{kind}_tp0{r}_pp00.pt" for kind in ("model", "optimizer", "rng") for r in (0, 1)
+    } | {"config.json", "state.json"}
+    partial = os.listdir(step_path(out_dir, 2) + ".tmp-save")
+    assert "model_tp01_pp00.pt" in partial and "optimizer_tp01_pp00.pt" not in partial
+    assert "state.json" not in partial
+    # the next save (any process) removes the partial write
+    model = torch.nn.Linear(4, 4)
+    save_checkpoint(out_dir, TrainState(step=2), model, torch.optim.AdamW(model.parameters()),
+                    "{}")
     assert sorted(os.listdir(checkpoint_dir(out_dir))) == ["step_00000001", "step_00000002"]
 
 
