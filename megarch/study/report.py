@@ -18,7 +18,9 @@ loss: the Trainer records one every ``run.eval_every`` steps and at the end of a
 (``{"step", "valid_loss", "valid_ce"}`` lines in ``metrics.jsonl``), placed at the tokens seen
 by that step. Only when the adapted run or its baseline has no validation point does the
 report fall back to training loss (smoothed by a trailing moving average); each speed-up says
-which loss it used (``"loss": "validation"`` or ``"training"``).
+which loss it used (``"loss": "validation"`` or ``"training"``). Its resolution is one
+validation interval: an adapted run already below the target at its first validation point
+is credited with that point's tokens, so its speed-up is then a lower bound.
 """
 
 from __future__ import annotations
