@@ -9,7 +9,10 @@ valid GPU code (the interpreter accepts code a real compile rejects).
 Run it with ``TRITON_INTERPRET`` unset: a process that imported Triton in interpreter mode
 cannot compile (tests therefore run this tool in a subprocess).
 
-Usage: python tools/kernel_report.py [--arch 80 90] [--all] [--head-dim 64 128]
+``--candidates`` compiles every autotune candidate tile config of every kernel (heaviest mask
+variant, and plain causal), and flags configs over the architecture's shared memory.
+
+Usage: python tools/kernel_report.py [--arch 80 90] [--all | --candidates] [--head-dim 64 128]
            [--dtype fp16 bf16] [--json]
 """
 
@@ -36,6 +39,9 @@ import torch  # noqa: E402
 from kernels import flash_attention as fa  # noqa: E402
 
 KERNELS = ("fwd", "bwd_dkdv", "bwd_dq")
+_TUNER_NAMES = {"fwd": "fwd", "bwd_dkdv": "dkdv", "bwd_dq": "dq"}  # names in the kernel file
+# Shared memory one block may use (opt-in maximum): A100 163 KiB, H100/H200 227 KiB.
+SHARED_LIMIT = {80: 166912, 90: 232448}
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _DATA_ARGS = {"Q", "K", "V", "OUT", "DO", "DQ", "DK", "DV"}  # tensors in the inputs' dtype
 _FP32_ARGS = {"LSE", "DELTA", "BIAS", "DBIAS"}
@@ -52,11 +58,21 @@ class Variant:
     head_dim: int
     has_seg: bool = True
     has_bias: bool = True
+    tiles: tuple[int, int, int, int] | None = None  # (BLOCK_M, BLOCK_N, warps, stages); None:
+    # the kernel's default config
 
     @property
     def name(self) -> str:
         extras = "".join(("+seg" if self.has_seg else "", "+bias" if self.has_bias else ""))
-        return f"{self.kernel}/{fa.MODE_NAMES[self.mode]}{extras}/{self.dtype}/d{self.head_dim}"
+        tiles = "" if self.tiles is None else "@" + "x".join(map(str, self.tiles))
+        return (f"{self.kernel}/{fa.MODE_NAMES[self.mode]}{extras}/{self.dtype}/"
+                f"d{self.head_dim}{tiles}")
+
+    def block_config(self) -> fa.BlockConfig:
+        if self.tiles is not None:
+            return fa.BlockConfig(*self.tiles)
+        return fa.default_block_config(_TUNER_NAMES[self.kernel], self.head_dim,
+                                       TORCH_DTYPES[self.dtype])
 
 
 def default_variants() -> list[Variant]:
@@ -76,6 +92,33 @@ def all_variants(head_dims=(32, 64, 128), dtypes=("fp16", "bf16", "fp32")) -> li
                 KERNELS, sorted(fa.MODE_NAMES), dtypes, head_dims)]
 
 
+def candidate_variants(head_dims=(32, 64, 128), dtypes=("fp16", "bf16", "fp32"),
+                       kernels=KERNELS) -> list[Variant]:
+    """Every autotune candidate of every kernel, for prefix + segments + bias (the heaviest
+    variant: it holds the causal code too) and for plain causal (the benchmark's case)."""
+    variants = []
+    for kernel, dtype, head_dim in itertools.product(kernels, dtypes, head_dims):
+        for config in fa.candidate_block_configs(_TUNER_NAMES[kernel], head_dim,
+                                                 TORCH_DTYPES[dtype]):
+            tiles = (config.block_m, config.block_n, config.num_warps, config.num_stages)
+            variants.append(Variant(kernel, fa.PREFIX, dtype, head_dim, tiles=tiles))
+            variants.append(Variant(kernel, fa.CAUSAL, dtype, head_dim, has_seg=False,
+                                    has_bias=False, tiles=tiles))
+    return variants
+
+
+def largest_candidates(head_dim: int = 128, dtype: str = "bf16") -> list[Variant]:
+    """Per kernel, the candidate with the largest tiles (the most shared memory / registers),
+    heaviest variant: the fast compile check."""
+    chosen = []
+    for kernel in KERNELS:
+        configs = fa.candidate_block_configs(_TUNER_NAMES[kernel], head_dim, TORCH_DTYPES[dtype])
+        big = max(configs, key=lambda c: (c.block_m * c.block_n, c.num_stages, c.num_warps))
+        chosen.append(Variant(kernel, fa.PREFIX, dtype, head_dim, tiles=(
+            big.block_m, big.block_n, big.num_warps, big.num_stages)))
+    return chosen
+
+
 def missing_toolchain(arch: int) -> str | None:
     """Why this machine cannot compile for ``sm_<arch>`` (None when it can)."""
     try:
@@ -91,8 +134,7 @@ def missing_toolchain(arch: int) -> str | None:
 
 def _compile_args(fn, variant: Variant):
     """(signature, constexprs, attrs, options) as a launch on contiguous tensors specialises."""
-    fwd, bwd = fa.default_block_configs(variant.head_dim, TORCH_DTYPES[variant.dtype])
-    config = fwd if variant.kernel == "fwd" else bwd
+    config = variant.block_config()
     constexprs = dict(
         MODE=variant.mode, HAS_SEG=variant.has_seg, HAS_BIAS=variant.has_bias,
         BIAS_RANGE=fa.bias_range(32, 128) if variant.has_bias else 0,
@@ -171,12 +213,16 @@ def report(variant: Variant, arch: int) -> dict:
         usage = ptxas_usage(compiled, arch)
     except Exception as error:  # report every failing variant, then exit non-zero
         return {**row, "status": "error", "reason": f"{type(error).__name__}: {error}"}
-    return {**row, "status": "ok", **usage, "shared": compiled.metadata.shared,
+    shared = compiled.metadata.shared
+    if shared > SHARED_LIMIT.get(arch, shared):
+        return {**row, "status": "error", **usage, "shared": shared,
+                "reason": f"needs {shared} B of shared memory, sm_{arch} has {SHARED_LIMIT[arch]}"}
+    return {**row, "status": "ok", **usage, "shared": shared,
             "num_warps": compiled.metadata.num_warps, "seconds": time.perf_counter() - start}
 
 
 def _print_row(row: dict) -> None:
-    head = f"{row['variant']:42} {row['arch']:>3}"
+    head = f"{row['variant']:56} {row['arch']:>3}"
     if row["status"] != "ok":
         print(f"{head} {row['status'].upper()}: {row['reason'].splitlines()[0][:160]}")
         return
@@ -189,8 +235,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90],
                         help="CUDA compute capabilities (80 = A100, 90 = H100/H200)")
-    parser.add_argument("--all", action="store_true",
-                        help="every kernel x mode x dtype x head dim (slow: ~2 s each)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--all", action="store_true",
+                       help="every kernel x mode x dtype x head dim (slow: ~2 s each)")
+    group.add_argument("--candidates", action="store_true",
+                       help="every autotune candidate config of every kernel (slow)")
+    group.add_argument("--largest-candidates", action="store_true",
+                       help="each kernel's largest candidate at head dim 128, bf16 (fast)")
     parser.add_argument("--head-dim", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--dtype", nargs="+", default=["fp16", "bf16", "fp32"],
                         choices=sorted(TORCH_DTYPES))
@@ -199,10 +250,16 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("unset TRITON_INTERPRET: the interpreter cannot compile for a GPU")
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset
-    variants = (all_variants(tuple(args.head_dim), tuple(args.dtype)) if args.all
-                else default_variants())
+    if args.all:
+        variants = all_variants(tuple(args.head_dim), tuple(args.dtype))
+    elif args.candidates:
+        variants = candidate_variants(tuple(args.head_dim), tuple(args.dtype))
+    elif args.largest_candidates:
+        variants = largest_candidates()
+    else:
+        variants = default_variants()
     if not args.json:
-        print(f"{'variant':42} {'sm':>3} {'regs':>5} {'spill st/ld (B)':>16} {'smem (B)':>9} "
+        print(f"{'variant':56} {'sm':>3} {'regs':>5} {'spill st/ld (B)':>16} {'smem (B)':>9} "
               f"{'warps':>5} {'s':>5}")
     rows = []
     for variant, arch in itertools.product(variants, args.arch):

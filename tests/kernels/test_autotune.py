@@ -156,3 +156,21 @@ def test_every_candidate_every_mode(mode, head_dim, dtype):
         q, k, v, kwargs = make_case(mode, dtype, 150, k_len, head_dim=head_dim, batch=1,
                                     seed=7 * index + mode)
         check_against_float64(mode, dtype, q, k, v, kwargs, fwd=fwd, bwd=(dkdv, dq))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or fa._interpreting(),
+                    reason="needs CUDA and TRITON_INTERPRET unset")
+@pytest.mark.parametrize("mode", [fa.CAUSAL, fa.PREFIX])
+def test_gpu_autotuning(monkeypatch, mode):
+    """Real tuning on a GPU: every kernel gets a candidate, results match float64."""
+    monkeypatch.delenv(fa.CONFIG_ENV, raising=False)
+    monkeypatch.setattr(fa, "_AUTOTUNER", fa._Autotuner())
+    dtype, head_dim = torch.bfloat16, 64
+    q, k, v, kwargs = make_case(mode, dtype, 700, head_dim=head_dim, segments=False,
+                                bias=mode == fa.PREFIX, seed=40 + mode, device="cuda")
+    check_against_float64(mode, dtype, q, k, v, kwargs, fwd=None, bwd=None)
+    chosen = fa.selected_block_configs(q, 700, mode, has_bias=mode == fa.PREFIX)
+    for kernel in fa.KERNELS:
+        assert chosen[kernel] in fa.candidate_block_configs(kernel, head_dim, dtype)
+    assert len(fa._AUTOTUNER.cache) == 3

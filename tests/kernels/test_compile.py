@@ -4,7 +4,9 @@ The interpreter accepts code a real compile rejects (Python lists, ``break``, do
 ...), so every kernel variant also goes through ``triton.compile`` with a ``GPUTarget`` and
 Triton's own ptxas, via tools/kernel_report.py. That runs in a subprocess: a process that
 imported Triton in interpreter mode (these tests) cannot compile, and the reverse breaks the
-interpreter. A few variants run by default; the full set is ``-m slow``.
+interpreter. A few variants run by default; the full set is ``-m slow``. The autotuner's
+candidate tile configs must compile too, within each architecture's shared memory: the largest
+candidate of each kernel by default, every candidate of every kernel with ``-m slow``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from tools.kernel_report import all_variants, default_variants
+from tools.kernel_report import (
+    SHARED_LIMIT,
+    all_variants,
+    candidate_variants,
+    default_variants,
+    largest_candidates,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 ARCHS = (80, 90)
@@ -45,6 +53,16 @@ def full_report():
     return _compile_report("--all")
 
 
+@pytest.fixture(scope="module")
+def largest_candidates_report():
+    return _compile_report("--largest-candidates")
+
+
+@pytest.fixture(scope="module")
+def candidates_report():
+    return _compile_report("--candidates")
+
+
 def _check(row: dict) -> None:
     if row["status"] == "skipped":
         print(f"skipping {row['variant']} sm_{row['arch']}: {row['reason']}")
@@ -68,3 +86,25 @@ def test_compiles(default_report, variant, arch):
 @pytest.mark.parametrize("variant", [v.name for v in all_variants()])
 def test_compiles_every_variant(full_report, variant, arch):
     _check(full_report[variant, arch])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("variant", [v.name for v in largest_candidates()])
+def test_largest_candidate_compiles(largest_candidates_report, variant, arch):
+    """Each kernel's largest autotune candidate (d128, bf16, prefix + segments + bias)."""
+    row = largest_candidates_report[variant, arch]
+    if row["status"] == "skipped":
+        pytest.skip(row["reason"])
+    assert row["status"] == "ok", row["reason"]  # compiled, and fits the shared memory
+    assert 0 < row["shared"] <= SHARED_LIMIT[arch]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("variant", [v.name for v in candidate_variants()])
+def test_every_candidate_compiles(candidates_report, variant, arch):
+    row = candidates_report[variant, arch]
+    if row["status"] == "skipped":
+        pytest.skip(row["reason"])
+    assert row["status"] == "ok", row["reason"]
+    assert 0 < row["shared"] <= SHARED_LIMIT[arch]
