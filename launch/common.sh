@@ -10,10 +10,12 @@
 #   EXTRA          more megarch-train arguments, word-split (e.g. "--run.steps 50")
 #   PYTHON         the interpreter with megarch installed (default python)
 #   DRY_RUN=1      print the exact command instead of running it
+#   MICRO_BATCH, ACTIVATION_CHECKPOINTING, ZERO1
+#                  when set: --run.micro_batch, --model.activation_checkpointing (true/false),
+#                  --parallel.zero1 (true/false), before EXTRA and the script's arguments
 #   RECIPE         a launch/recipes/<name>.env layout for A100-80GB nodes (e.g. cd_flm): sets
-#                  PRESET, GPUS_PER_NODE, TP, PP and MICRO_BATCH, ACTIVATION_CHECKPOINTING,
-#                  ZERO1 (passed as --run.micro_batch, --model.activation_checkpointing,
-#                  --parallel.zero1); a variable already set in the environment wins
+#                  PRESET, GPUS_PER_NODE, TP, PP, MICRO_BATCH, ACTIVATION_CHECKPOINTING and
+#                  ZERO1; a variable already set in the environment wins
 
 LAUNCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 RECIPE_KEYS="PRESET GPUS_PER_NODE TP PP MICRO_BATCH ACTIVATION_CHECKPOINTING ZERO1"
