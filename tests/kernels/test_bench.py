@@ -159,3 +159,17 @@ def test_console_script_and_wrapper_point_at_the_benchmark():
     with pytest.raises(SystemExit) as exit_info:  # --help parses and exits 0
         bench.parse_args(["--help"])
     assert exit_info.value.code == 0
+
+
+def test_gpu_check_runs_the_full_comparison(monkeypatch):
+    """tools/gpu_check.sh's benchmark line parses, with both modes, passes and head dims."""
+    import shlex
+
+    script = (REPO / "tools" / "gpu_check.sh").read_text().replace("\\\n", " ")
+    line = next(line for line in script.splitlines() if "-m kernels.bench" in line)
+    words = shlex.split(line.split("2>&1")[0])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    args = bench.parse_args(words[words.index("kernels.bench") + 1:])
+    assert args.modes == ["causal", "prefix"] and args.passes == ["fwd", "fwd_bwd"]
+    assert args.head_dims == [64, 128] and max(args.seq_lens) == 8192
+    assert args.dtype == "bf16" and not args.cpu_small
