@@ -262,7 +262,8 @@ class StagedTrainer(Trainer):
         if keep and optimizer is None:
             log.warning("init_from %s: optimizer %s there, %s here: a fresh optimizer", path,
                         parent.optim.name, self.cfg.optim.name)
-        restored = load_checkpoint(path, self.model, optimizer, restore_rng=False)
+        restored = load_checkpoint(path, self.model, optimizer, restore_rng=False,
+                                   ctx=self.ctx)  # any TP/PP layout
         if keep:
             if self.cfg.run.steps <= restored.step:
                 raise ConfigError(
