@@ -269,6 +269,11 @@ def _tiles(fa, case: Case) -> str:
                     for kernel, c in configs.items())
 
 
+def _free_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def run_case(case: Case, passes: list[str], fa, base_row: dict) -> list[dict]:
     """Rows for the kernel and the case's baselines, forward and/or forward + backward."""
     device = case.q.device
@@ -283,9 +288,11 @@ def run_case(case: Case, passes: list[str], fa, base_row: dict) -> list[dict]:
         try:
             fn, mask_ms = build_impl(impl, case, fa)
         except _out_of_memory_errors():
+            fn = None
+        if fn is None:
             rows += [{**row, "pass": p, "status": "oom", "note": "building the mask"}
                      for p in passes]
-            torch.cuda.empty_cache()
+            _free_memory(device)  # after the except block: its traceback held the tensors
             continue
         out = None
         for bench_pass in passes:
@@ -302,8 +309,10 @@ def run_case(case: Case, passes: list[str], fa, base_row: dict) -> list[dict]:
                 ms, peak, last = measure(_step(fn, case, bench_pass), device,
                                          warmup=impl != "kernel")
             except _out_of_memory_errors():
+                ms = None
+            if ms is None:
                 rows.append({**result, "status": "oom"})
-                torch.cuda.empty_cache()
+                _free_memory(device)
                 continue
             out = last if out is None else out
             del last

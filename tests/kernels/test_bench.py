@@ -173,3 +173,24 @@ def test_gpu_check_runs_the_full_comparison(monkeypatch):
     assert args.modes == ["causal", "prefix"] and args.passes == ["fwd", "fwd_bwd"]
     assert args.head_dims == [64, 128] and max(args.seq_lens) == 8192
     assert args.dtype == "bf16" and not args.cpu_small
+
+
+def test_out_of_memory_is_recorded_and_the_run_goes_on(monkeypatch):
+    """A baseline whose mask or call runs out of memory reads "oom"; the others still run."""
+    real_build = bench.build_impl
+
+    def build(impl, case, fa_module):
+        if impl == "sdpa_dense_mask":
+            raise torch.OutOfMemoryError("CUDA out of memory (mask)")
+        fn, mask_ms = real_build(impl, case, fa_module)
+        if impl == "flex_block_mask":
+            def fn(q, k, v):
+                raise torch.OutOfMemoryError("CUDA out of memory (call)")
+        return fn, mask_ms
+
+    monkeypatch.setattr(bench, "build_impl", build)
+    case = bench.make_case("prefix", 1, 1, 40, 16, torch.float32, "cpu")
+    rows = bench.run_case(case, ["fwd"], fa, {"dtype": "fp32"})
+    status = {row["impl"]: (row["status"], row.get("note", "")) for row in rows}
+    assert status == {"kernel": ("ok", ""), "sdpa_dense_mask": ("oom", "building the mask"),
+                      "flex_block_mask": ("oom", "")}
