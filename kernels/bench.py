@@ -314,7 +314,8 @@ def run_case(case: Case, passes: list[str], fa, base_row: dict) -> list[dict]:
                 rows.append({**result, "status": "oom"})
                 _free_memory(device)
                 continue
-            out = last if out is None else out
+            # Kept on the host: a held output would count in the next calls' peak memory.
+            out = last.cpu() if out is None else out
             del last
             if impl == "kernel":
                 kernel_out = out if kernel_out is None else kernel_out
