@@ -1,6 +1,6 @@
 """Parallelism: the context of groups and sizes, tensor-parallel collectives and sharding,
-data-parallel gradient reduction and ZeRO-1, decoder pipeline stages with a 1F1B schedule,
-tensor-parallel resharding, and a process spawner for tests.
+data-parallel gradient reduction and ZeRO-1, pipeline stages for all three architectures with
+1F1B and interleaved 1F1B schedules, resharding, and a process spawner for tests.
 
 Modules and their public API:
 
@@ -13,8 +13,9 @@ Modules and their public API:
 - rng: :class:`TensorParallelDropout`, :func:`split_dropout` (per-TP-rank masks where
   activations are split, the global stream where replicated), :func:`dropout_seed`
 - data_parallel: ``all_reduce_grads``, ``sum_over``, ``any_over``, ``zero1``
-- pipeline: ``DecoderStage``, ``build_stage``, ``stage_layers``, ``one_f_one_b``,
-  ``forward_only``
+- pipeline: ``DecoderStage``, ``EncoderDecoderStage``, ``build_stage``, ``stage_layers``
+  (stage modules with the single-process parameter names)
+- pipeline_schedules: ``one_f_one_b``, ``interleaved_one_f_one_b``, ``forward_only``
 - reshard: ``merge_tp_model`` / ``split_tp_model``, ``merge_tp_optimizer`` /
   ``split_tp_optimizer``
 - spawn: ``spawn(world_size)(fn, *args)``, ``SpawnError``, ``free_port``
