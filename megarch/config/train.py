@@ -49,7 +49,8 @@ class OptimConfig:
     """Optimizer and learning-rate schedule (see megarch.training.optim)."""
 
     name: str = "adamw"
-    """adafactor (torch.optim.Adafactor, the study's) or adamw."""
+    """adafactor (the study's; megarch.training.adafactor: torch's algorithm, exact under TP) or
+    adamw."""
     lr: float = 3e-3
     """Peak learning rate. Adafactor caps it at 1/sqrt(step) itself, so lr=0.01 with the
     constant schedule is the study's 1/sqrt(max(step, 1e4))."""
