@@ -5,7 +5,8 @@ A checkpoint (megarch.training.checkpoint) records its layout in ``config.json``
 stage). :class:`SavedCheckpoint` reads it lazily: files are opened with
 ``torch.load(mmap=True)``, so a rank reads only the bytes of the tensors it needs.
 
-- Same layout (the saved shard of this rank has exactly this model's names and shapes): this
+- Same layout (same ``tp`` x ``pp`` and the saved shard of this rank has exactly this model's
+  names and shapes, so e.g. other virtual or encoder stages count as another layout): this
   rank's files are loaded as they are, bit for bit.
 - Another layout: each parameter is found by name in the first saved stage holding it (the
   tied embedding of the first and last stage: the first stage's), its saved TP shards are
@@ -191,7 +192,11 @@ def saved_layout(path: str) -> tuple[int, int]:
     try:
         with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as f:
             parallel = json.load(f).get("parallel", {})
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError) as err:
+        if os.path.isfile(os.path.join(path, shard_file("model", 0, 0, 2, 2))):
+            raise CheckpointError(f"{os.path.join(path, CONFIG_FILE)} cannot be read ({err}): "
+                                  "it records the layout of the sharded checkpoint's files; "
+                                  "restore it") from None
         return 1, 1
     return int(parallel.get("tp", 1)), int(parallel.get("pp", 1))
 

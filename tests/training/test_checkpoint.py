@@ -153,6 +153,9 @@ def test_a_missing_shard_file_or_an_indivisible_layout_is_named(tmp_path, capsys
         load_model(sharded)
     assert tool_main([sharded, str(tmp_path / "again")]) == 2
     assert "model_tp01_pp00.pt is missing" in capsys.readouterr().err
+    os.remove(os.path.join(sharded, "config.json"))  # the record of the shards' layout
+    with pytest.raises(CheckpointError, match="config.json cannot be read"):
+        load_model(sharded)
 
 
 def test_tool_round_trip_of_an_encoder_decoder_pipeline(tmp_path):
