@@ -190,6 +190,9 @@ class ParallelConfig:
     """Data-parallel size (0: auto, WORLD_SIZE // (tp * pp))."""
     zero1: bool = False
     """Shard the optimizer state over the data-parallel ranks (ZeRO stage 1)."""
+    grad_bucket_mb: float = 25.0
+    """The data-parallel gradient all-reduce packs gradients into buckets of this many MiB
+    (the extra memory it needs); a larger gradient is reduced on its own, in place."""
     sequence_parallel: bool = False
     """With tp > 1: norms, dropout and residuals hold len / tp tokens per rank (Megatron-SP);
     sequence lengths must divide by tp. Not with pp > 1 yet."""
@@ -210,6 +213,9 @@ class ParallelConfig:
                               "virtual_stages 1")
         if self.dp < 0 or self.timeout_s <= 0:
             raise ConfigError("parallel.dp must be >= 0 (0: auto) and parallel.timeout_s > 0")
+        if not self.grad_bucket_mb > 0:
+            raise ConfigError(f"parallel.grad_bucket_mb={self.grad_bucket_mb}: must be > 0 "
+                              "(MiB per gradient all-reduce bucket; 25 is DDP's default)")
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world % (self.tp * self.pp):
             raise ConfigError(

@@ -3,9 +3,10 @@
 Why an explicit all-reduce rather than ``torch.nn.parallel.DistributedDataParallel``: the
 training loop divides every micro-batch's loss by the token count of the *global* batch (summed
 over data-parallel ranks first), so the gradients are to be *summed* over ranks, once, after the
-last micro-batch; DDP averages and needs ``no_sync`` juggling for accumulation. One flat
-all-reduce per dtype after accumulation is the same communication as DDP without overlap; the
-overlap with the backward pass is what DDP's buckets would add on GPUs (a later optimisation).
+last micro-batch; DDP averages and needs ``no_sync`` juggling for accumulation. The gradients
+are reduced after accumulation in buckets of ``parallel.grad_bucket_mb`` (DDP's 25 MB by
+default), so the extra memory is one bucket, not a flat copy of the whole model. Future work:
+launch each bucket during the backward pass as its gradients become final (DDP's overlap).
 
 ZeRO-1 (optimizer state sharded over the data-parallel group) is
 ``torch.distributed.optim.ZeroRedundancyOptimizer`` around the same optimizer class and groups.
@@ -20,17 +21,75 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
-from megarch.parallel.collectives import Group, all_reduce_tensors, group_size
+from megarch.parallel.collectives import Group, group_size
+
+DEFAULT_BUCKET_MB = 25.0
+"""Default bucket size of :func:`all_reduce_grads` (DDP's ``bucket_cap_mb``)."""
 
 
-def all_reduce_grads(model: nn.Module, group: Group) -> None:
-    """Sum every gradient over the data-parallel ``group`` in place (missing ones count as 0)."""
+def all_reduce_grads(model: nn.Module, group: Group, bucket_mb: float = DEFAULT_BUCKET_MB
+                     ) -> None:
+    """Sum every gradient over the data-parallel ``group`` in place (missing ones count as 0).
+
+    Gradients are taken in parameter order, per dtype, and packed into buckets of at most
+    ``bucket_mb`` MiB: each bucket is copied into one reusable flat buffer, all-reduced and
+    copied back, so the extra memory is one bucket per dtype at a time. A gradient larger than
+    a bucket is all-reduced in place on its own (no copy). The sums equal one flat all-reduce
+    of everything bitwise on two ranks (a + b either way); with more ranks a collective's
+    reduction order may depend on the buffer's layout, so they agree to float rounding.
+    """
+    if bucket_mb <= 0:
+        raise ValueError(f"all_reduce_grads: bucket_mb={bucket_mb} must be > 0 "
+                         "(parallel.grad_bucket_mb)")
     if group_size(group) == 1:
         return
     for param in model.parameters():
         if param.requires_grad and param.grad is None:
             param.grad = torch.zeros_like(param)
-    all_reduce_tensors([p.grad for p in model.parameters() if p.grad is not None], group)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for grad in grads:
+        by_dtype.setdefault(grad.dtype, []).append(grad)
+    for same in by_dtype.values():
+        _all_reduce_bucketed(same, group, int(bucket_mb * 2**20) // same[0].element_size())
+
+
+def _all_reduce_bucketed(grads: list[torch.Tensor], group: Group, capacity: int) -> None:
+    """All-reduce ``grads`` (one dtype) through buckets of at most ``capacity`` elements."""
+    capacity = max(capacity, 1)
+    small = [g for g in grads if g.numel() <= capacity or not g.is_contiguous()]
+    buffer = None
+    if small:
+        size = min(capacity, sum(g.numel() for g in small))
+        buffer = small[0].new_empty(max(size, max(g.numel() for g in small)))
+    bucket: list[torch.Tensor] = []
+    filled = 0
+
+    def flush() -> None:
+        nonlocal bucket, filled
+        if not bucket:
+            return
+        flat = buffer[:filled]
+        offset = 0
+        for g in bucket:
+            flat[offset:offset + g.numel()].view_as(g).copy_(g)
+            offset += g.numel()
+        dist.all_reduce(flat, group=group)
+        offset = 0
+        for g in bucket:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+        bucket, filled = [], 0
+
+    for grad in grads:
+        if grad.numel() > capacity and grad.is_contiguous():
+            dist.all_reduce(grad, group=group)  # its own bucket, in place
+            continue
+        if filled + grad.numel() > capacity:
+            flush()
+        bucket.append(grad)
+        filled += grad.numel()
+    flush()
 
 
 def sum_over(values: list[float], group: Group) -> list[float]:

@@ -262,7 +262,7 @@ class Trainer:
                 totals[key] = totals[key] + out[key].detach()
         if self.ctx.sequence_parallel:  # the norms saw this rank's chunk of the sequence
             reduce_sequence_parallel_grads(self.model, self.tp_group)
-        all_reduce_grads(self.model, self.ctx.dp_group)
+        all_reduce_grads(self.model, self.ctx.dp_group, self.cfg.parallel.grad_bucket_mb)
         totals = dict(zip(totals, sum_over([float(v) for v in totals.values()],
                                            self.ctx.dp_group), strict=True))
         lr = lr_at(self.cfg.optim, step, self.cfg.run.steps)
