@@ -15,7 +15,9 @@ holding
 A tensor- or pipeline-parallel job (config ``parallel.tp`` x ``parallel.pp`` > 1) writes, instead
 of the first three, one set per (TP rank, stage): ``model_tpTT_ppPP.pt``,
 ``optimizer_tpTT_ppPP.pt`` and ``rng_tpTT_ppPP.pt`` (:func:`shard_file`), each written by
-data-parallel rank 0 of that shard (ZeRO-1 state gathered first). Parameter names are the
+data-parallel rank 0 of that shard (ZeRO-1 state gathered first). The other data-parallel ranks
+write only their RNG states (``rng_tpTT_ppPP_dpDD.pt``, :func:`rng_file`; their dropout streams
+differ), under any layout. Parameter names are the
 single-process model's on every stage (``blocks.<global index>...``), so any layout can be read
 back into any other (megarch.training.resume).
 
@@ -88,6 +90,13 @@ def shard_file(kind: str, tp_rank: int, pp_rank: int, tp: int, pp: int) -> str:
     if tp == 1 and pp == 1:
         return f"{kind}.pt"
     return f"{kind}_tp{tp_rank:02d}_pp{pp_rank:02d}.pt"
+
+
+def rng_file(tp_rank: int, pp_rank: int, dp_rank: int, tp: int, pp: int) -> str:
+    """The RNG file of one rank: data-parallel rank 0's is :func:`shard_file`'s ``rng`` file,
+    the other data-parallel ranks' (whose dropout streams differ) add ``_dpDD``."""
+    name = shard_file("rng", tp_rank, pp_rank, tp, pp)
+    return name if dp_rank == 0 else f"rng_tp{tp_rank:02d}_pp{pp_rank:02d}_dp{dp_rank:02d}.pt"
 
 
 def list_checkpoints(out_dir: str) -> list[tuple[int, str]]:
@@ -192,6 +201,9 @@ def save_checkpoint(
     ctx.barrier()
     if ctx.dp_rank == 0:
         write_shard(tmp, model, optimizer, ctx, state.step)
+    else:  # its own dropout stream
+        torch.save(rng_state(), os.path.join(
+            tmp, rng_file(ctx.tp_rank, ctx.pp_rank, ctx.dp_rank, ctx.tp, ctx.pp)))
     ctx.barrier()  # every shard is on disk (a rank that died raises here on the others)
     if ctx.is_main:
         _write_json(os.path.join(tmp, CONFIG_FILE), config_json)

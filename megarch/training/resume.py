@@ -37,6 +37,7 @@ from megarch.parallel.reshard import (
     reshard_param_state,
     take_shard,
 )
+from megarch.parallel.rng import rank_seed
 from megarch.parallel.tensor_parallel import tp_split_dim
 from megarch.training.checkpoint import (
     CONFIG_FILE,
@@ -45,6 +46,7 @@ from megarch.training.checkpoint import (
     TrainState,
     find_latest,
     read_state,
+    rng_file,
     save_checkpoint,
     set_rng_state,
     shard_file,
@@ -167,14 +169,21 @@ class SavedCheckpoint:
             self._files[key] = {name: index for index, name in enumerate(names)}
         return self._files[key]
 
-    def rng(self, tp_rank: int, pp_rank: int) -> dict | None:
-        """The RNG states of (TP rank, stage) when saved, else rank 0's (None: no file)."""
+    def rng(self, tp_rank: int, pp_rank: int, dp_rank: int = 0) -> tuple[dict | None, bool]:
+        """(RNG states, exact): this rank's saved states when the checkpoint has them (exact),
+        else its (TP rank, stage)'s of data-parallel rank 0, else rank 0's; (None, False)
+        without any RNG file."""
         if tp_rank < self.tp and pp_rank < self.pp:
+            mine = os.path.join(self.path, rng_file(tp_rank, pp_rank, dp_rank, self.tp, self.pp))
+            if os.path.isfile(mine):
+                return torch.load(mine, map_location="cpu", weights_only=False), True
             if os.path.isfile(self.file("rng", tp_rank, pp_rank)):
-                return self.load("rng", tp_rank, pp_rank)
+                return self.load("rng", tp_rank, pp_rank), dp_rank == 0
         log.info("%s has no RNG state of tp rank %d, stage %d: using rank 0's", self.path,
                  tp_rank, pp_rank)
-        return self.load("rng", 0, 0) if os.path.isfile(self.file("rng", 0, 0)) else None
+        if os.path.isfile(self.file("rng", 0, 0)):
+            return self.load("rng", 0, 0), False
+        return None, False
 
     def same_layout(self, model: torch.nn.Module, ctx: ParallelContext) -> bool:
         """True when this rank's saved files hold exactly ``model``'s names and shapes."""
@@ -224,9 +233,12 @@ def load_into(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimize
             groups = optimizer_group_names(model, optimizer)
             optimizer.load_state_dict(saved.optimizer_state(groups, ctx.tp_rank, ctx.tp))
     if restore_rng:
-        state = saved.rng(ctx.tp_rank, ctx.pp_rank)
+        state, exact = saved.rng(ctx.tp_rank, ctx.pp_rank, ctx.dp_rank)
         if state is not None:
             set_rng_state(state)
+        if not exact and ctx.dp_rank > 0:  # another rank's stream: make this one its own
+            base = int(torch.randint(1 << 62, ()).item())
+            torch.manual_seed(rank_seed(base, ctx.pp_rank * ctx.dp + ctx.dp_rank))
     state = read_state(path)
     log.info("loaded checkpoint %s (step %d)", path, state.step)
     return state

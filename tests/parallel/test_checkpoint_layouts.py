@@ -4,7 +4,8 @@ A run saved at one layout and resumed at another must continue the uninterrupted
 curve (rel. diff <= 1e-5: only the float summation order differs between layouts), with the
 same weights and optimizer state; a rank killed inside a save must leave no complete-looking
 step. Fast: TP2 and PP2 (2 processes) resumed at TP1 x PP1 and across (TP2 -> PP2), AdamW and
-Adafactor, and the kill. Slow: TP2 x PP2 (4 processes) resumed at TP1 x PP1 and TP1 x PP4.
+Adafactor, DP2 with dropout resumed (every data-parallel rank continues its own dropout
+stream), and the kill. Slow: TP2 x PP2 (4 processes) resumed at TP1 x PP1 and TP1 x PP4.
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ def _two_ranks(rank: int, world: int, embedded, root: str) -> None:
     # the TP2 run's step-2 checkpoint resumed by a PP2 job
     Trainer(_config(embedded, os.path.join(root, "tp2_to_pp2"), parallel__pp="2",
                     run__resume=step_path(os.path.join(root, "tp2"), SAVED))).train()
+    # DP2 with dropout: each data-parallel rank resumes its own dropout stream
+    dropout = {"model__dropout": "0.1", "parallel__dp": "2"}
+    Trainer(_config(embedded, os.path.join(root, "dp2"), **dropout)).train()
+    Trainer(_config(embedded, os.path.join(root, "dp2_resumed"), **dropout,
+                    run__resume=step_path(os.path.join(root, "dp2"), SAVED))).train()
 
 
 def test_tp2_and_pp2_checkpoints_resume_at_other_layouts(embedded, tmp_path):
@@ -68,6 +74,8 @@ def test_tp2_and_pp2_checkpoints_resume_at_other_layouts(embedded, tmp_path):
     assert {"model_tp00_pp00.pt", "optimizer_tp01_pp00.pt", "rng_tp01_pp00.pt",
             "state.json", "config.json"} <= set(os.listdir(step_path(tp2, SAVED)))
     _assert_continues(str(tmp_path / "tp2_to_pp2"), tp2)
+    assert "rng_tp00_pp00_dp01.pt" in os.listdir(step_path(str(tmp_path / "dp2"), SAVED))
+    _assert_continues(str(tmp_path / "dp2_resumed"), str(tmp_path / "dp2"))
     for name, optimizer in (("tp2", "adamw"), ("pp2", "adafactor")):
         out = str(tmp_path / f"{name}_to_tp1")
         Trainer(_config(embedded, out, optimizer,
