@@ -173,6 +173,22 @@ def _load_col_info(KSEG, KPOS, b, offs_n, k_len, HAS_SEG: tl.constexpr, HAS_BIAS
 
 
 @triton.jit
+def _dropout_keep(seed, pid_bh, offs_m, offs_n, k_len, dropout_p):
+    """[BLOCK_M, BLOCK_N] attention-dropout keep mask of (batch * heads + head) ``pid_bh``.
+
+    Counter-based (Philox, 10 rounds, key = the 64-bit seed): element (query i, key j) of
+    ``pid_bh`` takes the first word of Philox(counter = (i * k_len + j, pid_bh, 0, 0)) as a
+    uniform u in [0, 1) and is kept iff u >= dropout_p. The bits depend on the element only,
+    never on the tile, so every kernel and tile config (and ``dropout_mask``) regenerates the
+    same mask without storing it. Needs q_len * k_len < 2**31 (the launcher checks).
+    """
+    offset = offs_m[:, None] * k_len + offs_n[None, :]  # [BLOCK_M, BLOCK_N] int32
+    zero = tl.zeros_like(offset)
+    bits, _, _, _ = tl.philox(seed, offset, zero + pid_bh, zero, zero)
+    return tl.uint_to_uniform_float(bits) >= dropout_p
+
+
+@triton.jit(do_not_specialize=["seed"])
 def _fwd_kernel(
     Q, K, V, OUT, LSE, QSEG, KSEG, QSPAN, PREFIX, BIAS, QPOS, KPOS,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -180,8 +196,9 @@ def _fwd_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_pb, stride_pm,
-    n_heads, q_len, k_len, scale,
+    n_heads, q_len, k_len, scale, dropout_p, seed,
     MODE: tl.constexpr, HAS_SEG: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     BIAS_RANGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -228,19 +245,23 @@ def _fwd_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        l_i = l_i * alpha + tl.sum(p, axis=1)  # the undropped softmax's normaliser
+        if HAS_DROPOUT:  # 1 / (1 - p) after the loop
+            p = tl.where(_dropout_keep(seed, pid_bh, offs_m, offs_n, k_len, dropout_p), p, 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if HAS_DROPOUT:
+        acc = acc * (1.0 / (1.0 - dropout_p))
     lse = tl.where(empty, 0.0, m_i + tl.log2(tl.where(empty, 1.0, l_i)))  # log2 units
     tl.store(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om
              + offs_d[None, :] * stride_od, acc.to(OUT.dtype.element_ty), mask=md_mask)
     tl.store(LSE + pid_bh * q_len + offs_m, lse, mask=m_valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, QSEG, KSEG, KSPAN, PREFIX, PREFIX_MAX, BIAS, QPOS, KPOS,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -248,8 +269,9 @@ def _bwd_dkdv_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_pb, stride_pm,
-    n_heads, q_len, k_len, scale,
+    n_heads, q_len, k_len, scale, dropout_p, seed,
     MODE: tl.constexpr, HAS_SEG: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     BIAS_RANGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -298,17 +320,25 @@ def _bwd_dkdv_kernel(
             idx = _distance_index(q_pos, k_pos, BIAS_RANGE)
             s += tl.load(bias_row + idx, mask=visible, other=0.0) * _LOG2E
         p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        if HAS_DROPOUT:  # dV = (P o Z)^T dO, dP = Z o (dO V^T) (the _backward docstring)
+            keep = _dropout_keep(seed, pid_bh, offs_m, offs_n, k_len, dropout_p)
+            p_kept = tl.where(keep, p, 0.0)  # 1 / (1 - p) on dV after the loop
+            dv += tl.dot(tl.trans(p_kept.to(do.dtype)), do, input_precision=DOT_PRECISION)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        else:
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
 
     out_offs = pid_bh * k_len * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DK + out_offs, (dk * scale).to(DK.dtype.element_ty), mask=nd_mask)
+    if HAS_DROPOUT:
+        dv = dv * (1.0 / (1.0 - dropout_p))
     tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=nd_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, DBIAS, QSEG, KSEG, QSPAN, PREFIX, BIAS, QPOS, KPOS,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -316,8 +346,9 @@ def _bwd_dq_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_pb, stride_pm,
-    n_heads, q_len, k_len, scale,
+    n_heads, q_len, k_len, scale, dropout_p, seed,
     MODE: tl.constexpr, HAS_SEG: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     BIAS_RANGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -366,6 +397,9 @@ def _bwd_dq_kernel(
             s += tl.load(bias_row + idx, mask=visible, other=0.0) * _LOG2E
         p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        if HAS_DROPOUT:  # dP = Z o (dO V^T) (the _backward docstring)
+            keep = _dropout_keep(seed, pid_bh, offs_m, offs_n, k_len, dropout_p)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
         if HAS_BIAS:
@@ -373,6 +407,18 @@ def _bwd_dq_kernel(
 
     out_offs = pid_bh * q_len * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DQ + out_offs, (dq * scale).to(DQ.dtype.element_ty), mask=md_mask)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _dropout_mask_kernel(OUT, q_len, k_len, dropout_p, seed,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One [BLOCK_M, BLOCK_N] tile of the keep mask (int8 [batch * heads, q_len, k_len])."""
+    pid_bh = tl.program_id(0)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _dropout_keep(seed, pid_bh, offs_m, offs_n, k_len, dropout_p)
+    ptrs = OUT + pid_bh.to(tl.int64) * q_len * k_len + offs_m[:, None] * k_len + offs_n[None, :]
+    tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < q_len) & (offs_n[None, :] < k_len))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -575,6 +621,16 @@ def selected_block_configs(q: torch.Tensor, k_len: int, mode: int, *, has_segmen
             for kernel in KERNELS}
 
 
+_SEED_FLAG = 1 << 62
+
+
+def _kernel_seed(seed: int) -> int:
+    """The kernels' form of a dropout seed: its low 62 bits with bit 62 set, so Triton always
+    passes it as one int64 (never int32, never specialised to a constant); seeds equal
+    modulo 2**62 draw the same masks."""
+    return (int(seed) & (_SEED_FLAG - 1)) | _SEED_FLAG
+
+
 @dataclass
 class _MaskArgs:
     """Mask and bias inputs in kernel form (int32, contiguous), built once per call."""
@@ -593,6 +649,8 @@ class _MaskArgs:
     fwd_config: BlockConfig | None  # None: chosen at launch (_block_config)
     dkdv_config: BlockConfig | None
     dq_config: BlockConfig | None
+    dropout_p: float = 0.0  # attention dropout; 0 compiles the kernels without it
+    dropout_seed: int = _SEED_FLAG  # kernel form (_kernel_seed)
 
     @property
     def has_seg(self) -> bool:
@@ -701,13 +759,14 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 def _common_args(q, k, v, do, mask: _MaskArgs):
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *mask.prefix_strides())
-    return strides, (q.shape[1], q.shape[2], k.shape[2], mask.scale)
+    return strides, (q.shape[1], q.shape[2], k.shape[2], mask.scale, mask.dropout_p,
+                     mask.dropout_seed)
 
 
 def _constexprs(q: torch.Tensor, mask: _MaskArgs, config: BlockConfig, has_bias: bool) -> dict:
     head_dim = q.shape[-1]
     return dict(MODE=mask.mode, HAS_SEG=mask.has_seg, HAS_BIAS=has_bias,
-                BIAS_RANGE=mask.bias_range, HEAD_DIM=head_dim,
+                HAS_DROPOUT=mask.dropout_p > 0.0, BIAS_RANGE=mask.bias_range, HEAD_DIM=head_dim,
                 BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
                 BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                 DOT_PRECISION=_dot_precision(q.dtype),
@@ -751,7 +810,17 @@ def _forward(q, k, v, bias, mask: _MaskArgs) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _backward(q, k, v, out, lse, do, bias, mask: _MaskArgs):
-    """Launch the backward kernels: (dq, dk, dv, dbias or None)."""
+    """Launch the backward kernels: (dq, dk, dv, dbias or None).
+
+    Attention dropout (FlashAttention-2): with P = softmax(S) the undropped probabilities
+    (recomputed from the saved log-sum-exp, which the forward takes before dropout), Z the
+    keep mask scaled by 1 / (1 - p) (zero where dropped), the forward is O = (P o Z) V. Then
+    dV = (P o Z)^T dO; the gradient of the dropped probabilities is dO V^T, so that of P is
+    dP = Z o (dO V^T); and the softmax backward dS = P o (dP - D) needs the row sums
+    D = rowsum(dP o P) = rowsum((dO V^T) o (P o Z)) = rowsum(dO o ((P o Z) V)) = rowsum(dO o O):
+    the same ``delta`` as without dropout, from the dropped output. The kernels regenerate Z
+    from (seed, element) instead of storing it.
+    """
     batch, heads, q_len, _ = q.shape
     k_len = k.shape[2]
     delta = (do.float() * out.float()).sum(-1).contiguous()  # [batch, heads, q_len]
@@ -792,7 +861,11 @@ def _backward(q, k, v, out, lse, do, bias, mask: _MaskArgs):
 
 
 class FlashAttentionFunction(torch.autograd.Function):
-    """Differentiable in q, k, v and the per-head bias-by-distance table ``[heads, 2 R + 1]``."""
+    """Differentiable in q, k, v and the per-head bias-by-distance table ``[heads, 2 R + 1]``.
+
+    Attention dropout travels in ``mask`` (``dropout_p``, ``dropout_seed``): the backward
+    regenerates the forward's keep mask from the seed.
+    """
 
     @staticmethod
     def forward(ctx, q, k, v, bias, mask: _MaskArgs):
@@ -846,6 +919,8 @@ def flash_attention(
     num_buckets: int = 32,
     max_distance: int = 128,
     scale: float | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
     fwd_config: BlockConfig | None = None,
     bwd_config: BlockConfig | tuple[BlockConfig, BlockConfig] | None = None,
 ) -> torch.Tensor:
@@ -865,6 +940,12 @@ def flash_attention(
             BIDIRECTIONAL and CROSS, False (causal bucketing) for CAUSAL and PREFIX.
         num_buckets, max_distance: T5 bucketing parameters (num_buckets must match the table).
         scale: logit scale, default head_dim ** -0.5.
+        dropout_p: attention dropout on the probabilities, in [0, 1) (pass 0 when not
+            training); kept ones are scaled by 1 / (1 - dropout_p). 0 runs kernels compiled
+            without it.
+        dropout_seed: an int picking the masks (``dropout_mask`` returns them; seeds equal
+            modulo 2**62 give the same); None: drawn from the global torch CPU generator
+            (no device synchronisation).
         fwd_config, bwd_config: tile overrides; ``bwd_config`` is one config for both backward
             kernels or a (dK/dV, dQ) pair. Default: ``MEGARCH_FLASH_CONFIG``, else autotuned
             on a GPU (``candidate_block_configs``), else ``default_block_configs``.
@@ -897,8 +978,46 @@ def flash_attention(
                               else (bwd_config, bwd_config))
     mask = _MaskArgs(mode, q_seg, k_seg, q_span, k_span, prefix, prefix_max, q_pos, k_pos, r,
                      head_dim ** -0.5 if scale is None else float(scale),
-                     fwd_config, dkdv_config, dq_config)
+                     fwd_config, dkdv_config, dq_config,
+                     *_dropout_args(dropout_p, dropout_seed, q_len, k_len))
     return FlashAttentionFunction.apply(q, k, v, bias, mask)
+
+
+def _dropout_args(dropout_p: float, seed: int | None, q_len: int, k_len: int
+                  ) -> tuple[float, int]:
+    """(p, kernel-form seed) of ``flash_attention``'s dropout arguments, checked."""
+    dropout_p = float(dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_p == 0.0:
+        return 0.0, _SEED_FLAG
+    if q_len * k_len >= 1 << 31:
+        raise ValueError(f"attention dropout needs q_len * k_len < 2**31 (the mask's Philox "
+                         f"counter), got {q_len} x {k_len}")
+    if seed is None:
+        seed = int(torch.randint(1 << 62, ()).item())  # global CPU generator: no device sync
+    return dropout_p, _kernel_seed(seed)
+
+
+def dropout_mask(seed: int, shape: tuple[int, int, int, int], dropout_p: float,
+                 device: torch.device | str | None = None) -> torch.Tensor:
+    """The keep mask ``flash_attention(..., dropout_p=dropout_p, dropout_seed=seed)`` applies:
+    bool [batch, heads, q_len, k_len] for ``shape`` = (batch, heads, q_len, k_len), True =
+    kept (it scales kept probabilities by 1 / (1 - dropout_p)). Drawn by a Triton kernel
+    sharing the attention kernels' RNG, so on CUDA (or CPU under ``TRITON_INTERPRET=1``).
+    """
+    batch, heads, q_len, k_len = shape
+    p, kernel_seed = _dropout_args(dropout_p, seed, q_len, k_len)
+    if p == 0.0:
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    out = torch.empty((batch * heads, q_len, k_len), dtype=torch.int8, device=device)
+    if out.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"dropout_mask needs a CUDA device (got {out.device}), or "
+                         "TRITON_INTERPRET=1 set before importing")
+    block = 32
+    grid = (batch * heads, triton.cdiv(q_len, block), triton.cdiv(k_len, block))
+    _dropout_mask_kernel[grid](out, q_len, k_len, p, kernel_seed, BLOCK_M=block, BLOCK_N=block)
+    return out.view(shape).bool()
 
 
 def _default_positions(positions, batch, length, device, name) -> torch.Tensor:
@@ -977,10 +1096,15 @@ def flash_attention_ref(
     num_buckets: int = 32,
     max_distance: int = 128,
     scale: float | None = None,
+    dropout_p: float = 0.0,
+    dropout_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``flash_attention`` in plain PyTorch (materialised scores; any device; autograd).
 
-    Computes in float32 (float64 inputs stay float64); returns q's dtype.
+    Computes in float32 (float64 inputs stay float64); returns q's dtype. Attention dropout
+    takes its keep mask explicitly: ``dropout_mask`` bool [batch, heads, q_len, k_len] (the
+    kernel's for a seed: module function ``dropout_mask``), kept probabilities scaled by
+    1 / (1 - dropout_p).
     """
     mode = int(mode)
     batch, heads, q_len, head_dim = q.shape
@@ -1005,4 +1129,10 @@ def flash_attention_ref(
     visible_row = mask.any(dim=-1, keepdim=True)
     scores = scores.masked_fill(~mask, float("-inf")).masked_fill(~visible_row, 0.0)
     probs = torch.softmax(scores, dim=-1).masked_fill(~visible_row, 0.0)
+    if dropout_p > 0.0:
+        if dropout_mask is None or dropout_mask.shape != probs.shape:
+            raise ValueError(f"dropout_p > 0 needs dropout_mask of shape {tuple(probs.shape)} "
+                             "(e.g. dropout_mask(seed, shape, p)), got "
+                             f"{None if dropout_mask is None else tuple(dropout_mask.shape)}")
+        probs = probs.masked_fill(~dropout_mask.to(probs.device), 0.0) / (1.0 - dropout_p)
     return torch.matmul(probs, v.to(compute)).to(q.dtype)

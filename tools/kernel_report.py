@@ -60,10 +60,12 @@ class Variant:
     has_bias: bool = True
     tiles: tuple[int, int, int, int] | None = None  # (BLOCK_M, BLOCK_N, warps, stages); None:
     # the kernel's default config
+    dropout: bool = False  # attention dropout compiled in (HAS_DROPOUT)
 
     @property
     def name(self) -> str:
-        extras = "".join(("+seg" if self.has_seg else "", "+bias" if self.has_bias else ""))
+        extras = "".join(("+seg" if self.has_seg else "", "+bias" if self.has_bias else "",
+                          "+dropout" if self.dropout else ""))
         tiles = "" if self.tiles is None else "@" + "x".join(map(str, self.tiles))
         return (f"{self.kernel}/{fa.MODE_NAMES[self.mode]}{extras}/{self.dtype}/"
                 f"d{self.head_dim}{tiles}")
@@ -82,6 +84,7 @@ def default_variants() -> list[Variant]:
         Variant("bwd_dkdv", fa.PREFIX, "bf16", 128),
         Variant("bwd_dq", fa.CROSS, "fp16", 64),
         Variant("fwd", fa.BIDIRECTIONAL, "fp32", 32, has_bias=False),  # 3xTF32 dots
+        *(Variant(kernel, fa.PREFIX, "bf16", 128, dropout=True) for kernel in KERNELS),
     ]
 
 
@@ -137,6 +140,7 @@ def _compile_args(fn, variant: Variant):
     config = variant.block_config()
     constexprs = dict(
         MODE=variant.mode, HAS_SEG=variant.has_seg, HAS_BIAS=variant.has_bias,
+        HAS_DROPOUT=variant.dropout,
         BIAS_RANGE=fa.bias_range(32, 128) if variant.has_bias else 0,
         HEAD_DIM=variant.head_dim, BLOCK_D=max(16, 1 << (variant.head_dim - 1).bit_length()),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
@@ -154,8 +158,10 @@ def _compile_args(fn, variant: Variant):
             signature[arg] = (f"*{variant.dtype}" if arg in _DATA_ARGS
                               else "*fp32" if arg in _FP32_ARGS else "*i32")
             attrs[(index,)] = aligned
-        elif arg == "scale":
+        elif arg in ("scale", "dropout_p"):
             signature[arg] = "fp32"
+        elif arg == "seed":  # always int64 (fa._kernel_seed)
+            signature[arg] = "i64"
         else:
             signature[arg] = "i32"
             if arg.startswith("stride") and arg not in ("stride_pb", "stride_pm") \
