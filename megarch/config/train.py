@@ -114,6 +114,9 @@ class RunConfig:
     """Steps between validation losses on the valid split (0: only at the end)."""
     eval_batches: int = 4
     """Micro-batches of the valid split per validation (0: no validation)."""
+    eval_at_start: bool = False
+    """Also validate before the first step (the loss curve's first point: the study's speed-ups
+    start there), except when resuming this run's own checkpoint."""
     save_every: int = 0
     """Steps between checkpoints (0: only at the end and on SIGTERM/SIGINT)."""
     keep_last: int = 2

@@ -16,11 +16,12 @@ the tokens the adapted run needs (PAPER.md: LM-A 1.6x, NC-A 3.3x), linearly inte
 between logged points (:func:`tokens_to_reach`). As in the paper it is measured on validation
 loss: the Trainer records one every ``run.eval_every`` steps and at the end of a run
 (``{"step", "valid_loss", "valid_ce"}`` lines in ``metrics.jsonl``), placed at the tokens seen
-by that step. Only when the adapted run or its baseline has no validation point does the
-report fall back to training loss (smoothed by a trailing moving average); each speed-up says
-which loss it used (``"loss": "validation"`` or ``"training"``). Its resolution is one
-validation interval: an adapted run already below the target at its first validation point
-is credited with that point's tokens, so its speed-up is then a lower bound.
+by that step; the study also validates before each run's first step (``run.eval_at_start``),
+the curve's point at 0 tokens. Only when the adapted run or its baseline has no validation
+point does the report fall back to training loss (smoothed by a trailing moving average); each
+speed-up says which loss it used (``"loss": "validation"`` or ``"training"``). Its resolution
+is one validation interval. An adapted run already at the target before its first step has no
+finite speed-up: it is reported as reached "at start" (``"at_start": true``).
 """
 
 from __future__ import annotations
@@ -56,13 +57,21 @@ def tokens_to_reach(curve: Sequence[tuple[float, float]], target: float) -> floa
 def speedup(adapted: Sequence[tuple[float, float]], scratch: Sequence[tuple[float, float]],
             target: float | None = None) -> dict[str, float | None]:
     """How much sooner ``adapted`` reaches ``target`` (default: ``scratch``'s final loss) than
-    ``scratch``: ``{"target", "tokens_adapted", "tokens_scratch", "speedup"}`` (speedup None
-    when the adapted run never reaches the target)."""
+    ``scratch``: ``{"target", "tokens_adapted", "tokens_scratch", "speedup", "at_start"}``
+    (speedup None when the adapted run never reaches the target, or reaches it at 0 tokens:
+    ``at_start``)."""
     target = scratch[-1][1] if target is None else target
     t_adapted, t_scratch = tokens_to_reach(adapted, target), tokens_to_reach(scratch, target)
     ratio = t_scratch / t_adapted if t_adapted and t_scratch is not None else None
     return {"target": target, "tokens_adapted": t_adapted, "tokens_scratch": t_scratch,
-            "speedup": ratio}
+            "speedup": ratio, "at_start": t_adapted == 0.0}
+
+
+def format_speedup(s: dict) -> str:
+    """``1.60x``, ``at start`` (reached before any adapted token) or ``not reached``."""
+    if s.get("at_start"):
+        return "at start"
+    return "not reached" if s["speedup"] is None else f"{s['speedup']:.2f}x"
 
 
 def smooth(curve: Curve, window: int) -> Curve:
@@ -99,6 +108,8 @@ def read_curves(out_dir: str) -> dict[str, Curve]:
                 train.append((record["tokens_seen"] - offset, record["loss"]))
             elif "valid_loss" in record and record["step"] in tokens_at:
                 valid.append((tokens_at[record["step"]] - offset, record["valid_loss"]))
+            elif "valid_loss" in record and not train:  # before the run's first step
+                valid.append((0, record["valid_loss"]))
     return {"train": train, "valid": valid}
 
 
@@ -163,7 +174,7 @@ def markdown(results: dict[str, Any]) -> str:
                   "| adapted | baseline | loss | target loss | tokens adapted | "
                   "tokens baseline | speed-up |", "|---|---|---|---|---|---|---|"]
         for s in results["speedups"]:
-            ratio = "not reached" if s["speedup"] is None else f"{s['speedup']:.2f}x"
+            ratio = format_speedup(s)
             tokens = s["tokens_adapted"]
             reached = "not reached" if tokens is None else f"{tokens:,.0f}"
             lines.append(f"| {s['adapted']} | {s['baseline']} | {s.get('loss', 'training')} | "
@@ -204,7 +215,7 @@ def _plot_adaptation(speedups: list[dict], curves: dict[str, dict[str, Curve]],
         for name, curve, style in ((s["baseline"], scratch, "o--"), (s["adapted"], adapted, "o-")):
             ax.plot(*zip(*curve, strict=True), style, markersize=3, label=name)
         ax.axhline(s["target"], color="grey", linewidth=0.8)
-        ratio = "not reached" if s["speedup"] is None else f"{s['speedup']:.2f}x"
+        ratio = format_speedup(s)
         ax.set(xlabel="tokens since the run started", ylabel=f"{loss} loss",
                title=f"{s['adapted']} vs {s['baseline']}: {ratio}")
         ax.legend(fontsize=8)

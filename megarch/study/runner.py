@@ -118,6 +118,7 @@ def _stage_overrides(spec: StudySpec, steps: int, out_dir: str, stage_steps: int
     if spec.scale == "tiny":
         every = max(1, stage_steps // VALIDATIONS_PER_STAGE)
         args += ["--run.eval_every", str(every), "--run.eval_batches", "2",
+                 "--run.eval_at_start", "true",
                  "--run.save_every", "0", "--run.log_every", str(max(1, stage_steps // 5))]
     return args + spec.overrides
 

@@ -99,6 +99,14 @@ def rng_file(tp_rank: int, pp_rank: int, dp_rank: int, tp: int, pp: int) -> str:
     return name if dp_rank == 0 else f"rng_tp{tp_rank:02d}_pp{pp_rank:02d}_dp{dp_rank:02d}.pt"
 
 
+def is_own_checkpoint(path: str | None, out_dir: str) -> bool:
+    """True when ``path`` is a step of ``out_dir``'s own checkpoints (a resume, not a start
+    from another run's weights)."""
+    if path is None:
+        return False
+    return os.path.dirname(os.path.abspath(path)) == os.path.abspath(checkpoint_dir(out_dir))
+
+
 def list_checkpoints(out_dir: str) -> list[tuple[int, str]]:
     """Complete checkpoints as (step, path), oldest first; temporary dirs are ignored."""
     root = checkpoint_dir(out_dir)

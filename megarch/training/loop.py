@@ -57,7 +57,7 @@ from megarch.parallel.pipeline import (
 )
 from megarch.parallel.rng import dropout_seed
 from megarch.parallel.tensor_parallel import clip_grad_norm, reduce_sequence_parallel_grads
-from megarch.training.checkpoint import TrainState
+from megarch.training.checkpoint import TrainState, is_own_checkpoint
 from megarch.training.logging import MetricsWriter
 from megarch.training.optim import build_optimizer, lr_at, set_lr
 from megarch.training.resume import SHAPE_FIELDS, check_shapes, resume_trainer, save_trainer
@@ -361,6 +361,9 @@ class Trainer:
         metrics = MetricsWriter(run.out_dir, run.steps, run.log_every, self.state.step)
         final_loss, valid, stopped = None, None, False
         try:
+            if run.eval_at_start and self.state.step < run.steps and not is_own_checkpoint(
+                    self.checkpoint, run.out_dir):
+                valid = self._eval(metrics)
             with StopFlag() as stop:
                 batches = self._micro_batches() if self.state.step < run.steps else iter(())
                 step_start = time.perf_counter()

@@ -10,7 +10,7 @@ import pytest
 from megarch.config.overrides import ConfigError
 from megarch.study import StudySpec, plan_study, speedup, tokens_to_reach
 from megarch.study.cli import main as study_main
-from megarch.study.report import adaptation_speedups, markdown, read_curves
+from megarch.study.report import adaptation_speedups, format_speedup, markdown, read_curves
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FAST = ["--data.seq_len", "64", "--run.micro_batch", "4", "--run.global_batch", "8"]
@@ -25,9 +25,15 @@ def test_speedup_on_hand_built_curves():
     assert tokens_to_reach(adapted, 2.0) is None
     measured = speedup(adapted, scratch, target=3.0)
     assert measured == {"target": 3.0, "tokens_adapted": 100.0, "tokens_scratch": 300.0,
-                        "speedup": 3.0}
+                        "speedup": 3.0, "at_start": False}
     assert speedup(adapted, scratch)["speedup"] == 400 / 150  # the baseline's final loss 2.5
     assert speedup(adapted, scratch, target=1.0)["speedup"] is None
+    # an adapted curve with its start point (run.eval_at_start) already at the target
+    at_start = speedup([(0, 2.9), *adapted], scratch, target=3.0)
+    assert at_start["speedup"] is None and at_start["at_start"]
+    assert format_speedup(at_start) == "at start"
+    assert format_speedup(measured) == "3.00x"
+    assert format_speedup(speedup(adapted, scratch, target=1.0)) == "not reached"
 
 
 def _write_metrics(out_dir, train: list[tuple[int, float]], valid: dict[int, float]) -> str:
@@ -62,7 +68,7 @@ def test_speedup_is_measured_on_validation_loss(tmp_path):
     (measured,) = adaptation_speedups(runs, curves)
     assert measured == {"adapted": "adapted", "baseline": "scratch", "loss": "validation",
                         "target": 2.0, "tokens_adapted": 100.0, "tokens_scratch": 400.0,
-                        "speedup": 4.0}
+                        "speedup": 4.0, "at_start": False}
     table = markdown({"runs": [], "speedups": [measured]})
     assert "| adapted | scratch | validation | 2.0000 | 100 | 400 | 4.00x |" in table
 
@@ -116,10 +122,11 @@ def test_tiny_study_writes_the_report(embedded_dir, tmp_path, capsys):
     assert measured["loss"] == "validation"
     assert measured["target"] == results["runs"][0]["valid_loss"]  # cd_flm's final one
     # every step of these short runs validates (6 // 10 -> every 1): steps 1..6, and 7..9
-    # for the adaptation, at tokens counted from the start of each run
+    # for the adaptation, at tokens counted from the start of each run, after a first point
+    # before each run's first step (run.eval_at_start)
     cd_flm, adapted = (read_curves(r["out_dir"])["valid"] for r in results["runs"][::2])
-    assert [t for t, _ in cd_flm] == [512 * s for s in range(1, 7)]
-    assert [t for t, _ in adapted] == [512 * s for s in range(1, 4)]
+    assert [t for t, _ in cd_flm] == [512 * s for s in range(0, 7)]
+    assert [t for t, _ in adapted] == [512 * s for s in range(0, 4)]
     with open(os.path.join(report, "results.md"), encoding="utf-8") as f:
         table = [line for line in f if line.startswith("| ")]
     assert [line.split("|")[1].strip() for line in table] == [

@@ -131,3 +131,28 @@ def test_mfu_from_the_flop_count_and_throughput(embedded, tmp_path):
     flops = model_flops_per_token(cfg.model, seq_len=64)  # vocab resolved by the Trainer
     assert record["mfu"] == pytest.approx(flops * record["tokens_per_s"] / 0.5e12, rel=1e-9)
     assert 0 < record["mfu"] < 1 and record["tokens_seen"] == 2 * 8 * 64
+
+
+def _valid_records(out_dir: str) -> list[dict]:
+    import json
+    import os
+
+    with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [r for r in map(json.loads, filter(str.strip, f)) if "valid_loss" in r]
+
+
+def test_eval_at_start_validates_the_initial_model_once(embedded, tmp_path):
+    out = str(tmp_path)
+    cfg = fast_config("cd_flm_tiny", embedded, out, 2, run__eval_batches="2",
+                      run__eval_at_start="true", run__save_every="1")
+    trainer = Trainer(cfg)
+    initial = trainer.evaluate()  # the untrained model: what the first record must hold
+    trainer.train()
+    records = _valid_records(out)
+    assert [r["step"] for r in records] == [0, 2]
+    assert records[0]["valid_loss"] == pytest.approx(initial[0], rel=1e-6)
+    assert records[0]["valid_loss"] > records[1]["valid_loss"]
+    # resuming the run's own checkpoint adds no second start point
+    Trainer(fast_config("cd_flm_tiny", embedded, out, 3, run__eval_batches="2",
+                        run__eval_at_start="true")).train()
+    assert [r["step"] for r in _valid_records(out)] == [0, 2, 3]
