@@ -13,13 +13,15 @@ Parallelism (megarch.parallel): launched by torchrun (launch/), the trainer buil
 Data-parallel ranks read disjoint micro-batches of the same global batch; the loss token count is
 summed over them first and the gradients summed after accumulation, so a DP run is the same
 optimisation as one process with the same global batch. Tensor-parallel ranks hold shards of the
-model (vocab-parallel loss); pipeline stages (decoder-only) hold runs of layers and run each
-global batch's micro-batches in 1F1B order (megarch.parallel.pipeline). Only global rank 0
-writes metrics and tensorboard. Checkpoints (megarch.training.checkpoint) are one directory per
-step for the whole job, ``out_dir/checkpoints/step_N``: data-parallel rank 0 of each
-tensor-parallel rank and stage writes its shard files into it, and the step is published once
-all are written. A run resumes from a checkpoint of any TP/PP layout (megarch.training.resume);
-tools/reshard_checkpoint.py converts one to another layout offline.
+model (vocab-parallel loss); pipeline stages (every architecture; an encoder-decoder's encoder
+output travels with the decoder's hidden states) hold runs of layers and run each global
+batch's micro-batches in 1F1B or interleaved 1F1B order (megarch.parallel.pipeline_schedules).
+Only global rank 0 writes metrics and tensorboard. Checkpoints (megarch.training.checkpoint) are
+one directory per step for the whole job, ``out_dir/checkpoints/step_N``: data-parallel rank 0
+of each tensor-parallel rank and stage writes its shard files into it (every rank its RNG
+states), and the step is published once all are written. A run resumes from a checkpoint of any
+TP/PP layout (megarch.training.resume); tools/reshard_checkpoint.py converts one to another
+layout offline.
 
 Usage::
 
