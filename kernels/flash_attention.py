@@ -32,7 +32,7 @@ dK/dV over key blocks and one for dQ over query blocks, which also adds the bias
 atomics (so that one gradient is not bitwise deterministic).
 
 Tiles: on a GPU each kernel's (BLOCK_M, BLOCK_N, num_warps, num_stages) is autotuned per
-(kernel, mode, segments, bias, head dim, dtype, sequence-length bucket) from
+(kernel, mode, segments, bias, dropout, head dim, dtype, sequence-length bucket) from
 ``candidate_block_configs``, timed once on the first call's tensors; under the interpreter the
 fixed ``default_block_configs`` are used. ``MEGARCH_FLASH_CONFIG`` forces them ("default", or
 e.g. "fwd=128x64x8x3,bwd=32x64x4x2"); explicit ``fwd_config`` / ``bwd_config`` win over both.
@@ -588,13 +588,14 @@ _AUTOTUNER = _Autotuner()
 
 
 def _tuning_key(kernel: str, q: torch.Tensor, k_len: int, mode: int, has_seg: bool,
-                has_bias: bool) -> tuple:
+                has_bias: bool, has_dropout: bool = False) -> tuple:
     bucket = _length_bucket(max(q.shape[2], k_len))
-    return kernel, mode, has_seg, has_bias, q.shape[-1], q.dtype, bucket
+    return kernel, mode, has_seg, has_bias, has_dropout, q.shape[-1], q.dtype, bucket
 
 
 def _block_config(kernel: str, explicit: BlockConfig | None, q: torch.Tensor, k_len: int,
-                  mode: int, has_seg: bool, has_bias: bool, launch=None) -> BlockConfig:
+                  mode: int, has_seg: bool, has_bias: bool, launch=None,
+                  has_dropout: bool = False) -> BlockConfig:
     """The config one launch uses: explicit > MEGARCH_FLASH_CONFIG > autotuned (GPU) > default.
 
     With ``launch`` None nothing is timed: a config not tuned yet reads as the default.
@@ -607,7 +608,7 @@ def _block_config(kernel: str, explicit: BlockConfig | None, q: torch.Tensor, k_
     default = default_block_config(kernel, q.shape[-1], q.dtype)
     if forced is None or not _tuning_available(q.device):
         return default
-    key = _tuning_key(kernel, q, k_len, mode, has_seg, has_bias)
+    key = _tuning_key(kernel, q, k_len, mode, has_seg, has_bias, has_dropout)
     if launch is None:
         return _AUTOTUNER.cache.get(key, default)
     candidates = candidate_block_configs(kernel, q.shape[-1], q.dtype)
@@ -615,9 +616,11 @@ def _block_config(kernel: str, explicit: BlockConfig | None, q: torch.Tensor, k_
 
 
 def selected_block_configs(q: torch.Tensor, k_len: int, mode: int, *, has_segments: bool = False,
-                           has_bias: bool = False) -> dict[str, BlockConfig]:
+                           has_bias: bool = False, has_dropout: bool = False
+                           ) -> dict[str, BlockConfig]:
     """The config each kernel would use now for such a call (tuned ones once a call ran)."""
-    return {kernel: _block_config(kernel, None, q, k_len, int(mode), has_segments, has_bias)
+    return {kernel: _block_config(kernel, None, q, k_len, int(mode), has_segments, has_bias,
+                                  has_dropout=has_dropout)
             for kernel in KERNELS}
 
 
@@ -805,7 +808,7 @@ def _forward(q, k, v, bias, mask: _MaskArgs) -> tuple[torch.Tensor, torch.Tensor
         )
 
     launch(_block_config("fwd", mask.fwd_config, q, k.shape[2], mask.mode, mask.has_seg,
-                         has_bias, launch))
+                         has_bias, launch, has_dropout=mask.dropout_p > 0.0))
     return out, lse
 
 
@@ -851,7 +854,7 @@ def _backward(q, k, v, out, lse, do, bias, mask: _MaskArgs):
     for kernel, explicit, launch in (("dkdv", mask.dkdv_config, launch_dkdv),
                                      ("dq", mask.dq_config, launch_dq)):
         launch(_block_config(kernel, explicit, q, k_len, mask.mode, mask.has_seg, has_bias,
-                             launch))
+                             launch, has_dropout=mask.dropout_p > 0.0))
     return dq, dk, dv, dbias
 
 
@@ -1014,7 +1017,7 @@ def dropout_mask(seed: int, shape: tuple[int, int, int, int], dropout_p: float,
     if out.device.type != "cuda" and not _interpreting():
         raise ValueError(f"dropout_mask needs a CUDA device (got {out.device}), or "
                          "TRITON_INTERPRET=1 set before importing")
-    block = 32
+    block = 64
     grid = (batch * heads, triton.cdiv(q_len, block), triton.cdiv(k_len, block))
     _dropout_mask_kernel[grid](out, q_len, k_len, p, kernel_seed, BLOCK_M=block, BLOCK_N=block)
     return out.view(shape).bool()

@@ -97,14 +97,15 @@ def all_variants(head_dims=(32, 64, 128), dtypes=("fp16", "bf16", "fp32")) -> li
 
 def candidate_variants(head_dims=(32, 64, 128), dtypes=("fp16", "bf16", "fp32"),
                        kernels=KERNELS) -> list[Variant]:
-    """Every autotune candidate of every kernel, for prefix + segments + bias (the heaviest
-    variant: it holds the causal code too) and for plain causal (the benchmark's case)."""
+    """Every autotune candidate of every kernel, for prefix + segments + bias + dropout (the
+    heaviest variant: it holds the causal code too) and for plain causal (the benchmark's)."""
     variants = []
     for kernel, dtype, head_dim in itertools.product(kernels, dtypes, head_dims):
         for config in fa.candidate_block_configs(_TUNER_NAMES[kernel], head_dim,
                                                  TORCH_DTYPES[dtype]):
             tiles = (config.block_m, config.block_n, config.num_warps, config.num_stages)
-            variants.append(Variant(kernel, fa.PREFIX, dtype, head_dim, tiles=tiles))
+            variants.append(Variant(kernel, fa.PREFIX, dtype, head_dim, tiles=tiles,
+                                    dropout=True))
             variants.append(Variant(kernel, fa.CAUSAL, dtype, head_dim, has_seg=False,
                                     has_bias=False, tiles=tiles))
     return variants
@@ -117,7 +118,7 @@ def largest_candidates(head_dim: int = 128, dtype: str = "bf16") -> list[Variant
     for kernel in KERNELS:
         configs = fa.candidate_block_configs(_TUNER_NAMES[kernel], head_dim, TORCH_DTYPES[dtype])
         big = max(configs, key=lambda c: (c.block_m * c.block_n, c.num_stages, c.num_warps))
-        chosen.append(Variant(kernel, fa.PREFIX, dtype, head_dim, tiles=(
+        chosen.append(Variant(kernel, fa.PREFIX, dtype, head_dim, dropout=True, tiles=(
             big.block_m, big.block_n, big.num_warps, big.num_stages)))
     return chosen
 
