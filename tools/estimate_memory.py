@@ -3,12 +3,16 @@
 
     python tools/estimate_memory.py --preset cd_flm --tp 2 --dp 64
     python tools/estimate_memory.py --preset ed_mlm --tp 4 --dp 32 --zero1 --model.n_layers 12
+    python tools/estimate_memory.py --preset ed_mlm --tp 2 --pp 4 --virtual-stages 2 --dp 8
     python tools/estimate_memory.py --recipes          # the launch/recipes/ table (A100-80GB)
 
-What is counted, per rank of the most loaded pipeline stage:
+What is counted, for the pipeline rank with the largest total:
 
-- parameters: the tensor-parallel shard (vocab, heads, d_ff split by tp; norms replicated), the
-  layers divided evenly over pp stages, the embedding on the first stage (and the last, tied);
+- parameters: the tensor-parallel shard (vocab, heads, d_ff split by tp; norms replicated) of
+  the blocks the trainer gives the rank (megarch.parallel.pipeline.pipeline_layout: the union
+  of its model chunks; encoder blocks on the first ``encoder_stages`` virtual stages) and the
+  embedding copies it holds (first stage, an encoder-decoder's first decoder stage, the last
+  stage when tied);
 - weights and gradients in float32 (the trainer keeps fp32 master weights; bf16 is autocast);
 - optimizer state: AdamW 2 x 4 bytes per parameter, Adafactor its factored row/column second
   moments (~4 (rows + cols) bytes per matrix); divided by dp under ZeRO-1;
@@ -19,9 +23,14 @@ What is counted, per rank of the most loaded pipeline stage:
   attention kernel, with and without dropout (tests/parallel/test_estimate_memory.py, within
   5%). Dropout > 0 costs more than its masks: the attention kernel has no dropout, so the
   model takes the PyTorch attention, whose [batch, heads, len, len] probabilities are saved.
-  1F1B keeps up to pp micro-batches in flight on the first stage;
+  Pipelines: per virtual stage (:func:`chunk_activation_bytes`, checked so in float32), plus the
+  chunk's output and (encoder-decoders' decoder stages) the encoder output that the schedule
+  holds per micro-batch; the rank's forwards awaiting their backward are counted by walking the
+  trainer's own order (1F1B, or interleaved 1F1B: Megatron's 2 (pp - 1) + (v - 1) pp + 1
+  micro-batch chunks on the first rank), :func:`pipeline_rank_peak`;
 - transients: the float32 logits' gradient, one block's recomputation under activation
-  checkpointing, and (dp > 1) the flat gradient copy of the data-parallel all-reduce.
+  checkpointing, and (dp > 1) one bucket of the data-parallel all-reduce
+  (``parallel.grad_bucket_mb``; larger gradients are reduced in place).
 
 Not counted: the CUDA context, NCCL and cuBLAS workspaces and allocator fragmentation (the
 recipes keep a margin for them, :data:`FIT_FRACTION`), rotary embeddings' extra tensors. The
@@ -44,7 +53,7 @@ from megarch.config.train import (
     TrainConfig,
     load_train_config,
 )
-from megarch.model.flops import config_parameter_count, model_flops_per_token
+from megarch.model.flops import model_flops_per_token
 
 GIB = 2**30
 A100_GIB = 80.0
@@ -56,33 +65,71 @@ RECIPE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
                           "launch", "recipes")
 
 
-def replicated_parameters(cfg: ModelConfig) -> int:
-    """Parameters every TP rank holds whole (the RMS norm weights)."""
-    d = cfg.d_model
-    count = cfg.n_layers * 2 * d + d
-    if cfg.is_encoder_decoder:
-        count += cfg.decoder_layers * 3 * d + d
-    return count
+def block_parameters(cfg: ModelConfig, kind: str, tp: int = 1) -> int:
+    """Parameters of one block on one TP rank: ``self`` (decoder-only or encoder layer) or
+    ``cross`` (encoder-decoder decoder layer); norms whole, the rest split over tp."""
+    d, a, f = cfg.d_model, cfg.n_heads * cfg.kv_dim, cfg.d_ff
+    bias = cfg.rel_buckets * cfg.n_heads if cfg.position == "t5_relative" else 0
+    if kind == "self":
+        return (4 * d * a + 3 * d * f + bias) // tp + 2 * d
+    return (8 * d * a + 3 * d * f + bias) // tp + 3 * d
 
 
-def parameters_per_rank(cfg: ModelConfig, tp: int = 1, pp: int = 1) -> int:
-    """Parameters held by the most loaded rank (first pipeline stage) of a TP x PP layout."""
-    total = config_parameter_count(cfg)
-    replicated = replicated_parameters(cfg)
-    embedding = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
-    layers = total - replicated - embedding
+def _layout(cfg: ModelConfig, pp: int, virtual_stages: int, encoder_stages: int):
+    """The trainer's split of the blocks (megarch.parallel.pipeline.pipeline_layout)."""
+    from megarch.parallel.pipeline import pipeline_layout
+
+    return pipeline_layout(cfg, pp, virtual_stages, encoder_stages)
+
+
+def _chunk_kind(cfg: ModelConfig, layout, virtual: int) -> str:
+    return "cross" if cfg.is_encoder_decoder and not layout.is_encoder(virtual) else "self"
+
+
+def stage_parameters(cfg: ModelConfig, tp: int = 1, pp: int = 1, virtual_stages: int = 1,
+                     encoder_stages: int = 0) -> list[int]:
+    """Parameters of each pipeline rank (the union of its model chunks) on one TP rank, as
+    megarch.parallel.pipeline builds the stages: the same block split and embedding copies
+    (the first stage, an encoder-decoder's first decoder stage, the last stage when tied)."""
+    d, embedding = cfg.d_model, cfg.vocab_size * cfg.d_model // tp
     if pp == 1:
-        return (layers + embedding) // tp + replicated
-    return -(-layers // pp) // tp + embedding // tp + -(-replicated // pp)
+        count = cfg.n_layers * block_parameters(cfg, "self", tp) + d + 2 * embedding
+        if cfg.is_encoder_decoder:
+            count += cfg.decoder_layers * block_parameters(cfg, "cross", tp) + d
+        return [count - (embedding if cfg.tie_embeddings else 0)]
+    from megarch.parallel.pipeline import DecoderStage
+
+    layout = _layout(cfg, pp, virtual_stages, encoder_stages)
+    counts = [0] * pp
+    for k, layers in enumerate(layout.layers):
+        rank = layout.rank_of(k)
+        counts[rank] += len(layers) * block_parameters(cfg, _chunk_kind(cfg, layout, k), tp)
+        if cfg.is_encoder_decoder and k == layout.encoder_stages - 1:
+            counts[rank] += d  # the encoder's final norm
+    last = layout.rank_of(layout.n_virtual - 1)
+    counts[last] += d + (0 if cfg.tie_embeddings else embedding)  # final norm, output layer
+    for rank in DecoderStage.embedding_ranks(layout, cfg):
+        counts[rank] += embedding
+    return counts
 
 
-def _optimizer_bytes(cfg: ModelConfig, name: str, params: int, tp: int) -> float:
+def parameters_per_rank(cfg: ModelConfig, tp: int = 1, pp: int = 1, virtual_stages: int = 1,
+                        encoder_stages: int = 0) -> int:
+    """Parameters held by the most loaded rank of a TP x PP layout (:func:`stage_parameters`)."""
+    return max(stage_parameters(cfg, tp, pp, virtual_stages, encoder_stages))
+
+
+def _optimizer_bytes(cfg: ModelConfig, name: str, params: int, tp: int,
+                     layers: int | None = None, embedding: bool = True) -> float:
+    """AdamW's or Adafactor's state of a rank holding ``params`` parameters, ``layers``
+    blocks (default all) and (``embedding``) a copy of the embedding table."""
     if name == "adamw":
         return 8.0 * params
     d, a, f = cfg.d_model, cfg.n_heads * cfg.kv_dim, cfg.d_ff
-    layers = cfg.n_layers + (cfg.decoder_layers if cfg.is_encoder_decoder else 0)
+    if layers is None:
+        layers = cfg.n_layers + (cfg.decoder_layers if cfg.is_encoder_decoder else 0)
     per_layer = 4 * (4 * (d + a // tp) + 3 * (d + f // tp))  # row + column moments
-    return float(layers * per_layer + 4 * (cfg.vocab_size // tp + cfg.d_model))
+    return float(layers * per_layer + (4 * (cfg.vocab_size // tp + d) if embedding else 0))
 
 
 @dataclasses.dataclass
@@ -172,17 +219,34 @@ def _weight_copy_bytes(cfg: ModelConfig, kind: str, tp: int) -> float:
     return 2.0 * matmul
 
 
+def _end_bytes(cfg: ModelConfig, part: str, b: int, enc_len: int, dec_len: int, div: int,
+               sp: bool, p: Precision) -> float:
+    """Saved bytes of one end of the model: ``encoder_embedding`` and ``embedding`` (the
+    int64 token ids of the lookup and, with dropout, the mask after it), ``encoder_norm`` (the
+    encoder's final norm) or ``output`` (the final norm and the logits' scaled input)."""
+    d = cfg.d_model
+    encoder = part in ("encoder_embedding", "encoder_norm")
+    if encoder and not cfg.is_encoder_decoder:
+        return 0.0
+    tokens = b * (enc_len if encoder else dec_len)
+    mask = p.mask(4, sp) * d * tokens / div if cfg.dropout > 0 else 0.0  # float32 input
+    if part in ("encoder_embedding", "embedding"):
+        return 8.0 * tokens + mask
+    if part == "encoder_norm":
+        return _norm(tokens / div, d) + mask
+    return _norm(tokens / div, d) + 4.0 * d * tokens + mask
+
+
 def activation_bytes(cfg: ModelConfig, enc_len: int, dec_len: int, micro: int, tp: int = 1,
                      sp: bool = False, bf16: bool = False, flash: bool = False,
-                     layers: float | None = None, ends: bool = True, cuda: bool = True
-                     ) -> dict[str, float]:
-    """Bytes one micro-batch keeps for the backward pass on one rank, by part.
+                     cuda: bool = True) -> dict[str, float]:
+    """Bytes one micro-batch keeps for the backward pass of the whole model on one TP rank,
+    by part (pipeline stages: :func:`chunk_activation_bytes`).
 
     ``dec_len`` is the decoder-only model's row length; ``enc_len`` (encoder-decoder) the
-    encoder's. ``layers`` scales the blocks to a pipeline stage's share (default all) and
-    ``ends`` says whether this rank also holds the embedding, final norm and logits. With
-    ``model.activation_checkpointing`` each block keeps only its input (plus, once, the
-    encoder output), and ``recompute`` is one block's activations, rebuilt in the backward.
+    encoder's. With ``model.activation_checkpointing`` each block keeps only its input (plus,
+    once, the encoder output), and ``recompute`` is one block's activations, rebuilt in the
+    backward.
     Parts: ``blocks``, ``weight_copies`` (bf16 weights under autocast), ``ends``, ``logits``
     (the two float32 copies the loss keeps), ``recompute``. ``cuda``: dropout masks as CUDA
     stores them (1 byte; see :class:`Precision`).
@@ -194,8 +258,6 @@ def activation_bytes(cfg: ModelConfig, enc_len: int, dec_len: int, micro: int, t
         stacks = [("self", cfg.n_layers, enc_len), ("cross", cfg.decoder_layers, dec_len)]
     else:
         stacks = [("self", cfg.n_layers, dec_len)]
-    total_layers = sum(n for _, n, _ in stacks)
-    share = (layers if layers is not None else total_layers) / total_layers
     blocks = copies = recompute = 0.0
     for kind, n, length in stacks:
         full = layer_bytes(cfg, kind, b, length, tp, sp, p, enc_len)
@@ -207,19 +269,77 @@ def activation_bytes(cfg: ModelConfig, enc_len: int, dec_len: int, micro: int, t
             copies += n * _weight_copy_bytes(cfg, kind, tp) if bf16 else 0.0
     if cfg.is_encoder_decoder and (cfg.activation_checkpointing or not (bf16 or sp)):
         blocks += 4 * d * b * enc_len / (div if cfg.activation_checkpointing else 1)
-    ends_bytes = logits = 0.0
-    if ends:
-        dec_tokens, enc_tokens = b * dec_len, b * enc_len
-        ends_bytes = 8 * (dec_tokens + enc_tokens)  # int64 token ids of the embedding lookups
-        ends_bytes += _norm(dec_tokens / div, d) + 4 * d * dec_tokens  # final norm, scaled input
-        if cfg.is_encoder_decoder:
-            ends_bytes += _norm(enc_tokens / div, d)
-        if cfg.dropout > 0:  # after each embedding and each final norm (float32)
-            ends_bytes += p.mask(4, sp) * d * (2 * dec_tokens + 2 * enc_tokens) / div
-        logits = 2 * 4.0 * dec_tokens * cfg.vocab_size / tp
-    return {"blocks": blocks * share, "weight_copies": copies * share, "ends": ends_bytes,
-            "logits": logits,
+    ends_bytes = sum(_end_bytes(cfg, part, b, enc_len, dec_len, div, sp, p)
+                     for part in ("encoder_embedding", "embedding", "encoder_norm", "output"))
+    return {"blocks": blocks, "weight_copies": copies, "ends": ends_bytes,
+            "logits": 2 * 4.0 * b * dec_len * cfg.vocab_size / tp,
             "recompute": recompute if cfg.activation_checkpointing else 0.0}
+
+
+def chunk_activation_bytes(cfg: ModelConfig, layout, virtual: int, enc_len: int, dec_len: int,
+                           micro: int, tp: int = 1, bf16: bool = False, flash: bool = False,
+                           cuda: bool = True) -> dict[str, float]:
+    """Bytes one micro-batch keeps, until its backward, in virtual stage ``virtual`` of a
+    pipeline ``layout`` (megarch.parallel.pipeline.PipelineLayout), by part as
+    :func:`activation_bytes` (no sequence parallelism: stages refuse it), plus ``carried``:
+    what the schedule holds for the backward beyond the saved tensors: the chunk's output
+    (float32 [micro, len, d_model], all but the last virtual stage) and, on an
+    encoder-decoder's decoder stages, the encoder output it received (float32
+    [micro, enc_len, d_model]; its gradient goes back summed over the decoder stages)."""
+    p = Precision(bf16, flash and cfg.dropout == 0, cuda)
+    d, b, n = cfg.d_model, micro, len(layout.layers[virtual])
+    kind = _chunk_kind(cfg, layout, virtual)
+    encoder = cfg.is_encoder_decoder and layout.is_encoder(virtual)
+    length = enc_len if encoder else dec_len
+    full = layer_bytes(cfg, kind, b, length, tp, False, p, enc_len)
+    copy = _weight_copy_bytes(cfg, kind, tp) if bf16 else 0.0
+    ckpt = cfg.activation_checkpointing
+    parts = {"blocks": n * (4.0 * d * b * length if ckpt else full),
+             "weight_copies": 0.0 if ckpt else n * copy, "ends": 0.0, "logits": 0.0,
+             "recompute": full + copy if ckpt else 0.0, "carried": 0.0}
+    ends = []
+    if virtual == 0:
+        ends.append("encoder_embedding" if cfg.is_encoder_decoder else "embedding")
+    if cfg.is_encoder_decoder and virtual == layout.encoder_stages:
+        ends.append("embedding")  # the first decoder stage embeds the decoder tokens
+    if cfg.is_encoder_decoder and virtual == layout.encoder_stages - 1:
+        ends.append("encoder_norm")
+    last = virtual == layout.n_virtual - 1
+    if last:
+        ends.append("output")
+        parts["logits"] = 2 * 4.0 * b * dec_len * cfg.vocab_size / tp
+    parts["ends"] = sum(_end_bytes(cfg, e, b, enc_len, dec_len, 1, False, p) for e in ends)
+    if not last:
+        parts["carried"] += 4.0 * d * b * length
+    if cfg.is_encoder_decoder and not encoder:
+        parts["carried"] += 4.0 * d * b * enc_len
+    return parts
+
+
+def pipeline_rank_peak(layout, rank: int, n_micro: int, stored: list[float],
+                       transient: list[float]) -> tuple[float, float, float, int]:
+    """Peak activation bytes of pipeline ``rank`` under the trainer's schedule (1F1B, or
+    interleaved 1F1B with virtual stages, megarch.parallel.pipeline_schedules): the sum of
+    ``stored[k]`` over its forwards in virtual stage k awaiting their backward, plus
+    ``transient[k]`` while the backward of one runs. Returns (peak, stored then, transient
+    then, most micro-batch forwards in flight)."""
+    from megarch.parallel.pipeline_schedules import interleaved_order, one_f_one_b_order
+
+    if layout.virtual_stages > 1:
+        order = interleaved_order(layout.pp, layout.virtual_stages, rank, n_micro)
+    else:
+        order = one_f_one_b_order(layout.pp, rank, n_micro)
+    alive, live, most = 0.0, 0, 0
+    peak = (0.0, 0.0, 0.0)
+    for op in order:
+        k = layout.virtual(rank, op.chunk)
+        if op.backward:
+            peak = max(peak, (alive + transient[k], alive, transient[k]))
+            alive, live = alive - stored[k], live - 1
+        else:
+            alive, live = alive + stored[k], live + 1
+            peak, most = max(peak, (alive, alive, 0.0)), max(most, live)
+    return (*peak, most)
 
 
 def sequence_lengths(cfg: TrainConfig) -> tuple[int, int]:
@@ -241,34 +361,63 @@ def sequence_lengths(cfg: TrainConfig) -> tuple[int, int]:
 
 
 def estimate_config(cfg: TrainConfig, tp: int, pp: int, dp: int, zero1: bool,
-                    sp: bool = False) -> dict[str, float]:
+                    sp: bool = False, virtual_stages: int = 1,
+                    encoder_stages: int = 0) -> dict[str, float]:
     """Per-rank memory (GiB) and FLOPs of ``cfg`` on CUDA (the attention kernel; bf16 autocast
-    when ``run.precision`` is bf16) under a TP x PP x DP layout."""
+    when ``run.precision`` is bf16) under a TP x PP x DP layout, for the pipeline rank with
+    the largest total. ``virtual_stages`` and ``encoder_stages`` are the
+    ``parallel.virtual_stages`` / ``parallel.encoder_stages`` of the pipeline (pp > 1)."""
     model, run = cfg.model, cfg.run
     if model.vocab_size == 0:
         model.vocab_size = 32128
     enc_len, dec_len = sequence_lengths(cfg)
-    params = parameters_per_rank(model, tp, pp)
-    optimizer = _optimizer_bytes(model, cfg.optim.name, params, tp) / (dp if zero1 else 1)
-    layers = model.n_layers + (model.decoder_layers if model.is_encoder_decoder else 0)
-    micro_per_rank = max(1, run.global_batch // (run.micro_batch * dp))
-    in_flight = min(pp, micro_per_rank)  # 1F1B: the first stage's forwards awaiting backward
-    kwargs = dict(micro=run.micro_batch, tp=tp, sp=sp, bf16=run.precision == "bf16", flash=True)
-    stages = []
-    for stage, count in ((0, in_flight), (pp - 1, 1)):
-        acts = activation_bytes(model, enc_len, dec_len, layers=-(-layers // pp),
-                                ends=pp == 1 or stage == pp - 1, **kwargs)
-        stored = count * (acts["blocks"] + acts["weight_copies"]) + acts["ends"] + acts["logits"]
+    bf16 = run.precision == "bf16"
+    # per rank: (parameters, blocks, holds an embedding, peak activations, stored, transient,
+    # micro-batches in flight)
+    ranks: list[tuple] = []
+    if pp == 1:
+        acts = activation_bytes(model, enc_len, dec_len, run.micro_batch, tp, sp, bf16, True)
+        stored = acts["blocks"] + acts["weight_copies"] + acts["ends"] + acts["logits"]
         backward = acts["recompute"] + acts["logits"] / 2  # the logits' fp32 gradient
-        stages.append((stored + backward, stored, backward))
-    peak_acts, stored, backward = max(stages)
-    allreduce = 4.0 * params if dp > 1 else 0.0  # flat gradient copy, after the backward
+        ranks.append((stage_parameters(model, tp)[0], None, True, stored + backward, stored,
+                      backward, 1))
+    else:
+        if sp:
+            raise ValueError("--sp with pp > 1: the pipeline stages do not support sequence "
+                             "parallelism; drop --sp or use pp 1")
+        from megarch.parallel.pipeline import DecoderStage
+
+        layout = _layout(model, pp, virtual_stages, encoder_stages)
+        counts = stage_parameters(model, tp, pp, virtual_stages, encoder_stages)
+        chunks = [chunk_activation_bytes(model, layout, k, enc_len, dec_len, run.micro_batch,
+                                         tp, bf16, True) for k in range(layout.n_virtual)]
+        stored = [c["blocks"] + c["weight_copies"] + c["ends"] + c["logits"] + c["carried"]
+                  for c in chunks]
+        transient = [c["recompute"] + c["logits"] / 2 for c in chunks]
+        n_micro = max(1, run.global_batch // (run.micro_batch * dp))
+        tables = set(DecoderStage.embedding_ranks(layout, model))
+        tables.add(layout.rank_of(layout.n_virtual - 1))  # the output layer
+        for r in range(pp):
+            blocks = sum(len(layout.layers[layout.virtual(r, c)]) for c in range(virtual_stages))
+            ranks.append((counts[r], blocks, r in tables,
+                          *pipeline_rank_peak(layout, r, n_micro, stored, transient)))
+    rows = []
+    for r, (params, blocks, table, peak, stored, backward, live) in enumerate(ranks):
+        optimizer = _optimizer_bytes(model, cfg.optim.name, params, tp, blocks, table)
+        optimizer /= dp if zero1 else 1
+        # the all-reduce's one bucket, after the backward (larger gradients go in place)
+        allreduce = min(cfg.parallel.grad_bucket_mb * 2**20, 4.0 * params) if dp > 1 else 0.0
+        total = 8.0 * params + optimizer + max(peak, allreduce)
+        rows.append((total, r, params, optimizer, stored, backward, allreduce, live))
+    total, rank, params, optimizer, stored, backward, allreduce, live = max(rows)
     if model.is_encoder_decoder:
         flops_token = model_flops_per_token(model, encoder_len=enc_len, decoder_len=dec_len)
     else:
         flops_token = model_flops_per_token(model, seq_len=dec_len)
     tokens = run.global_batch * (enc_len + dec_len)
     return {
+        "pipeline_rank": rank,
+        "micro_batches_in_flight": live,
         "parameters_per_rank_M": params / 1e6,
         "weights_GiB": 4.0 * params / GIB,
         "gradients_GiB": 4.0 * params / GIB,
@@ -276,16 +425,18 @@ def estimate_config(cfg: TrainConfig, tp: int, pp: int, dp: int, zero1: bool,
         "activations_GiB": stored / GIB,
         "backward_transient_GiB": backward / GIB,
         "allreduce_GiB": allreduce / GIB,
-        "total_GiB": (8.0 * params + optimizer + max(peak_acts, allreduce)) / GIB,
+        "total_GiB": total / GIB,
         "step_PFLOP": flops_token * tokens / 1e15,
         "step_PFLOP_per_rank": flops_token * tokens / 1e15 / (tp * pp * dp),
     }
 
 
 def estimate(overrides: list[str], preset: str, tp: int, pp: int, dp: int,
-             zero1: bool, sp: bool = False) -> dict[str, float]:
+             zero1: bool, sp: bool = False, virtual_stages: int = 1,
+             encoder_stages: int = 0) -> dict[str, float]:
     """Per-rank memory (GiB) and FLOPs of ``preset`` with dotted ``overrides``."""
-    return estimate_config(load_train_config(preset, None, overrides), tp, pp, dp, zero1, sp)
+    return estimate_config(load_train_config(preset, None, overrides), tp, pp, dp, zero1, sp,
+                           virtual_stages, encoder_stages)
 
 
 RECIPE_KEYS = ("PRESET", "GPUS_PER_NODE", "TP", "PP", "MICRO_BATCH", "ACTIVATION_CHECKPOINTING",
@@ -412,6 +563,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dp", type=int, default=1)
     parser.add_argument("--zero1", action="store_true", help="shard optimizer state over dp")
     parser.add_argument("--sp", action="store_true", help="sequence parallelism (tp > 1)")
+    parser.add_argument("--virtual-stages", type=int, default=1,
+                        help="model chunks per pipeline rank (interleaved 1F1B; pp > 1)")
+    parser.add_argument("--encoder-stages", type=int, default=0,
+                        help="encoder-decoder pipelines: virtual stages of encoder blocks "
+                             "(0: automatic)")
     parser.add_argument("--recipes", action="store_true",
                         help="print the table of launch/recipes/*.env (A100-80GB nodes)")
     parser.add_argument("--nodes", type=int, default=8, help="--recipes: nodes of 8 GPUs")
@@ -425,9 +581,15 @@ def main(argv: list[str] | None = None) -> int:
               f"{FIT_FRACTION:.0%} of {A100_GIB:.0f} GiB")
         print(recipe_table(args.nodes))
         return 0
-    result = estimate(overrides, args.preset, args.tp, args.pp, args.dp, args.zero1, args.sp)
+    try:
+        result = estimate(overrides, args.preset, args.tp, args.pp, args.dp, args.zero1,
+                          args.sp, args.virtual_stages, args.encoder_stages)
+    except ValueError as error:  # a layout the trainer would refuse: its message says why
+        print(f"estimate_memory: {error}", file=sys.stderr)
+        return 2
     print(f"{args.preset}: tp={args.tp} pp={args.pp} dp={args.dp} zero1={args.zero1} "
-          f"sp={args.sp}")
+          f"sp={args.sp} virtual_stages={args.virtual_stages} "
+          f"encoder_stages={args.encoder_stages}")
     for key, value in result.items():
         print(f"  {key:<22} {value:12.3f}")
     return 0

@@ -20,12 +20,21 @@ import os
 import pytest
 import torch
 
+from megarch.config.model import ModelConfig
 from megarch.config.presets import tiny_model
 from megarch.model import build_model, lm_loss
 from megarch.parallel import tp_split_dim
 from megarch.parallel.context import ParallelContext
+from megarch.parallel.pipeline import PipelineLayout, build_stage, pipeline_layout
 from megarch.parallel.spawn import spawn
-from tools.estimate_memory import activation_bytes, estimate, parameters_per_rank
+from tools.estimate_memory import (
+    activation_bytes,
+    chunk_activation_bytes,
+    estimate,
+    parameters_per_rank,
+    pipeline_rank_peak,
+    stage_parameters,
+)
 
 TOLERANCE = 0.05
 """Estimated activation bytes within 5% of the measured ones (they agree within 2%)."""
@@ -41,6 +50,111 @@ def test_parameters_per_rank_match_the_tp_shards(arch, tp):
     shard = sum(p.numel() // (tp if tp_split_dim(n) is not None else 1)
                 for n, p in model.named_parameters())
     assert parameters_per_rank(cfg, tp) == shard
+
+
+PIPELINES = [("encoder_decoder", 2, 1, 0), ("encoder_decoder", 4, 1, 0),
+             ("encoder_decoder", 2, 2, 0), ("encoder_decoder", 4, 1, 1),
+             ("encoder_decoder", 4, 1, 3), ("causal_decoder", 2, 2, 0),
+             ("nonc_decoder", 4, 1, 0)]
+"""(arch, pp, virtual_stages, encoder_stages) of the pipeline checks: encoder-decoders at PP2
+and PP4 (automatic and explicit encoder stages) and interleaved PP2 x 2."""
+
+
+def _pipeline_model(arch: str, tie: bool = True) -> ModelConfig:
+    """The tiny model with 3 + 3 (encoder-decoder) or 4 layers: every layout above fits."""
+    cfg = tiny_model(arch)
+    cfg.n_layers = 3 if arch == "encoder_decoder" else 4
+    if arch == "encoder_decoder":
+        cfg.n_decoder_layers = 3
+    cfg.tie_embeddings = tie
+    return cfg
+
+
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize(("arch", "pp", "virtual", "encoder"), PIPELINES)
+def test_stage_parameters_match_the_real_stages(arch, pp, virtual, encoder, tie):
+    """Per pipeline rank, the estimate equals the TP1 and TP2 shards of the stage the trainer
+    builds (on the meta device: no memory)."""
+    cfg = _pipeline_model(arch, tie)
+    for tp in (1, 2):
+        real = []
+        for rank in range(pp):
+            stage = build_stage(cfg, ParallelContext(pp=pp, rank=rank), "meta",
+                                virtual_stages=virtual, encoder_stages=encoder)
+            real.append(sum(p.numel() // (tp if tp_split_dim(n) is not None else 1)
+                            for n, p in stage.named_parameters()))
+        assert stage_parameters(cfg, tp, pp, virtual, encoder) == real
+        assert parameters_per_rank(cfg, tp, pp, virtual, encoder) == max(real)
+
+
+@pytest.mark.parametrize(("pp", "virtual"), [(2, 1), (4, 1), (2, 2), (4, 2), (2, 3)])
+def test_pipeline_in_flight_micro_batches_follow_megatron(pp, virtual):
+    """Rank 0's most forwards awaiting their backward: pp under 1F1B; under interleaved 1F1B
+    Megatron's warm-up 2 (pp - 1) + (v - 1) pp plus one, or all of them with pp micro-batches.
+    With one byte per chunk the peak is that count."""
+    layout = PipelineLayout(pp, virtual, 0, tuple(range(1) for _ in range(pp * virtual)))
+    for n_micro in (pp, 2 * pp, 4 * pp):
+        ones = [1.0] * (pp * virtual)
+        peak, _, _, most = pipeline_rank_peak(layout, 0, n_micro, ones, [0.0] * len(ones))
+        if virtual == 1:
+            want, want_last = pp, 1
+        elif n_micro == pp:
+            want = want_last = n_micro * virtual
+        else:
+            want = 2 * (pp - 1) + (virtual - 1) * pp + 1
+            want_last = (virtual - 1) * pp + 1
+        assert (most, peak) == (want, want)
+        last = pipeline_rank_peak(layout, pp - 1, n_micro, ones, [0.0] * len(ones))[3]
+        assert last == want_last
+
+
+def _chunk_forward(stage, batch: dict, chunk: int):
+    """A forward of ``stage``'s chunk as the schedule runs it: inputs received as leaves that
+    need a gradient; the loss on the last stage. Returns the tensors the schedule holds."""
+    def forward() -> list[torch.Tensor]:
+        virtual = stage.chunks[chunk]
+        gen = torch.Generator().manual_seed(virtual)
+        inputs = tuple(torch.randn(shape, generator=gen).requires_grad_()
+                       for shape in stage.input_shapes(virtual, batch))
+        out = stage(batch, inputs, chunk)
+        if virtual == stage.last_virtual:
+            labels = batch.get("labels", batch.get("decoder_labels"))
+            mask = batch.get("loss_mask", batch.get("decoder_loss_mask"))
+            lm_loss(out, labels, mask)
+            return list(inputs)
+        return [*inputs, *out]
+    return forward
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+@pytest.mark.parametrize(("arch", "pp", "virtual", "encoder"),
+                         [("encoder_decoder", 2, 2, 0), ("causal_decoder", 2, 2, 0)])
+def test_chunk_activation_estimate_matches_saved_tensors(arch, pp, virtual, encoder, ckpt,
+                                                         monkeypatch):
+    """Every virtual stage of an interleaved PP2 x 2 pipeline (the encoder-decoder's: encoder
+    chunks, the first decoder chunk that embeds, a middle one that carries the encoder output,
+    the last with the loss), one micro-batch, float32 with the PyTorch attention: saved
+    tensors plus what the schedule holds (inputs, outputs) within 5% of the estimate."""
+    monkeypatch.setenv("MEGARCH_ATTENTION", "reference")
+    cfg = _pipeline_model(arch)
+    cfg.activation_checkpointing = ckpt
+    layout = pipeline_layout(cfg, pp, virtual, encoder)
+    batch = _batch(arch)
+    enc, dec = (ENC_LEN, ED_DEC_LEN) if arch == "encoder_decoder" else (0, DEC_LEN)
+    errors = []
+    for rank in range(pp):
+        torch.manual_seed(0)
+        stage = build_stage(cfg, ParallelContext(pp=pp, rank=rank), "cpu",
+                            virtual_stages=virtual, encoder_stages=encoder).train()
+        for chunk, k in enumerate(stage.chunks):
+            got = measure_saved_bytes(stage, batch, False, _chunk_forward(stage, batch, chunk))
+            parts = chunk_activation_bytes(cfg, layout, k, enc, dec, MICRO, cuda=False)
+            want = parts["blocks"] + parts["ends"] + parts["logits"] + parts["carried"]
+            assert got["weight_copies"] == 0 and parts["weight_copies"] == 0
+            if abs(want - got["activations"]) > TOLERANCE * got["activations"]:
+                errors.append(f"virtual stage {k}: estimated {want:.0f}, measured "
+                              f"{got['activations']}")
+    assert not errors, "\n".join(errors)
 
 
 def test_zero1_divides_optimizer_state_and_tp_divides_weights():
@@ -93,16 +207,19 @@ def _is_weight_copy(t: torch.Tensor) -> bool:
     for _ in range(4):
         if fn is None:
             return False
-        if type(fn).__name__ == "AccumulateGrad":
-            return True
+        if type(fn).__name__ == "AccumulateGrad":  # a parameter (not a stage's input leaf)
+            return isinstance(fn.variable, torch.nn.Parameter)
         if type(fn).__name__ not in ("TBackward0", "ToCopyBackward0", "ViewBackward0"):
             return False
         fn = fn.next_functions[0][0]
     return False
 
 
-def measure_saved_bytes(model: torch.nn.Module, batch: dict, bf16: bool) -> dict[str, int]:
-    """{"activations": bytes, "weight_copies": bytes} kept for the backward of one forward."""
+def measure_saved_bytes(model: torch.nn.Module, batch: dict, bf16: bool,
+                        forward=None) -> dict[str, int]:
+    """{"activations": bytes, "weight_copies": bytes} kept for the backward of one forward
+    (and loss). ``forward()`` replaces ``model(**batch)`` and the loss; it returns the tensors
+    held beyond the saved ones (a pipeline schedule's chunk inputs and outputs), counted too."""
     skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
     skip |= {v.untyped_storage().data_ptr() for v in batch.values()}
     seen: dict[int, tuple[int, bool]] = {}
@@ -127,8 +244,12 @@ def measure_saved_bytes(model: torch.nn.Module, batch: dict, bf16: bool) -> dict
     mask = batch.get("loss_mask", batch.get("decoder_loss_mask"))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     with torch.autograd.graph.saved_tensors_hooks(record, lambda t: t), autocast:
-        logits = model(**batch)
-        lm_loss(logits, labels, mask, tp_group=model.tp_group)["loss"]
+        if forward is None:
+            logits = model(**batch)
+            lm_loss(logits, labels, mask, tp_group=model.tp_group)["loss"]
+        else:
+            for t in forward():
+                record(t)
     copies = sum(n for n, is_copy in seen.values() if is_copy)
     return {"activations": sum(n for n, _ in seen.values()) - copies, "weight_copies": copies}
 
