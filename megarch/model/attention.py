@@ -25,8 +25,8 @@ import os
 import torch
 
 from megarch.model.position import RelativeBias
-from megarch.parallel.collectives import Group
-from megarch.parallel.rng import split_dropout
+from megarch.parallel.collectives import Group, group_rank, group_size
+from megarch.parallel.rng import rank_seed, split_dropout
 
 ATTENTION_ENV = "MEGARCH_ATTENTION"
 """``reference`` forces the PyTorch path everywhere; ``kernel`` also uses the Triton kernel on
@@ -112,7 +112,9 @@ def attention(
         bias: additive, broadcastable to [batch, heads, q_len, k_len], or a T5
             :class:`RelativeBias` (table + positions), which the kernel computes in place.
         scale: logit scale, default ``head_dim ** -0.5``.
-        dropout_p: dropout on the attention probabilities (apply only while training).
+        dropout_p: dropout on the attention probabilities (apply only while training); the
+            kernel draws it in place from a seed (:func:`kernel_dropout_seed`), the reference
+            path with a materialised mask.
         dropout_group: the tensor-parallel group the heads are split over: each rank draws
             its own masks (megarch.parallel.rng); None: the global torch generator.
 
@@ -121,9 +123,9 @@ def attention(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     # ---- Kernel dispatch point: the Triton kernel (kernels/, same MaskMode integers) on CUDA ---
-    if _use_kernel(q, bias, dropout_p):
+    if _use_kernel(q, bias):
         return _kernel_attention(q, k, v, mode, q_segment_ids, k_segment_ids, prefix_len, bias,
-                                 scale)
+                                 scale, dropout_p, dropout_group)
     if isinstance(bias, RelativeBias):
         bias = bias.dense()
     mask = build_mask(mode, q.shape[-2], k.shape[-2], q_segment_ids, k_segment_ids, prefix_len,
@@ -132,11 +134,11 @@ def attention(
                                dropout_p=dropout_p, dropout_group=dropout_group)
 
 
-def _use_kernel(q: torch.Tensor, bias, dropout_p: float) -> bool:
-    """Whether the fused kernel serves this call (see :data:`ATTENTION_ENV`). It has no
-    attention dropout and takes biases only as a :class:`RelativeBias`."""
+def _use_kernel(q: torch.Tensor, bias) -> bool:
+    """Whether the fused kernel serves this call (see :data:`ATTENTION_ENV`). It takes
+    biases only as a :class:`RelativeBias`; attention dropout it does itself."""
     choice = os.environ.get(ATTENTION_ENV, "")
-    if choice == "reference" or dropout_p > 0.0:
+    if choice == "reference":
         return False
     if bias is not None and not isinstance(bias, RelativeBias):
         return False
@@ -145,14 +147,33 @@ def _use_kernel(q: torch.Tensor, bias, dropout_p: float) -> bool:
     return q.is_cuda or choice == "kernel"
 
 
-def _kernel_attention(q, k, v, mode, q_segment_ids, k_segment_ids, prefix_len, bias, scale):
+def kernel_dropout_seed(group: Group = None) -> int:
+    """The attention kernel's dropout seed for one call (its masks: kernels.flash_attention
+    ``dropout_mask``).
+
+    One draw from the global CPU generator, as :func:`megarch.parallel.rng.split_dropout`
+    draws: no device synchronisation; reproducible from the run seed; rewound by activation
+    checkpointing with the generator, so a recomputed forward draws the first one's masks.
+    Under a TP group of more than one rank (heads split) it is made per rank by
+    :func:`~megarch.parallel.rng.rank_seed`, like the split activations' streams.
+    """
+    base = int(torch.randint(1 << 62, ()).item())
+    if group_size(group) == 1:
+        return base
+    return rank_seed(base, group_rank(group))
+
+
+def _kernel_attention(q, k, v, mode, q_segment_ids, k_segment_ids, prefix_len, bias, scale,
+                      dropout_p=0.0, dropout_group=None):
     """The fused Triton kernel's output for the same arguments as :func:`attention`."""
     from kernels.flash_attention import flash_attention
 
     extra = {}
+    if dropout_p > 0.0:
+        extra = {"dropout_p": dropout_p, "dropout_seed": kernel_dropout_seed(dropout_group)}
     if bias is not None:
         table = bias.module
-        extra = {"rel_bias_table": table.table, "q_positions": bias.q_positions,
+        extra |= {"rel_bias_table": table.table, "q_positions": bias.q_positions,
                  "k_positions": bias.k_positions, "bidirectional_buckets": table.bidirectional,
                  "num_buckets": table.n_buckets, "max_distance": table.max_distance}
     return flash_attention(q, k, v, int(mode), q_segment_ids=q_segment_ids,

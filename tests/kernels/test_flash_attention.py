@@ -95,9 +95,20 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
 
-def check_against_float64(mode, dtype, q, k, v, kwargs, fwd=FWD_TILES, bwd=BWD_TILES):
-    """Forward and gradients of q, k, v (and the bias table) vs the float64 reference."""
-    out = flash_attention(q, k, v, mode, fwd_config=fwd, bwd_config=bwd, **kwargs)
+def check_against_float64(mode, dtype, q, k, v, kwargs, fwd=FWD_TILES, bwd=BWD_TILES,
+                          dropout=None):
+    """Forward and gradients of q, k, v (and the bias table) vs the float64 reference.
+
+    ``dropout``: (p, seed): attention dropout, the reference applying the kernel's mask.
+    """
+    drop, ref_drop = {}, {}
+    if dropout is not None:
+        p, seed = dropout
+        drop = {"dropout_p": p, "dropout_seed": seed}
+        shape = (*q.shape[:3], k.shape[2])
+        ref_drop = {"dropout_p": p,
+                    "dropout_mask": fa.dropout_mask(seed, shape, p, device=q.device)}
+    out = flash_attention(q, k, v, mode, fwd_config=fwd, bwd_config=bwd, **kwargs, **drop)
     assert out.dtype == dtype and not out.isnan().any()
     grad_out = torch.randn_like(out)
     leaves = [q, k, v] + ([kwargs["rel_bias_table"]] if "rel_bias_table" in kwargs else [])
@@ -106,7 +117,7 @@ def check_against_float64(mode, dtype, q, k, v, kwargs, fwd=FWD_TILES, bwd=BWD_T
     ref_kwargs = dict(kwargs)
     if "rel_bias_table" in kwargs:
         ref_kwargs["rel_bias_table"] = kwargs["rel_bias_table"].double()
-    ref = flash_attention_ref(q.double(), k.double(), v.double(), mode, **ref_kwargs)
+    ref = flash_attention_ref(q.double(), k.double(), v.double(), mode, **ref_kwargs, **ref_drop)
     ref_grads = torch.autograd.grad(ref, leaves, grad_out.double())
 
     tol = TOLERANCE[dtype]
