@@ -21,6 +21,11 @@ The optional T5 relative position bias is computed in the kernel from ``q_positi
 kernels gather from it; its gradient is accumulated with atomics and flows back to the table
 through ordinary autograd indexing.
 
+Attention dropout (``dropout_p`` > 0, a compile-time flag: 0 builds the kernels without it)
+drops probabilities by a counter-based Philox draw per (batch, head, query, key) element from
+``dropout_seed``, so the backward regenerates the forward's mask instead of storing it
+(``dropout_mask`` returns it; the algebra is in ``_backward``'s docstring).
+
 Layout: q [batch, heads, q_len, head_dim], k/v [batch, heads, k_len, head_dim] (any strides);
 fp16 / bf16 / fp32 inputs (fp32 dots in 3xTF32), fp32 accumulation; any sequence length; head
 dims up to 256 (32/64/128 tuned).
