@@ -157,6 +157,28 @@ def test_chunk_activation_estimate_matches_saved_tensors(arch, pp, virtual, enco
     assert not errors, "\n".join(errors)
 
 
+def test_pipeline_estimate_reports_a_real_rank_and_one_all_reduce_bucket():
+    """An interleaved encoder-decoder pipeline's estimate: the parameters of one of the
+    trainer's ranks, the all-reduce transient one ``parallel.grad_bucket_mb`` bucket, and the
+    trainer's refusals (sequence parallelism with stages; micro-batches not a multiple of pp
+    under interleaving) as errors."""
+    from megarch.config.train import get_train_preset
+
+    est = estimate([], "ed_mlm", 2, 4, 8, True, virtual_stages=2)
+    counts = stage_parameters(get_train_preset("ed_mlm").model, 2, 4, 2)
+    assert round(est["parameters_per_rank_M"] * 1e6) in counts
+    assert est["allreduce_GiB"] * 2**30 == 25 * 2**20
+    wide = estimate(["--parallel.grad_bucket_mb", "100"], "ed_mlm", 2, 4, 8, True,
+                    virtual_stages=2)
+    assert wide["allreduce_GiB"] * 2**30 == 100 * 2**20
+    assert estimate([], "ed_mlm", 2, 4, 1, True, virtual_stages=2)["allreduce_GiB"] == 0
+    with pytest.raises(ValueError, match="sequence parallelism"):
+        estimate([], "cd_flm", 2, 2, 8, True, sp=True)
+    with pytest.raises(ValueError, match="multiple of pp=4 micro-batches"):
+        estimate(["--run.global_batch", "48", "--run.micro_batch", "2"], "cd_flm", 1, 4, 8,
+                 True, virtual_stages=2)
+
+
 def test_zero1_divides_optimizer_state_and_tp_divides_weights():
     base = estimate([], "cd_flm", 1, 1, 8, zero1=False)
     zero = estimate([], "cd_flm", 1, 1, 8, zero1=True)
