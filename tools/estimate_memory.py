@@ -21,8 +21,8 @@ What is counted, for the pipeline rank with the largest total:
   saved tensors of tiny models, every architecture at TP1 and TP2, with and without
   activation checkpointing, in float32 with the CPU attention and in bf16 autocast with the
   attention kernel, with and without dropout (tests/parallel/test_estimate_memory.py, within
-  5%). Dropout > 0 costs more than its masks: the attention kernel has no dropout, so the
-  model takes the PyTorch attention, whose [batch, heads, len, len] probabilities are saved.
+  5%). Attention dropout costs nothing more with the kernel (it regenerates its mask from a
+  seed); on the PyTorch attention its [batch, heads, len, len] mask is saved too.
   Pipelines: per virtual stage (:func:`chunk_activation_bytes`, checked so in float32), plus the
   chunk's output and (encoder-decoders' decoder stages) the encoder output that the schedule
   holds per micro-batch; the rank's forwards awaiting their backward are counted by walking the
@@ -135,7 +135,7 @@ def _optimizer_bytes(cfg: ModelConfig, name: str, params: int, tp: int,
 @dataclasses.dataclass
 class Precision:
     """How the forward runs: ``bf16`` autocast or float32; ``flash`` the attention kernel
-    (CUDA, no attention dropout) or the PyTorch reference (CPU, or dropout > 0); ``cuda``
+    (CUDA; attention dropout in place, no mask saved) or the PyTorch reference (CPU); ``cuda``
     whether dropout is CUDA's fused kernel (a 1-byte mask) rather than the CPU's (a mask of
     the input's dtype)."""
 
@@ -251,7 +251,7 @@ def activation_bytes(cfg: ModelConfig, enc_len: int, dec_len: int, micro: int, t
     (the two float32 copies the loss keeps), ``recompute``. ``cuda``: dropout masks as CUDA
     stores them (1 byte; see :class:`Precision`).
     """
-    p = Precision(bf16, flash and cfg.dropout == 0, cuda)  # the kernel has no attn. dropout
+    p = Precision(bf16, flash, cuda)
     d, b, sp = cfg.d_model, micro, sp and tp > 1
     div = tp if sp else 1
     if cfg.is_encoder_decoder:
@@ -286,7 +286,7 @@ def chunk_activation_bytes(cfg: ModelConfig, layout, virtual: int, enc_len: int,
     (float32 [micro, len, d_model], all but the last virtual stage) and, on an
     encoder-decoder's decoder stages, the encoder output it received (float32
     [micro, enc_len, d_model]; its gradient goes back summed over the decoder stages)."""
-    p = Precision(bf16, flash and cfg.dropout == 0, cuda)
+    p = Precision(bf16, flash, cuda)
     d, b, n = cfg.d_model, micro, len(layout.layers[virtual])
     kind = _chunk_kind(cfg, layout, virtual)
     encoder = cfg.is_encoder_decoder and layout.is_encoder(virtual)

@@ -8,9 +8,9 @@ counted apart. With activation checkpointing the checkpoint keeps its blocks' in
 (outside the hooks), so those are counted from the arguments ``run_block`` receives. Settings:
 float32 with the PyTorch attention (the CPU path), bf16 autocast with the attention kernel (the
 CUDA path; here through the Triton interpreter, which computes wrong bf16 values but saves the
-same tensors), and both with dropout 0.1 (PyTorch attention then; CPU dropout masks have the
-input's dtype where CUDA's are bytes, which the estimator is told). TP2 runs on real gloo
-processes.
+same tensors), and both with dropout 0.1 (the kernel draws attention dropout in place; CPU
+dropout masks have the input's dtype where CUDA's are bytes, which the estimator is told).
+TP2 runs on real gloo processes.
 """
 
 from __future__ import annotations
@@ -278,8 +278,8 @@ def measure_saved_bytes(model: torch.nn.Module, batch: dict, bf16: bool,
 
 SETTINGS = {"fp32_reference": (False, "reference"), "bf16_kernel": (True, "kernel"),
             "fp32_dropout": (False, "reference"), "bf16_dropout": (True, "kernel")}
-"""name: (bf16 autocast, MEGARCH_ATTENTION); the dropout ones train with model.dropout 0.1 (the
-kernel has no attention dropout: the model takes the PyTorch attention then, in bf16 too)."""
+"""name: (bf16 autocast, MEGARCH_ATTENTION); the dropout ones train with model.dropout 0.1 (with
+the kernel, attention dropout too)."""
 
 
 def _measure_all(rank: int, world: int, cases: list[tuple]) -> dict:
