@@ -34,8 +34,8 @@ def all_reduce_grads(model: nn.Module, group: Group, bucket_mb: float = DEFAULT_
     Gradients are taken in parameter order, per dtype, and packed into buckets of at most
     ``bucket_mb`` MiB: each bucket is copied into one reusable flat buffer, all-reduced and
     copied back, so the extra memory is one bucket per dtype at a time. A gradient larger than
-    a bucket is all-reduced in place on its own (no copy; a non-contiguous one, which autograd
-    does not make, goes through a buffer of its size). The sums equal one flat all-reduce
+    a bucket is all-reduced in place on its own (no copy; a non-contiguous one, which is rare,
+    goes through a buffer of its size). The sums equal one flat all-reduce
     of everything bitwise on two ranks (a + b either way); with more ranks a collective's
     reduction order may depend on the buffer's layout, so they agree to float rounding.
     """
