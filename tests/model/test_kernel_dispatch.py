@@ -102,14 +102,16 @@ def _assert_same(a: tuple, b: tuple, exact: bool = False) -> None:
                                    **(tol if exact else {"rtol": 1e-3, "atol": 1e-5}))
 
 
-def test_kernel_dropout_matches_the_reference_given_the_same_masks(monkeypatch):
+@pytest.mark.parametrize("arch", ["nd", pytest.param("ed", marks=pytest.mark.slow)])
+def test_kernel_dropout_matches_the_reference_given_the_same_masks(arch, monkeypatch):
     """Training with attention dropout 0.2: the kernel serves it; the run's torch seed fixes
     the output; the reference path applying the kernel's masks gives the same logits and
     gradients; with activation checkpointing the recomputed forward draws the same masks."""
-    config = replace(get_model_preset("nd_tiny"), dropout=0.2)
+    config = replace(get_model_preset(f"{arch}_tiny"), dropout=0.2)
     torch.manual_seed(0)
     model = build_model(config).train()
-    batch = _batch("decoder", torch.Generator().manual_seed(1))
+    batch = _batch("encoder_decoder" if arch == "ed" else "decoder",
+                   torch.Generator().manual_seed(1))
     calls = []
     monkeypatch.setattr(attention_module, "_kernel_attention",
                         _counting(attention_module._kernel_attention, calls))
