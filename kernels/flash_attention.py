@@ -490,8 +490,10 @@ def candidate_block_configs(kernel: str, head_dim: int, dtype: torch.dtype
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     default = default_block_config(kernel, head_dim, dtype)
     wide = head_dim > 64  # 128-wide rows: fewer, narrower tiles keep registers in bounds
-    if dtype == torch.float32:
-        extra = [BlockConfig(64, 32, 4, 2)] if kernel != "dkdv" else [BlockConfig(32, 64, 4, 2)]
+    if dtype == torch.float32:  # d128: larger backward tiles exceed sm_80's shared memory
+        extra = ([BlockConfig(64, 32, 4, 2)] if kernel == "fwd" else
+                 [BlockConfig(32, 32, 8, 2)] if wide else
+                 [BlockConfig(32, 64, 4, 2)] if kernel == "dkdv" else [BlockConfig(64, 32, 4, 2)])
     elif kernel == "fwd":
         extra = ([BlockConfig(64, 32, 4, 3), BlockConfig(64, 64, 8, 3), BlockConfig(128, 64, 8, 2),
                   BlockConfig(128, 32, 8, 2)] if wide else
