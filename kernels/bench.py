@@ -258,6 +258,10 @@ def measure(step: Callable, device: torch.device, warmup: bool
     return do_bench(step, warmup=25, rep=100), peak, out
 
 
+def _measure_pass(fn: Callable, case: Case, bench_pass: str, warmup: bool):
+    return measure(_step(fn, case, bench_pass), case.q.device, warmup)
+
+
 def relative_difference(out: torch.Tensor, ref: torch.Tensor) -> float:
     ref = ref.float()
     return ((out.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
@@ -275,9 +279,19 @@ def _tiles(fa, case: Case) -> str:
                     for kernel, c in configs.items())
 
 
-def _free_memory(device: torch.device) -> None:
+def _attempt(device: torch.device, call: Callable, *args) -> tuple[object, str, str]:
+    """(call(*args), "ok", "") or (None, "oom" / "error", why): no failure ends the run."""
+    failure = None
+    try:
+        return call(*args), "ok", ""
+    except _out_of_memory_errors():
+        failure = ("oom", "")
+    except Exception as error:  # noqa: BLE001 - e.g. a baseline this torch cannot compile
+        lines = str(error).strip().splitlines() or [""]
+        failure = ("error", f"{type(error).__name__}: {lines[0][:160]}")
     if device.type == "cuda":
-        torch.cuda.empty_cache()
+        torch.cuda.empty_cache()  # after the except block: its traceback held the tensors
+    return None, *failure
 
 
 def run_case(case: Case, passes: list[str], fa, base_row: dict) -> list[dict]:
@@ -291,15 +305,12 @@ def run_case(case: Case, passes: list[str], fa, base_row: dict) -> list[dict]:
         row = {**base_row, "mode": case.mode, "seq_len": seq_len, "head_dim": head_dim,
                "batch": batch, "heads": heads, "impl": impl, "visible_pairs": pairs,
                "prefix_len": ";".join(map(str, prefix)) if prefix else ""}
-        try:
-            fn, mask_ms = build_impl(impl, case, fa)
-        except _out_of_memory_errors():
-            fn = None
-        if fn is None:
-            rows += [{**row, "pass": p, "status": "oom", "note": "building the mask"}
-                     for p in passes]
-            _free_memory(device)  # after the except block: its traceback held the tensors
+        built, status, note = _attempt(device, build_impl, impl, case, fa)
+        if built is None:
+            rows += [{**row, "pass": p, "status": status, "note": f"building the mask {note}"
+                      .strip()} for p in passes]
             continue
+        fn, mask_ms = built
         out = None
         for bench_pass in passes:
             result = {**row, "pass": bench_pass,
@@ -310,26 +321,23 @@ def run_case(case: Case, passes: list[str], fa, base_row: dict) -> list[dict]:
                 rows.append({**result, "status": "skipped",
                              "note": "FlexAttention has no backward on CPU"})
                 continue
-            try:
-                # The interpreted kernel needs no warm-up call (nothing to compile).
-                ms, peak, last = measure(_step(fn, case, bench_pass), device,
-                                         warmup=impl != "kernel")
-            except _out_of_memory_errors():
-                ms = None
-            if ms is None:
-                rows.append({**result, "status": "oom"})
-                _free_memory(device)
+            # The interpreted kernel needs no warm-up call (nothing to compile).
+            measured, status, note = _attempt(device, _measure_pass, fn, case, bench_pass,
+                                              impl != "kernel")
+            if measured is None:
+                rows.append({**result, "status": status, "note": note})
                 continue
+            ms, peak, last = measured
             # Kept on the host: a held output would count in the next calls' peak memory.
             out = last.cpu() if out is None else out
-            del last
+            del last, measured
             if impl == "kernel":
                 kernel_out = out if kernel_out is None else kernel_out
                 kernel_ms[bench_pass] = ms
                 result["tiles"] = _tiles(fa, case)
             elif bench_pass in kernel_ms:
                 result["kernel_speedup"] = f"{ms / kernel_ms[bench_pass]:.4g}"
-            if kernel_out is not None and out is not None:
+            if kernel_out is not None:
                 result["rel_diff_vs_kernel"] = f"{relative_difference(out, kernel_out):.2e}"
             rows.append({**result, "status": "ok", "ms": f"{ms:.6g}",
                          "tflops": f"{result['flops'] / ms / 1e9:.4g}",
@@ -530,8 +538,13 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    run(parse_args(argv))
-    return 0
+    """Exit status 1 when a kernel row failed (a failing baseline is only reported)."""
+    rows = run(parse_args(argv))
+    failed = [r for r in rows if r["impl"] == "kernel" and r["status"] not in ("ok", "oom")]
+    for row in failed:
+        print(f"kernel failed: {row['mode']} {row['pass']} len {row['seq_len']} "
+              f"d {row['head_dim']}: {row.get('note', '')}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

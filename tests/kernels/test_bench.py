@@ -194,3 +194,27 @@ def test_out_of_memory_is_recorded_and_the_run_goes_on(monkeypatch):
     status = {row["impl"]: (row["status"], row.get("note", "")) for row in rows}
     assert status == {"kernel": ("ok", ""), "sdpa_dense_mask": ("oom", "building the mask"),
                       "flex_block_mask": ("oom", "")}
+
+
+def test_a_failing_kernel_is_recorded_and_fails_the_command(monkeypatch, tmp_path, capsys):
+    real_build = bench.build_impl
+
+    def build(impl, case, fa_module):
+        fn, mask_ms = real_build(impl, case, fa_module)
+        if impl == "kernel":
+            def fn(q, k, v):
+                raise RuntimeError("PTX failed to assemble\nsecond line")
+        return fn, mask_ms
+
+    monkeypatch.setattr(bench, "build_impl", build)
+    path = tmp_path / "a.csv"
+    code = bench.main(["--cpu-small", "--seq-lens", "40", "--head-dims", "16", "--modes",
+                       "causal", "--passes", "fwd", "--csv", str(path)])
+    assert code == 1
+    with path.open() as handle:
+        rows = {row["impl"]: row for row in csv.DictReader(handle)}
+    assert rows["kernel"]["status"] == "error"
+    assert rows["kernel"]["note"] == "RuntimeError: PTX failed to assemble"
+    baseline = rows["sdpa_is_causal"]
+    assert baseline["status"] == "ok" and baseline["kernel_speedup"] == ""
+    assert "kernel failed: causal fwd len 40 d 16" in capsys.readouterr().err
