@@ -17,8 +17,9 @@ forward ``4 * batch * heads * head_dim * pairs``, forward + backward 3.5x that
 peak memory (``torch.cuda.max_memory_allocated`` over one call after a reset: inputs, masks and
 the call's own memory), the kernel's speed-up over it (``kernel_speedup`` = its ms / the
 kernel's ms), and its forward output's relative difference to the kernel's
-(``rel_diff_vs_kernel``: the comparison is apples to apples). A baseline that runs out of memory
-is recorded as ``oom`` and the run goes on. The end prints the three targets (met / not met):
+(``rel_diff_vs_kernel``: the comparison is apples to apples). A call that runs out of memory is
+recorded as ``oom``, any other failure as ``error`` with its message, and the run goes on (the
+command exits 1 if a kernel row failed). The end prints the three targets (met / not met):
 prefix forward+backward >= 1.0x FlexAttention and >= 3x SDPA with a dense mask, causal >= 0.9x
 SDPA's flash path (forward and forward+backward). Rows are appended to a CSV (GPU, commit,
 date, torch and triton versions) after each case.
