@@ -121,7 +121,7 @@ def _write_shards(saved: SavedCheckpoint, cfg: TrainConfig, directory: str,
             optimizer = saved.optimizer_state(groups, tp_rank, tp)
             optimizer[PARAM_NAMES] = [name for group in groups for name in group]
             torch.save(optimizer, file("optimizer"))
-            rng = saved.rng(tp_rank, pp_rank)
+            rng, _ = saved.rng(tp_rank, pp_rank)
             if rng is not None:
                 torch.save(rng, file("rng"))
             bar.update()

@@ -126,6 +126,10 @@ def test_tool_round_trip_through_tp2_pp2_is_bit_exact(tmp_path, optimizer):
     else:
         assert torch.equal(moments["exp_avg"], ref["exp_avg"].chunk(2, 1)[1])
     assert torch.equal(moments["step"], ref["step"])
+    saved_rng = torch.load(os.path.join(path, "rng.pt"), weights_only=False)
+    for name in ("rng_tp00_pp00.pt", "rng_tp01_pp01.pt"):  # the source's states, as saved
+        rng = torch.load(os.path.join(sharded, name), weights_only=False)
+        assert rng.keys() == saved_rng.keys() and torch.equal(rng["torch"], saved_rng["torch"])
     back = reshard(str(tmp_path / "two"), str(tmp_path / "back"))  # a run dir: its newest
     assert sorted(os.listdir(back)) == sorted(os.listdir(path))
     merged = torch.load(os.path.join(back, "model.pt"))
