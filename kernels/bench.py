@@ -9,6 +9,9 @@ The comparisons (each with the same q, k, v, in the same run):
   boolean [batch, 1, len, len] mask) and vs ``flex_block_mask`` (a prefix-LM block mask).
   Masks are built outside the timed call; their build time is its own column (``mask_ms``),
   since a real run builds one per batch.
+- ``packed_t5`` (opt-in, ``--modes packed_t5``): rows packing 4 prefix-LM examples, each with
+  the T5 relative bias: the kernel (segment ids, per-query prefix, bias in the kernel) vs
+  FlexAttention with a block mask and a ``score_mod`` adding the same bias. Not a target.
 
 Forward (``fwd``) and forward + backward (``fwd_bwd``) for every sequence length and head dim.
 TFLOP/s come from an explicit count of visible (query, key) pairs (masked work is not counted):
@@ -54,10 +57,13 @@ import torch
 import torch.nn.functional as F
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-MODES = ("causal", "prefix")
+MODES = ("causal", "prefix")  # the headline comparisons (the default)
+EXTRA_MODES = ("packed_t5",)  # opt-in: the study's packed prefix-LM rows with the T5 bias
+PACKED_SEGMENTS, T5_BUCKETS, T5_MAX_DISTANCE = 4, 32, 128
 PASSES = ("fwd", "fwd_bwd")
 BASELINES = {"causal": ("sdpa_is_causal", "flex_block_mask"),
-             "prefix": ("sdpa_dense_mask", "flex_block_mask")}
+             "prefix": ("sdpa_dense_mask", "flex_block_mask"),
+             "packed_t5": ("flex_block_mask",)}
 BACKWARD_FACTOR = 2.5  # backward FLOPs / forward FLOPs (FlashAttention-2's convention)
 CPU_SMALL = dict(seq_lens=[40, 72], head_dims=[16, 32], batch=1, heads=2, dtype="fp32")
 FIELDS = ("date", "commit", "gpu", "torch", "triton", "mode", "pass", "seq_len", "head_dim",
@@ -84,40 +90,67 @@ def _out_of_memory_errors() -> tuple[type[BaseException], ...]:
 class Case:
     """One benchmarked shape: inputs [batch, heads, len, head_dim] and the mask's parameters."""
 
-    mode: str  # "causal" or "prefix"
+    mode: str  # "causal", "prefix" or "packed_t5"
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
-    prefix_len: torch.Tensor | None  # [batch] int64 (prefix only)
+    prefix_len: torch.Tensor | None  # prefix: [batch]; packed_t5: [batch, len] (per query)
+    segment_ids: torch.Tensor | None = None  # packed_t5: [batch, len], 1, 2, ...
+    positions: torch.Tensor | None = None  # packed_t5: [batch, len] position in its segment
+    bias_table: torch.Tensor | None = None  # packed_t5: T5 table [buckets, heads], fp32
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
         return tuple(self.q.shape)
 
 
+def packed_segments(seq_len: int) -> list[tuple[int, int]]:
+    """(start, length) of the packed_t5 rows' segments: PACKED_SEGMENTS near-equal ones."""
+    size = -(-seq_len // PACKED_SEGMENTS)
+    return [(start, min(size, seq_len - start)) for start in range(0, seq_len, size)]
+
+
 def make_case(mode: str, batch: int, heads: int, seq_len: int, head_dim: int,
               dtype: torch.dtype, device: torch.device | str, seed: int = 0) -> Case:
-    """Random q, k, v (and per-row prefix lengths in [len/4, 3 len/4]), reproducible by seed."""
+    """Random q, k, v and the mode's mask inputs, reproducible by seed.
+
+    prefix: one prefix length per row in [len/4, 3 len/4]. packed_t5: every row packs the same
+    segments (``packed_segments``), each a prefix-LM example whose first half is the prefix,
+    with T5 bias from a random table over positions within the segment.
+    """
     gen = torch.Generator().manual_seed(seed * 1_000_003 + seq_len * 1009 + head_dim)
     q, k, v = (torch.randn(batch, heads, seq_len, head_dim, generator=gen)
                .to(device=device, dtype=dtype) for _ in range(3))
-    prefix = None
     if mode == "prefix":
         prefix = torch.randint(seq_len // 4, 3 * seq_len // 4 + 1, (batch,), generator=gen)
-        prefix = prefix.to(device)
-    return Case(mode, q, k, v, prefix)
+        return Case(mode, q, k, v, prefix.to(device))
+    if mode != "packed_t5":
+        return Case(mode, q, k, v, None)
+    seg, pos, prefix = (torch.empty(seq_len, dtype=torch.long) for _ in range(3))
+    for index, (start, length) in enumerate(packed_segments(seq_len)):
+        seg[start:start + length] = index + 1
+        pos[start:start + length] = torch.arange(length)
+        prefix[start:start + length] = start + length // 2
+    rows = [t.expand(batch, seq_len).contiguous().to(device) for t in (seg, pos, prefix)]
+    table = torch.randn(T5_BUCKETS, heads, generator=gen).to(device)
+    return Case(mode, q, k, v, rows[2], segment_ids=rows[0], positions=rows[1], bias_table=table)
 
 
 def visible_pairs(mode: str, seq_len: int, prefix_len: list[int] | None, batch: int) -> int:
     """(query, key) pairs the mask leaves visible, summed over the batch (closed form).
 
-    Causal: len (len + 1) / 2 per row. Prefix p: queries before p see the p prefix keys, query
-    i >= p sees i + 1 keys: p^2 + len (len + 1) / 2 - p (p + 1) / 2.
+    Causal: n (n + 1) / 2 per row of length n. Prefix p: queries before p see the p prefix
+    keys, query i >= p sees i + 1 keys: p^2 + n (n + 1) / 2 - p (p + 1) / 2. packed_t5: that
+    per segment, with p half its length.
     """
-    triangle = seq_len * (seq_len + 1) // 2
+    def prefix_lm(n: int, p: int) -> int:
+        return p * p + n * (n + 1) // 2 - p * (p + 1) // 2
+
     if mode == "causal":
-        return batch * triangle
-    return sum(p * p + triangle - p * (p + 1) // 2 for p in prefix_len)
+        return batch * seq_len * (seq_len + 1) // 2
+    if mode == "packed_t5":
+        return batch * sum(prefix_lm(n, n // 2) for _, n in packed_segments(seq_len))
+    return sum(prefix_lm(seq_len, p) for p in prefix_len)
 
 
 def attention_flops(pairs: int, heads: int, head_dim: int, bench_pass: str) -> int:
@@ -175,7 +208,7 @@ def dense_prefix_mask(seq_len: int, prefix_len: torch.Tensor) -> torch.Tensor:
 
 
 def flex_block_mask(case: Case):
-    """FlexAttention block mask of the case (causal: shared by the batch; prefix: per row)."""
+    """FlexAttention block mask of the case (causal: shared by the batch; others: per row)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     batch, _, seq_len, _ = case.shape
@@ -184,12 +217,28 @@ def flex_block_mask(case: Case):
             return j <= i
 
         return create_block_mask(causal, None, None, seq_len, seq_len, device=case.q.device)
-    prefix = case.prefix_len
-
-    def prefix_lm(b, h, i, j):
-        return (j <= i) | (j < prefix[b])
+    prefix, seg = case.prefix_len, case.segment_ids
+    if case.mode == "prefix":
+        def prefix_lm(b, h, i, j):
+            return (j <= i) | (j < prefix[b])
+    else:
+        def prefix_lm(b, h, i, j):
+            return (seg[b, i] == seg[b, j]) & ((j <= i) | (j < prefix[b, i]))
 
     return create_block_mask(prefix_lm, batch, None, seq_len, seq_len, device=case.q.device)
+
+
+def t5_score_mod(case: Case, fa):
+    """FlexAttention score_mod adding the case's T5 bias, gathered by clamped distance as the
+    kernel does (causal bucketing, as the kernel's default for prefix-LM)."""
+    table = fa.bias_by_distance(case.bias_table, False, T5_MAX_DISTANCE)  # [heads, 2 R + 1]
+    r = fa.bias_range(T5_BUCKETS, T5_MAX_DISTANCE)
+    pos = case.positions
+
+    def add_bias(score, b, h, i, j):
+        return score + table[h, (pos[b, j] - pos[b, i]).clamp(-r, r) + r]
+
+    return add_bias
 
 
 def build_impl(impl: str, case: Case, fa) -> tuple[Callable, float | None]:
@@ -197,8 +246,12 @@ def build_impl(impl: str, case: Case, fa) -> tuple[Callable, float | None]:
     device = case.q.device
     if impl == "kernel":
         mode = fa.CAUSAL if case.mode == "causal" else fa.PREFIX
-        prefix = case.prefix_len
-        return (lambda q, k, v: fa.flash_attention(q, k, v, mode, prefix_len=prefix)), None
+        kwargs = {"prefix_len": case.prefix_len}
+        if case.mode == "packed_t5":  # the table gets no gradient: neither does Flex's bias
+            kwargs.update(q_segment_ids=case.segment_ids, rel_bias_table=case.bias_table,
+                          q_positions=case.positions, k_positions=case.positions,
+                          num_buckets=T5_BUCKETS, max_distance=T5_MAX_DISTANCE)
+        return (lambda q, k, v: fa.flash_attention(q, k, v, mode, **kwargs)), None
     if impl == "sdpa_is_causal":
         return (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)), None
     if impl == "sdpa_dense_mask":
@@ -208,8 +261,10 @@ def build_impl(impl: str, case: Case, fa) -> tuple[Callable, float | None]:
             build_ms
     if impl == "flex_block_mask":
         block_mask, build_ms = _timed_build(lambda: flex_block_mask(case), device)
+        score_mod = t5_score_mod(case, fa) if case.bias_table is not None else None
         flex = _flex(device)
-        return (lambda q, k, v: flex(q, k, v, block_mask=block_mask)), build_ms
+        return (lambda q, k, v: flex(q, k, v, score_mod=score_mod, block_mask=block_mask)), \
+            build_ms
     raise ValueError(f"unknown implementation {impl!r}")
 
 
@@ -275,7 +330,9 @@ def relative_difference(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def _tiles(fa, case: Case) -> str:
     mode = fa.CAUSAL if case.mode == "causal" else fa.PREFIX
-    configs = fa.selected_block_configs(case.q, case.shape[2], mode)
+    packed = case.mode == "packed_t5"
+    configs = fa.selected_block_configs(case.q, case.shape[2], mode, has_segments=packed,
+                                        has_bias=packed)
     return " ".join(f"{kernel}={c.block_m}x{c.block_n}x{c.num_warps}x{c.num_stages}"
                     for kernel, c in configs.items())
 
@@ -299,7 +356,7 @@ def run_case(case: Case, passes: list[str], fa, base_row: dict) -> list[dict]:
     """Rows for the kernel and the case's baselines, forward and/or forward + backward."""
     device = case.q.device
     batch, heads, seq_len, head_dim = case.shape
-    prefix = None if case.prefix_len is None else case.prefix_len.tolist()
+    prefix = case.prefix_len.tolist() if case.mode == "prefix" else None
     pairs = visible_pairs(case.mode, seq_len, prefix, batch)
     rows, kernel_out, kernel_ms = [], None, {}
     for impl in ("kernel", *BASELINES[case.mode]):
@@ -454,7 +511,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seq-lens", type=int, nargs="+",
                         help="sequence lengths (default 512 1024 2048 4096 8192)")
     parser.add_argument("--head-dims", type=int, nargs="+", help="head dims (default 64 128)")
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES + EXTRA_MODES,
+                        help="causal prefix (default); packed_t5 adds packed prefix-LM rows with "
+                             "the T5 bias (kernel vs FlexAttention with a score_mod)")
     parser.add_argument("--passes", nargs="+", default=list(PASSES), choices=PASSES)
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default bf16 (CPU: fp32)")
     parser.add_argument("--tokens", type=int, default=16384,

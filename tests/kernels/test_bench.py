@@ -218,3 +218,25 @@ def test_a_failing_kernel_is_recorded_and_fails_the_command(monkeypatch, tmp_pat
     baseline = rows["sdpa_is_causal"]
     assert baseline["status"] == "ok" and baseline["kernel_speedup"] == ""
     assert "kernel failed: causal fwd len 40 d 16" in capsys.readouterr().err
+
+
+def test_packed_t5_rows_count_pairs_and_match_the_reference():
+    """The opt-in packed prefix-LM + T5 bias comparison: FLOPs from the reference mask of the
+    case's own segments and prefixes; kernel and FlexAttention (score_mod) against float64."""
+    case = bench.make_case("packed_t5", 2, 2, 41, 16, torch.float32, "cpu")
+    assert case.segment_ids.unique().tolist() == [1, 2, 3, 4]
+    rows = bench.run_case(case, ["fwd"], fa, {"dtype": "fp32"})
+    assert [(r["impl"], r["status"]) for r in rows] == [("kernel", "ok"),
+                                                        ("flex_block_mask", "ok")]
+    mask = fa.attention_mask_ref(fa.PREFIX, 41, 41, q_segment_ids=case.segment_ids,
+                                 prefix_len=case.prefix_len)
+    assert rows[0]["visible_pairs"] == int(mask.sum())
+    assert rows[0]["flops"] == 4 * 2 * 16 * int(mask.sum())
+    ref = fa.flash_attention_ref(case.q.double(), case.k.double(), case.v.double(), fa.PREFIX,
+                                 q_segment_ids=case.segment_ids, prefix_len=case.prefix_len,
+                                 rel_bias_table=case.bias_table.double(),
+                                 q_positions=case.positions, k_positions=case.positions)
+    for impl in ("kernel", "flex_block_mask"):
+        fn, _ = bench.build_impl(impl, case, fa)
+        with torch.no_grad():
+            assert bench.relative_difference(fn(case.q, case.k, case.v), ref) < 1e-5, impl
