@@ -178,18 +178,25 @@ def _load_col_info(KSEG, KPOS, b, offs_n, k_len, HAS_SEG: tl.constexpr, HAS_BIAS
 
 
 @triton.jit
-def _dropout_keep(seed, pid_bh, offs_m, offs_n, k_len, dropout_p):
-    """[BLOCK_M, BLOCK_N] attention-dropout keep mask of (batch * heads + head) ``pid_bh``.
+def _dropout_keep(seed, pid_bh, offs_m, start_n, k_len, dropout_p, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] attention-dropout keep mask of keys ``start_n`` (even) + [0, BLOCK_N)
+    for queries ``offs_m`` of (batch * heads + head) ``pid_bh``.
 
-    Counter-based (Philox, 10 rounds, key = the 64-bit seed): element (query i, key j) of
-    ``pid_bh`` takes the first word of Philox(counter = (i * k_len + j, pid_bh, 0, 0)) as a
-    uniform u in [0, 1) and is kept iff u >= dropout_p. The bits depend on the element only,
-    never on the tile, so every kernel and tile config (and ``dropout_mask``) regenerates the
-    same mask without storing it. Needs q_len * k_len < 2**31 (the launcher checks).
+    Counter-based (Philox-4x32, 10 rounds, key = the 64-bit seed): the key pair (j, j + 1),
+    j even, of query i takes words 0 and 1 of Philox(counter = (i * k_len + j, pid_bh, 0, 0))
+    as uniforms u in [0, 1); an element is kept iff u >= dropout_p. One call per pair halves
+    the Philox work, and the pairs are the adjacent columns one thread holds in the MMA
+    layouts of sm_80 / sm_90, so the join costs no layout conversion (all four words would).
+    The bits depend on the element only, never on the tile, so every kernel and tile config
+    (and ``dropout_mask``) regenerates the same mask without storing it. Needs
+    q_len * k_len < 2**31 (the launcher checks).
     """
-    offset = offs_m[:, None] * k_len + offs_n[None, :]  # [BLOCK_M, BLOCK_N] int32
+    offs_pair = start_n + 2 * tl.arange(0, BLOCK_N // 2)
+    offset = offs_m[:, None] * k_len + offs_pair[None, :]  # [BLOCK_M, BLOCK_N // 2] int32
     zero = tl.zeros_like(offset)
-    bits, _, _, _ = tl.philox(seed, offset, zero + pid_bh, zero, zero)
+    even, odd, _, _ = tl.philox(seed, offset, zero + pid_bh, zero, zero)
+    bits = tl.reshape(tl.join(even, odd), (BLOCK_M, BLOCK_N))  # key j + t: word t
     return tl.uint_to_uniform_float(bits) >= dropout_p
 
 
@@ -252,7 +259,9 @@ def _fwd_kernel(
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)  # the undropped softmax's normaliser
         if HAS_DROPOUT:  # 1 / (1 - p) after the loop
-            p = tl.where(_dropout_keep(seed, pid_bh, offs_m, offs_n, k_len, dropout_p), p, 0.0)
+            keep = _dropout_keep(seed, pid_bh, offs_m, start_n, k_len, dropout_p, BLOCK_M,
+                                 BLOCK_N)
+            p = tl.where(keep, p, 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -327,7 +336,8 @@ def _bwd_dkdv_kernel(
         p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
         if HAS_DROPOUT:  # dV = (P o Z)^T dO, dP = Z o (dO V^T) (the _backward docstring)
-            keep = _dropout_keep(seed, pid_bh, offs_m, offs_n, k_len, dropout_p)
+            keep = _dropout_keep(seed, pid_bh, offs_m, pid_n * BLOCK_N, k_len, dropout_p,
+                                 BLOCK_M, BLOCK_N)
             p_kept = tl.where(keep, p, 0.0)  # 1 / (1 - p) on dV after the loop
             dv += tl.dot(tl.trans(p_kept.to(do.dtype)), do, input_precision=DOT_PRECISION)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
@@ -403,7 +413,8 @@ def _bwd_dq_kernel(
         p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
         if HAS_DROPOUT:  # dP = Z o (dO V^T) (the _backward docstring)
-            keep = _dropout_keep(seed, pid_bh, offs_m, offs_n, k_len, dropout_p)
+            keep = _dropout_keep(seed, pid_bh, offs_m, start_n, k_len, dropout_p, BLOCK_M,
+                                 BLOCK_N)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
@@ -421,7 +432,8 @@ def _dropout_mask_kernel(OUT, q_len, k_len, dropout_p, seed,
     pid_bh = tl.program_id(0)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _dropout_keep(seed, pid_bh, offs_m, offs_n, k_len, dropout_p)
+    keep = _dropout_keep(seed, pid_bh, offs_m, tl.program_id(2) * BLOCK_N, k_len, dropout_p,
+                         BLOCK_M, BLOCK_N)
     ptrs = OUT + pid_bh.to(tl.int64) * q_len * k_len + offs_m[:, None] * k_len + offs_n[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < q_len) & (offs_n[None, :] < k_len))
 
