@@ -155,7 +155,7 @@ def test_rejects_bad_dropout():
     ("causal", torch.bfloat16, 64), ("prefix", torch.bfloat16, 128),
     ("bidirectional", torch.bfloat16, 64), ("cross", torch.bfloat16, 128),
     ("prefix", torch.float16, 64),
-])  # few cases: each compiles three kernels, and tools/gpu_check.sh runs these in 150 s
+])  # few cases: each compiles three kernels, and tools/gpu_check.sh gives the GPU tests 100 s
 def test_gpu_dropout(mode_name, dtype, head_dim):
     """Compiled kernels with dropout on a GPU, the default tiles."""
     mode = MODES[mode_name]
