@@ -17,8 +17,9 @@ nvidia-smi -L || true
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, \
 torch.cuda.get_device_name())" | tee "$OUT/versions.txt"
 
-echo "== kernel tests, compiled on the GPU"
-timeout 100 $PY -m pytest tests/kernels -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/kernel_tests.log"
+echo "== GPU tests: compiled kernels, evaluation on CUDA, dropout streams"
+timeout 100 $PY -m pytest tests/kernels tests/eval/test_eval_gpu.py tests/parallel/test_dropout_tp.py \
+  -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/kernel_tests.log"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
 echo "== attention benchmark (bf16, causal + prefix, fwd and fwd+bwd, vs SDPA and FlexAttention)"
