@@ -41,6 +41,7 @@ from megarch.training.checkpoint import (
     find_latest,
     list_checkpoints,
     read_state,
+    rng_file,
     shard_file,
     step_path,
 )
@@ -121,10 +122,14 @@ def _write_shards(saved: SavedCheckpoint, cfg: TrainConfig, directory: str,
             optimizer = saved.optimizer_state(groups, tp_rank, tp)
             optimizer[PARAM_NAMES] = [name for group in groups for name in group]
             torch.save(optimizer, file("optimizer"))
-            rng, _ = saved.rng(tp_rank, pp_rank)
-            if rng is not None:
+            rng, own = saved.rng(pp_rank)
+            if rng is not None and own:  # a stage the source lacks derives its stream on resume
                 torch.save(rng, file("rng"))
             bar.update()
+        for (stage, dp_rank), source in saved.rng_streams().items():  # the other DP ranks'
+            if stage == pp_rank and dp_rank > 0:
+                shutil.copyfile(source, os.path.join(directory,
+                                                     rng_file(0, pp_rank, dp_rank, tp, pp)))
     bar.close()
 
 

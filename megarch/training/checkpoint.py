@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from megarch.parallel.context import ParallelContext
+from megarch.parallel.data_parallel import any_over
 from megarch.parallel.reshard import optimizer_param_names
 
 log = logging.getLogger(__name__)
@@ -197,7 +198,9 @@ def save_checkpoint(
     """
     ctx = ctx or ParallelContext.single()
     path = step_path(out_dir, state.step)
-    if os.path.isfile(os.path.join(path, STATE_FILE)):
+    # the main rank's view decides for all (a shared filesystem's caches may disagree)
+    if any_over(ctx.is_main and os.path.isfile(os.path.join(path, STATE_FILE)),
+                ctx.world_group):
         return path
     if hasattr(optimizer, "consolidate_state_dict"):  # ZeRO-1: gather the shards
         optimizer.consolidate_state_dict(to=0)
@@ -221,11 +224,20 @@ def save_checkpoint(
         _write_json(os.path.join(tmp, STATE_FILE), json.dumps(asdict(state), indent=2))
         os.rename(tmp, path)
         log.info("saved checkpoint %s", path)
-        if keep_last:
-            for _, old in list_checkpoints(out_dir)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+        if keep_last:  # the older ones only: never this step, nor a newer one
+            older = [p for step, p in list_checkpoints(out_dir) if step < state.step]
+            for old in older[: max(0, len(older) - (keep_last - 1))]:
+                _remove_checkpoint(old)
     ctx.barrier()
     return path
+
+
+def _remove_checkpoint(path: str) -> None:
+    """Delete a checkpoint: renamed out of the ``step_N`` names first, so a kill mid-delete
+    leaves a temporary (removed by the next save), never a partial step that looks whole."""
+    doomed = path + ".tmp-delete"
+    os.rename(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _remove_stale_temporaries(out_dir: str) -> None:

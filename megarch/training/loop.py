@@ -138,7 +138,8 @@ class Trainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         random.seed(cfg.run.seed)
         np.random.seed(cfg.run.seed)
-        torch.manual_seed(cfg.run.seed + self.ctx.tp_rank)  # TP shards draw different weights
+        # TP shards and pipeline stages draw different weights (stage 0 as before)
+        torch.manual_seed(cfg.run.seed + self.ctx.tp_rank + 7_919 * self.ctx.pp_rank)
         try:
             self.model = self._build_model().train()
         except ValueError as err:  # a size tensor parallelism cannot split

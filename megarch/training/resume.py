@@ -45,6 +45,7 @@ from megarch.training.checkpoint import (
     STATE_FILE,
     TrainState,
     find_latest,
+    is_own_checkpoint,
     read_state,
     rng_file,
     save_checkpoint,
@@ -169,21 +170,32 @@ class SavedCheckpoint:
             self._files[key] = {name: index for index, name in enumerate(names)}
         return self._files[key]
 
-    def rng(self, tp_rank: int, pp_rank: int, dp_rank: int = 0) -> tuple[dict | None, bool]:
-        """(RNG states, exact): this rank's saved states when the checkpoint has them (exact),
-        else its (TP rank, stage)'s of data-parallel rank 0, else rank 0's; (None, False)
-        without any RNG file."""
-        if tp_rank < self.tp and pp_rank < self.pp:
-            mine = os.path.join(self.path, rng_file(tp_rank, pp_rank, dp_rank, self.tp, self.pp))
+    def rng(self, pp_rank: int, dp_rank: int = 0) -> tuple[dict | None, bool]:
+        """(RNG states, own) for a rank of stage ``pp_rank`` and data-parallel rank
+        ``dp_rank``: the saved states of that stream when the checkpoint has them (own: True;
+        the TP ranks of a stage share one stream, so TP rank 0's file serves them all), else
+        stage 0's of data-parallel rank 0 (own: False: derive a stream of its own from it);
+        (None, False) without any RNG file."""
+        if pp_rank < self.pp:
+            mine = os.path.join(self.path, rng_file(0, pp_rank, dp_rank, self.tp, self.pp))
             if os.path.isfile(mine):
                 return torch.load(mine, map_location="cpu", weights_only=False), True
-            if os.path.isfile(self.file("rng", tp_rank, pp_rank)):
-                return self.load("rng", tp_rank, pp_rank), dp_rank == 0
-        log.info("%s has no RNG state of tp rank %d, stage %d: using rank 0's", self.path,
-                 tp_rank, pp_rank)
         if os.path.isfile(self.file("rng", 0, 0)):
+            log.info("%s has no RNG state of stage %d, data-parallel rank %d: deriving one from "
+                     "rank 0's", self.path, pp_rank, dp_rank)
             return self.load("rng", 0, 0), False
         return None, False
+
+    def rng_streams(self) -> dict[tuple[int, int], str]:
+        """``{(stage, data-parallel rank): RNG file}`` of the saved streams (TP rank 0's)."""
+        found = {}
+        for pp_rank in range(self.pp):
+            dp_rank = 0
+            while os.path.isfile(file := os.path.join(
+                    self.path, rng_file(0, pp_rank, dp_rank, self.tp, self.pp))):
+                found[(pp_rank, dp_rank)] = file
+                dp_rank += 1
+        return found
 
     def same_layout(self, model: torch.nn.Module, ctx: ParallelContext) -> bool:
         """True when this rank's saved files hold exactly ``model``'s names and shapes."""
@@ -233,12 +245,13 @@ def load_into(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimize
             groups = optimizer_group_names(model, optimizer)
             optimizer.load_state_dict(saved.optimizer_state(groups, ctx.tp_rank, ctx.tp))
     if restore_rng:
-        state, exact = saved.rng(ctx.tp_rank, ctx.pp_rank, ctx.dp_rank)
+        state, own = saved.rng(ctx.pp_rank, ctx.dp_rank)
         if state is not None:
             set_rng_state(state)
-        if not exact and ctx.dp_rank > 0:  # another rank's stream: make this one its own
-            base = int(torch.randint(1 << 62, ()).item())
-            torch.manual_seed(rank_seed(base, ctx.pp_rank * ctx.dp + ctx.dp_rank))
+        stream = ctx.pp_rank * ctx.dp + ctx.dp_rank
+        if not own and stream > 0:  # rank 0's stream: derive one of its own (the same on
+            base = int(torch.randint(1 << 62, ()).item())  # the TP ranks of this stream)
+            torch.manual_seed(rank_seed(base, stream))
     state = read_state(path)
     log.info("loaded checkpoint %s (step %d)", path, state.step)
     return state
@@ -287,6 +300,13 @@ def resume_trainer(trainer: Trainer) -> None:
     if not os.path.isfile(os.path.join(path, STATE_FILE)):
         raise ConfigError(f"run.resume={path!r}: no such checkpoint (a step_* directory "
                           f"holding {STATE_FILE}, or a run's out_dir with one)")
+    latest = find_latest(run.out_dir)
+    if is_own_checkpoint(path, run.out_dir) and latest != path and (
+            read_state(latest).step > read_state(path).step):
+        raise ConfigError(
+            f"run.resume={path!r} is older than this run.out_dir's newest checkpoint {latest}: "
+            "continuing here would interleave two histories (keep_last and resume auto would "
+            "mix them); resume into another run.out_dir, or delete the newer checkpoints")
     check_shapes(path, trainer.cfg.model)
     try:
         trainer.state = load_into(path, trainer.model, trainer.optimizer, trainer.ctx)

@@ -67,10 +67,12 @@ def _ranks(rank: int, world: int, embedded, root: str) -> dict:
                   "resumed_equal": all(torch.equal(again[k], v) for k, v in params.items())}
     trainer = Trainer(_config(embedded, os.path.join(root, "pp2"), parallel__pp="2",
                               run__eval_batches="2"))
+    initial_q = trainer.model.state_dict()[f"blocks.{rank}.attn.q.weight"].clone()
     trainer.model.load_state_dict({n: full[n] for n in trainer.model.state_dict()})
     result = trainer.train()
     out["pp2"] = {"params": {k: v.clone() for k, v in trainer.model.state_dict().items()},
-                  "valid": result.valid_loss, "checkpoint": trainer.checkpoint}
+                  "valid": result.valid_loss, "checkpoint": trainer.checkpoint,
+                  "initial_q": initial_q}
     return out
 
 
@@ -103,6 +105,8 @@ def test_dp2_zero1_tp2_pp2_trainers_match_single_process(embedded, tmp_path):
     assert "blocks.0.attn.q.weight" in stages[0] - stages[1]
     assert "blocks.1.attn.q.weight" in stages[1] - stages[0]
     assert "embed.weight" in stages[0] & stages[1]  # tied: first and last stage
+    # each stage initialises its own blocks: not copies of the other stage's
+    assert not torch.equal(results[0]["pp2"]["initial_q"], results[1]["pp2"]["initial_q"])
     assert all(abs(results[r]["pp2"]["valid"] - valid) <= 1e-5 * valid for r in range(2))
     assert os.path.isfile(os.path.join(results[1]["pp2"]["checkpoint"], "model_tp00_pp01.pt"))
     _check_merged_checkpoint(embedded, tmp_path, "tp2", results[0]["tp2"]["params"])

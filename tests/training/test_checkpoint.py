@@ -27,7 +27,7 @@ from megarch.training.checkpoint import (
     step_path,
 )
 from megarch.training.optim import build_optimizer
-from megarch.training.resume import CheckpointError, saved_layout
+from megarch.training.resume import CheckpointError, SavedCheckpoint, saved_layout
 from tools.reshard_checkpoint import main as tool_main
 from tools.reshard_checkpoint import reshard
 
@@ -74,6 +74,34 @@ def test_find_latest_ignores_incomplete_writes_and_keeps_last(tmp_path):
     assert not os.path.exists(step_path(out, 8) + ".tmp-12345")  # cleaned by the next save
     assert find_latest(out) == step_path(out, 7)
     assert find_latest(str(tmp_path / "nothing")) is None
+    # keep_last prunes only steps older than the one saved: a newer step (another history)
+    # and this one stay; pruning renames first, so a kill mid-delete leaves a temporary
+    save_checkpoint(out, TrainState(step=12), model, optimizer, "{}")
+    save_checkpoint(out, TrainState(step=9), model, optimizer, "{}", keep_last=2)
+    assert [s for s, _ in list_checkpoints(out)] == [7, 9, 12]
+    os.rename(step_path(out, 7), step_path(out, 7) + ".tmp-delete")  # a kill mid-delete
+    assert [s for s, _ in list_checkpoints(out)] == [9, 12]
+    save_checkpoint(out, TrainState(step=10), model, optimizer, "{}", keep_last=1)
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == [
+        "step_00000010", "step_00000012"]
+
+
+def test_rng_streams_of_a_saved_layout(tmp_path):
+    """The TP ranks of a stage share one RNG stream: every TP rank reads TP rank 0's file of
+    its (stage, DP rank); a stream the checkpoint lacks is stage 0's, flagged to derive."""
+    path = str(tmp_path)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        f.write('{"parallel": {"tp": 2, "pp": 2}}')
+    models = [(f"model_tp0{t}_pp0{p}", 0) for t in range(2) for p in range(2)]
+    for name, value in (*models, ("rng_tp00_pp00", 1), ("rng_tp01_pp00", 2),
+                        ("rng_tp00_pp01", 3), ("rng_tp00_pp01_dp01", 4)):
+        torch.save({"v": value}, os.path.join(path, name + ".pt"))
+    saved = SavedCheckpoint(path)
+    assert saved.rng(0) == ({"v": 1}, True) and saved.rng(1) == ({"v": 3}, True)
+    assert saved.rng(1, 1) == ({"v": 4}, True)
+    assert saved.rng(0, 1) == ({"v": 1}, False)  # derive from stage 0's
+    assert saved.rng(2) == ({"v": 1}, False)
+    assert sorted(saved.rng_streams()) == [(0, 0), (1, 0), (1, 1)]
 
 
 def _trained_run(out_dir: str, optimizer: str, arch: str = "causal_decoder") -> tuple:
@@ -127,9 +155,10 @@ def test_tool_round_trip_through_tp2_pp2_is_bit_exact(tmp_path, optimizer):
         assert torch.equal(moments["exp_avg"], ref["exp_avg"].chunk(2, 1)[1])
     assert torch.equal(moments["step"], ref["step"])
     saved_rng = torch.load(os.path.join(path, "rng.pt"), weights_only=False)
-    for name in ("rng_tp00_pp00.pt", "rng_tp01_pp01.pt"):  # the source's states, as saved
+    for name in ("rng_tp00_pp00.pt", "rng_tp01_pp00.pt"):  # the source's stream, as saved
         rng = torch.load(os.path.join(sharded, name), weights_only=False)
         assert rng.keys() == saved_rng.keys() and torch.equal(rng["torch"], saved_rng["torch"])
+    assert "rng_tp00_pp01.pt" not in os.listdir(sharded)  # a new stage derives its own
     back = reshard(str(tmp_path / "two"), str(tmp_path / "back"))  # a run dir: its newest
     assert sorted(os.listdir(back)) == sorted(os.listdir(path))
     merged = torch.load(os.path.join(back, "model.pt"))

@@ -141,7 +141,7 @@ def _valid_records(out_dir: str) -> list[dict]:
         return [r for r in map(json.loads, filter(str.strip, f)) if "valid_loss" in r]
 
 
-def test_eval_at_start_validates_the_initial_model_once(embedded, tmp_path):
+def test_eval_at_start_validates_the_initial_model_once_and_rewinds_are_refused(embedded, tmp_path):
     out = str(tmp_path)
     cfg = fast_config("cd_flm_tiny", embedded, out, 2, run__eval_batches="2",
                       run__eval_at_start="true", run__save_every="1")
@@ -156,3 +156,11 @@ def test_eval_at_start_validates_the_initial_model_once(embedded, tmp_path):
     Trainer(fast_config("cd_flm_tiny", embedded, out, 3, run__eval_batches="2",
                         run__eval_at_start="true")).train()
     assert [r["step"] for r in _valid_records(out)] == [0, 2, 3]
+    # resuming an older step of the same out_dir would interleave two histories: refused
+    from megarch.config.overrides import ConfigError
+    from megarch.training.checkpoint import step_path
+
+    rewind = Trainer(fast_config("cd_flm_tiny", embedded, out, 3,
+                                 run__resume=step_path(out, 2)))
+    with pytest.raises(ConfigError, match="older than this run.out_dir's newest checkpoint"):
+        rewind.resume()
