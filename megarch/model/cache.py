@@ -10,14 +10,15 @@ different lengths need no alignment: each writes its new token at its own positi
 
 - Prefill (the first forward pass given the cache): the model runs exactly as without a cache
   (same masks: causal, ND's bidirectional prefix, padding by segment id 0) and stores each
-  layer's keys/values at the slots given by ``positions`` (default ``0..len-1``). Padding
-  slots hold junk that later steps overwrite; no query ever sees them.
+  layer's keys/values at the slots given by ``positions`` (default ``0..len-1``; distinct
+  within a row) and each slot's segment id. Padding slots (segment 0) hold junk; no query
+  ever sees them.
 - Step (every later pass): the new tokens come with their ``positions`` (required). Each layer
-  writes their keys/values at those slots, then the query at position ``p`` sees slots
-  ``0..p``: every earlier token of its row and itself. That is the causal rule, and also ND's
-  once the whole prefix went through the prefill (new tokens are past the prefix, so they are
-  causal; a prefix cannot be fed in steps). Slots up to ``p`` must have been written (they
-  are when a row's tokens arrive in position order).
+  writes their keys/values at those slots, then the query at position ``p`` sees the slots
+  ``0..p`` of its row's last segment: every earlier token of its sequence and itself. That is
+  the causal rule, and also ND's once the whole prefix went through the prefill (new tokens
+  are past the prefix, so they are causal; a prefix cannot be fed in steps). Slots up to
+  ``p`` must have been written (they are when a row's tokens arrive in position order).
 - Encoder-decoder: each decoder layer also keeps the cross-attention keys/values of the
   encoder output, computed in the prefill and reused by every step (the encoder output must
   stay the same for the cache's lifetime).
@@ -93,23 +94,31 @@ class KVCache:
         """During a step: the visibility mask [batch, 1, len, width] (True = visible)."""
         self.key_positions: torch.Tensor | None = None
         """During a step: the positions of the attended slots [batch, width]."""
+        self.slot_segments: torch.Tensor | None = None
+        """Each slot's segment id [batch, capacity] (0: padding or never written)."""
+        self.row_segment: torch.Tensor | None = None
+        """Each row's last segment [batch]: the one its new tokens continue."""
 
-    def begin(self, n_layers: int, tokens: torch.Tensor, positions: torch.Tensor | None
+    def begin(self, n_layers: int, tokens: torch.Tensor, positions: torch.Tensor | None,
+              segment_ids: torch.Tensor | None = None
               ) -> tuple[list[LayerCache], torch.Tensor]:
         """Start a forward pass over ``tokens`` [batch, len] (called by the model): one
         :class:`LayerCache` per layer, and the tokens' positions [batch, len].
 
         ``positions`` None: the prefill's default ``0..len-1``; a step must give them.
+        ``segment_ids`` (prefill; default all 1, 0 = padding): each slot remembers its
+        token's segment, and a step's tokens continue their row's last segment and see only
+        that segment's slots (padding and other packed segments stay hidden, wherever they
+        sit in the row).
         """
         if not self.layers:
             self.layers = [LayerCache(self) for _ in range(n_layers)]
         elif len(self.layers) != n_layers:
             raise ValueError(f"this KVCache holds {len(self.layers)} layers, the model has "
                              f"{n_layers}: use a new cache per model and batch")
-        self.stepping = self.prefilled
-        self.prefilled = True
+        stepping = self.prefilled
         if positions is None:
-            if self.stepping:
+            if stepping:
                 raise ValueError("a cached step needs the new tokens' positions "
                                  "([batch, len], from the prompt's length on)")
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
@@ -119,10 +128,33 @@ class KVCache:
             raise ValueError(f"position {last} in a batch of {tokens.shape[0]} does not fit this "
                              f"KVCache (capacity {self.capacity}, batch {batch}): use one cache "
                              "per batch, with capacity >= prompt + new tokens")
-        if self.stepping:
+        if positions.shape[1] > 1 and bool(
+                (positions.sort(dim=1).values.diff(dim=1) == 0).any()):
+            raise ValueError("a cached pass needs distinct positions within each row (one "
+                             "cache slot per position): give padding its own positions, "
+                             "e.g. the default 0..len-1 with segment id 0")
+        if not stepping:
+            self._prefill_segments(positions, segment_ids)
+        else:
+            self.slot_segments.scatter_(1, positions, self.row_segment[:, None].expand_as(
+                positions))
             self.width = last + 1
             slots = torch.arange(self.width, device=positions.device)
             self.key_positions = slots.expand(positions.shape[0], -1)  # [batch, width]
-            visible = slots[None, None, :] <= positions[:, :, None]  # [batch, len, width]
+            same = self.slot_segments[:, None, : self.width] == self.row_segment[:, None, None]
+            visible = (slots[None, None, :] <= positions[:, :, None]) & same  # [b, len, width]
             self.step_mask = visible[:, None]  # [batch, 1, len, width]
+        self.stepping = stepping
+        self.prefilled = True
         return self.layers, positions
+
+    def _prefill_segments(self, positions: torch.Tensor, segment_ids: torch.Tensor | None
+                          ) -> None:
+        """Record each slot's segment and each row's last segment (the one steps continue)."""
+        segments = (torch.ones_like(positions) if segment_ids is None
+                    else segment_ids.to(positions.dtype))
+        self.slot_segments = torch.zeros(positions.shape[0], self.capacity, dtype=torch.long,
+                                         device=positions.device)
+        self.slot_segments.scatter_(1, positions, segments)
+        real = torch.where(segments > 0, positions, -1)  # the last non-padding token's segment
+        self.row_segment = segments.gather(1, real.argmax(dim=1, keepdim=True))[:, 0]

@@ -114,7 +114,7 @@ class _LanguageModel(nn.Module):
                     module.sequence_parallel = True
 
     def cache_layers(self, cache: KVCache | None, n_layers: int, tokens: torch.Tensor,
-                     positions: torch.Tensor | None
+                     positions: torch.Tensor | None, segment_ids: torch.Tensor | None = None
                      ) -> tuple[list[LayerCache | None], torch.Tensor]:
         """Per block, its :class:`LayerCache` (all None without a ``cache``), and the
         tokens' positions (defaults filled in)."""
@@ -123,7 +123,7 @@ class _LanguageModel(nn.Module):
         if self.sequence_parallel:
             raise ValueError("incremental decoding (a KVCache) does not run under sequence "
                              "parallelism: set parallel.sequence_parallel false to generate")
-        layers, positions = cache.begin(n_layers, tokens, positions)
+        layers, positions = cache.begin(n_layers, tokens, positions, segment_ids)
         return list(layers), positions
 
     def run_block(self, block: nn.Module, *args) -> torch.Tensor:
@@ -183,7 +183,8 @@ class DecoderLM(_LanguageModel):
         (megarch.model.cache): the first pass is the prefill, later ones feed new tokens at
         their ``positions`` (required then; ``segment_ids`` and ``prefix_len`` unused).
         """
-        layer_caches, positions = self.cache_layers(cache, len(self.blocks), tokens, positions)
+        layer_caches, positions = self.cache_layers(cache, len(self.blocks), tokens, positions,
+                                                    segment_ids)
         prefix = None
         if self.mask_mode == MaskMode.PREFIX:
             prefix = prefix_len if prefix_len is not None else tokens.new_zeros(tokens.shape[0])
@@ -244,7 +245,8 @@ class EncoderDecoderLM(_LanguageModel):
         new decoder tokens at their ``decoder_positions`` (required then).
         """
         layer_caches, positions = self.cache_layers(cache, len(self.decoder_blocks),
-                                                    decoder_tokens, decoder_positions)
+                                                    decoder_tokens, decoder_positions,
+                                                    decoder_segment_ids)
         x = self.dropout(self.embed_tokens(decoder_tokens))  # [batch, dec_len, d_model]
         for block, layer_cache in zip(self.decoder_blocks, layer_caches, strict=True):
             if layer_cache is None:  # the training path, unchanged

@@ -258,6 +258,41 @@ def test_cache_refuses_misuse():
         with pytest.raises(ValueError, match="batch"):
             model(tokens=torch.zeros(3, 1, dtype=torch.long), positions=torch.full((3, 1), 3),
                   cache=cache)
+        # one slot per position: repeated positions (left padding at 0) are refused, and a
+        # refused prefill leaves the cache unfilled (the next pass is still the prefill)
+        fresh = KVCache(8)
+        with pytest.raises(ValueError, match="distinct positions"):
+            model(tokens=torch.zeros(1, 4, dtype=torch.long),
+                  positions=torch.tensor([[0, 0, 0, 1]]), cache=fresh)
+        assert not fresh.prefilled
+        model(tokens=torch.zeros(1, 4, dtype=torch.long), cache=fresh)
+        assert fresh.prefilled
+
+
+@pytest.mark.parametrize("arch", ["causal_decoder", "nonc_decoder", "encoder_decoder"])
+def test_cached_steps_see_only_their_segment(arch):
+    """Left padding and packed rows in the prefill: a step continues each row's last segment
+    and sees none of the padding or the other segments, as the plain forward with the same
+    segment ids computes it."""
+    model = tiny(arch, seed=3)
+    tokens = torch.tensor([[0, 0, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6]])
+    segments = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 2, 2, 2]])
+    new = torch.tensor([[9], [9]])
+    full_tokens, full_segments = torch.cat([tokens, new], 1), torch.cat([segments,
+                                                                          segments[:, -1:]], 1)
+    with torch.no_grad():
+        cache = KVCache(8)
+        if arch == "encoder_decoder":
+            enc = model.encode(torch.tensor([[4, 3, 2], [7, 7, 7]]))
+            model.decode(tokens, enc, decoder_segment_ids=segments, cache=cache)
+            step = model.decode(new, enc, decoder_positions=torch.full((2, 1), 6),
+                                cache=cache)[:, -1]
+            full = model.decode(full_tokens, enc, decoder_segment_ids=full_segments)[:, -1]
+        else:
+            model(tokens=tokens, segment_ids=segments, cache=cache)
+            step = model(tokens=new, positions=torch.full((2, 1), 6), cache=cache)[:, -1]
+            full = model(tokens=full_tokens, segment_ids=full_segments)[:, -1]
+    torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["nonc_decoder",
