@@ -231,3 +231,32 @@ def test_cli_prints_the_summary_and_reports_missing_input(tmp_path, capsys):
         assert json.load(f)["tasks"]["copa"]["examples"] == 2
     assert data_main(["p3", "--p3-dir", str(tmp_path / "nowhere"), "--out", out, "-q"]) == 2
     assert "nowhere: not a directory" in capsys.readouterr().err
+
+
+def _empty_folder(data: str, name: str, split: str) -> None:
+    """A P3 folder whose split holds no records (and says so in its stats)."""
+    os.makedirs(os.path.join(data, name))
+    write_tfrecord(os.path.join(data, name, f"{split}.tfrecord-00000-of-00001"), [])
+    with open(os.path.join(data, name, f"stats.{split}.json"), "w", encoding="utf-8") as f:
+        json.dump({"examples": 0}, f)
+
+
+def test_datasets_and_prompts_without_examples_are_reported_not_written(tmp_path):
+    root = str(tmp_path / "p3")
+    data = os.path.join(root, "data")
+    _empty_folder(data, "imdb_empty_prompt", "train")
+    write_task_folder(data, "ag_news_blank", "train",
+                      [{"inputs_pretokenized": ["x"], "targets_pretokenized": [" "]}])
+    _empty_folder(data, "super_glue_cb_p1", "validation")
+    write_task_folder(data, "super_glue_rte_p1", "validation",
+                      [prompted("a", "yes", ["yes", "no"])])
+    report = prepare_p3(root, str(tmp_path / "out"), progress=False)
+    assert report["mtf"] == {}  # nothing to train on: no file, no config entry, no command
+    assert not os.path.exists(tmp_path / "out" / "mtf" / "imdb.jsonl")
+    missing = "\n".join(report["missing"])
+    assert "t0_train: imdb (its train records hold no example with a target" in missing
+    assert "t0_train: ag_news (its train records hold no example with a target; 1 empty" in missing
+    (cb,) = [p for p in report["skipped_prompts"] if p.startswith("super_glue_cb_p1: ")]
+    assert "None" not in cb and "validation" in cb, cb
+    assert list(report["tasks"]) == ["rte"]
+    assert not any("preprocess" in c for c in report.get("next_commands", []))

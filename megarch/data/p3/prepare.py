@@ -316,6 +316,14 @@ def _prepare_train(data_dir: str, folders: list[str], mixture: str, out_dir: str
         by_dataset.setdefault(dataset, []).append((folder, result, unit[2]))
     for dataset, parts in by_dataset.items():
         path = os.path.join(mtf_dir, f"{dataset}.jsonl")
+        examples = sum(r["examples"] for _, r, _ in parts)
+        if not examples:  # nothing to train on: not part of the mixture
+            for _, _, part in parts:
+                os.remove(part)
+            empty = sum(r["empty"] for _, r, _ in parts)
+            report["missing"].append(f"{mixture}: {dataset} (its {split} records hold no "
+                                     f"example with a target; {empty} empty skipped)")
+            continue
         with atomic_file(path) as tmp, open(tmp, "wb") as out:
             for _, _, part in parts:
                 with open(part, "rb") as f:
@@ -324,7 +332,7 @@ def _prepare_train(data_dir: str, folders: list[str], mixture: str, out_dir: str
         for _, _, part in parts:
             os.remove(part)
         report["mtf"][dataset] = {
-            "file": path, "examples": sum(r["examples"] for _, r, _ in parts),
+            "file": path, "examples": examples,
             "empty_skipped": sum(r["empty"] for _, r, _ in parts),
             "prompts": [folder for folder, _, _ in parts]}
     shutil.rmtree(parts_dir, ignore_errors=True)
@@ -351,6 +359,7 @@ def _prepare_eval(data_dir: str, folders: list[str], suite: str, out_dir: str, s
         if examples:
             by_dataset.setdefault(dataset, {})[prompt] = examples
         else:
+            why = why or f"no {split} examples"
             report["skipped_prompts"].append(f"{os.path.basename(unit[0][0])}: {why}")
     for dataset in found:
         if dataset not in by_dataset:
