@@ -583,13 +583,25 @@ class _Autotuner:
         self.timer = timer  # ms of one call of a zero-argument function
         self.cache: dict[tuple, BlockConfig] = {}
 
-    def choose(self, key: tuple, candidates: list[BlockConfig], launch) -> BlockConfig:
+    def choose(self, key: tuple, candidates: list[BlockConfig], launch,
+               default: BlockConfig | None = None) -> BlockConfig:
+        """The fastest of ``candidates``; ``default``, untimed, when memory runs out while
+        timing (the timer flushes the GPU cache through a buffer of its own): an out-of-memory
+        error is not a candidate's failure."""
         if key in self.cache:
             return self.cache[key]
         times, errors = {}, []
         for config in candidates:
             try:
                 times[config] = self.timer(lambda config=config: launch(config))
+            except torch.cuda.OutOfMemoryError:  # not the candidate's fault: stop timing
+                torch.cuda.empty_cache()
+                if default is None:
+                    raise
+                logger.warning("flash_attention autotune %s: out of memory while timing; "
+                               "using the default tiles %s", key, default)
+                self.cache[key] = default
+                return default
             except Exception as error:  # noqa: BLE001 - skip the candidate, keep the others
                 errors.append(error)
                 logger.debug("flash_attention autotune %s: %s failed: %s", key, config, error)
@@ -631,7 +643,7 @@ def _block_config(kernel: str, explicit: BlockConfig | None, q: torch.Tensor, k_
     if launch is None:
         return _AUTOTUNER.cache.get(key, default)
     candidates = candidate_block_configs(kernel, q.shape[-1], q.dtype)
-    return _AUTOTUNER.choose(key, candidates, launch)
+    return _AUTOTUNER.choose(key, candidates, launch, default)
 
 
 def selected_block_configs(q: torch.Tensor, k_len: int, mode: int, *, has_segments: bool = False,

@@ -89,6 +89,16 @@ def test_failing_candidates_are_skipped(tuner):
     with pytest.raises(RuntimeError, match="no tile config could launch"):
         tuner.choose(("other",), candidates, never)
 
+    # running out of memory while timing is no candidate's fault: the default tiles, untimed
+    def out_of_memory(config):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    default = BlockConfig(64, 64)
+    assert tuner.choose(("oom",), candidates, out_of_memory, default) == default
+    assert tuner.cache[("oom",)] == default
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # no default: the error itself
+        tuner.choose(("oom2",), candidates, out_of_memory)
+
 
 def test_no_tuning_without_a_gpu(monkeypatch):
     """CPU / interpreter: the fixed defaults, and the timer is never called."""
