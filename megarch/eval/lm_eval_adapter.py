@@ -158,6 +158,8 @@ class MegarchLM(LM):
             groups[key].append(index)
         outputs = [""] * len(requests)
         for (max_new, temperature, until), indices in groups.items():
+            if max_new <= 0:  # nothing to generate: the empty string
+                continue
             if max_new > self.max_length // 2:  # leave the prompt half of the window at least
                 log.warning("max_gen_toks=%d capped to %d (max_length %d)", max_new,
                             self.max_length // 2, self.max_length)
@@ -168,6 +170,8 @@ class MegarchLM(LM):
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start : start + self.batch_size]
                 prompts = [self.tok.encode(requests[i].args[0]) for i in chunk]
+                if self.config.model.is_encoder_decoder and not self.prompt_eos:
+                    prompts = [p or [self.tok.eos_id] for p in prompts]  # as _with_eos
                 for i, ids in zip(chunk, generate(self.model, self.tok, prompts, options),
                                   strict=True):
                     text = self.tok.decode(ids, show_special=False)

@@ -103,6 +103,21 @@ def test_rolling_and_generation_use_megarch_code(setup):
     text_out = tok.decode(out, show_special=False)
     assert lm.generate_until([request]) == [text_out.split("x")[0]]
     assert lm.loglikelihood([SimpleNamespace(args=("ctx", ""))]) == [(0.0, True)]
+    # edge requests answer instead of aborting the harness run
+    assert lm.generate_until([SimpleNamespace(args=("Say:", {"max_gen_toks": 0}))]) == [""]
+
+
+def test_encoder_decoder_generates_from_an_empty_context(tmp_path):
+    """An empty context (prompt_eos off, as a PLM run): the encoder gets EOS, as in
+    loglikelihood, and the output is the model's greedy one for that input."""
+    checkpoint, _ = _save_run(str(tmp_path / "ed"), "encoder_decoder", seed=2)
+    lm = MegarchLM(checkpoint=checkpoint, max_length="32", prompt_eos="false")
+    request = SimpleNamespace(args=("", {"until": [], "max_gen_toks": 4}))
+    (text,) = lm.generate_until([request])
+    options = GenerationOptions.for_run(lm.config, max_new_tokens=4, max_len=32,
+                                        prompt_eos=False)
+    ids = generate(lm.model, lm.tok, [[lm.tok.eos_id]], options)[0]
+    assert text == lm.tok.decode(ids, show_special=False)
 
 
 def _stock_lm_eval() -> list[str]:
