@@ -11,7 +11,6 @@ normaliser near 1 (log Z near 0), which stabilises bfloat16 training of large vo
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from megarch.parallel.collectives import (
     Group,
@@ -56,8 +55,9 @@ def lm_loss(
     if group_size(tp_group) > 1:
         log_z, ce = _vocab_parallel_ce(logits32, targets, tp_group)
     else:
+        # one vocab-sized pass: ce = log Z - z_y (cross_entropy would redo the normaliser)
         log_z = torch.logsumexp(logits32, dim=-1)  # [batch * len]
-        ce = F.cross_entropy(logits32, targets, reduction="none")  # [batch * len]
+        ce = log_z - logits32.gather(1, targets[:, None]).squeeze(1)  # [batch * len]
     tokens = mask.sum()
     denom = tokens.clamp(min=1.0) if num_tokens is None else torch.as_tensor(
         num_tokens, dtype=logits32.dtype, device=logits32.device
