@@ -32,9 +32,12 @@ interpreter, fp32, one timed call each after one warm-up call for the baselines)
 the tool in CI; its timings mean nothing. FlexAttention has no backward on CPU, so its
 forward+backward rows there read ``skipped``.
 
+``--dropout P`` adds ``kernel_dropout`` rows: the kernel with attention dropout P (the MTF
+presets use 0.1), whose ``kernel x`` is its time over the p = 0 kernel's (the cost of dropout).
+
 Usage: megarch-bench-attention [--seq-lens 512 1024 2048 4096 8192] [--head-dims 64 128]
            [--modes causal prefix] [--passes fwd fwd_bwd] [--dtype bf16] [--tokens 16384]
-           [--hidden 2048] [--csv benchmarks/attention.csv] [--cpu-small]
+           [--hidden 2048] [--csv benchmarks/attention.csv] [--dropout 0.1] [--cpu-small]
        (or python -m kernels.bench ...)
 """
 
@@ -241,12 +244,15 @@ def t5_score_mod(case: Case, fa):
     return add_bias
 
 
-def build_impl(impl: str, case: Case, fa) -> tuple[Callable, float | None]:
+def build_impl(impl: str, case: Case, fa, dropout: float = 0.0
+               ) -> tuple[Callable, float | None]:
     """(function of (q, k, v) -> out, milliseconds to build its mask, or None without one)."""
     device = case.q.device
-    if impl == "kernel":
+    if impl in ("kernel", "kernel_dropout"):
         mode = fa.CAUSAL if case.mode == "causal" else fa.PREFIX
         kwargs = {"prefix_len": case.prefix_len}
+        if impl == "kernel_dropout":
+            kwargs.update(dropout_p=dropout, dropout_seed=1234)
         if case.mode == "packed_t5":  # the table gets no gradient: neither does Flex's bias
             kwargs.update(q_segment_ids=case.segment_ids, rel_bias_table=case.bias_table,
                           q_positions=case.positions, k_positions=case.positions,
@@ -352,18 +358,22 @@ def _attempt(device: torch.device, call: Callable, *args) -> tuple[object, str, 
     return None, *failure
 
 
-def run_case(case: Case, passes: list[str], fa, base_row: dict) -> list[dict]:
-    """Rows for the kernel and the case's baselines, forward and/or forward + backward."""
+def run_case(case: Case, passes: list[str], fa, base_row: dict,
+             dropout: float = 0.0) -> list[dict]:
+    """Rows for the kernel and the case's baselines, forward and/or forward + backward; with
+    ``dropout`` > 0 also ``kernel_dropout`` rows (the kernel with attention dropout: its
+    ``kernel x`` column is its time over the p = 0 kernel's, e.g. 1.15 = dropout costs 15%)."""
     device = case.q.device
     batch, heads, seq_len, head_dim = case.shape
     prefix = case.prefix_len.tolist() if case.mode == "prefix" else None
     pairs = visible_pairs(case.mode, seq_len, prefix, batch)
     rows, kernel_out, kernel_ms = [], None, {}
-    for impl in ("kernel", *BASELINES[case.mode]):
+    extra = ("kernel_dropout",) if dropout > 0 else ()
+    for impl in ("kernel", *BASELINES[case.mode], *extra):
         row = {**base_row, "mode": case.mode, "seq_len": seq_len, "head_dim": head_dim,
                "batch": batch, "heads": heads, "impl": impl, "visible_pairs": pairs,
                "prefix_len": ";".join(map(str, prefix)) if prefix else ""}
-        built, status, note = _attempt(device, build_impl, impl, case, fa)
+        built, status, note = _attempt(device, build_impl, impl, case, fa, dropout)
         if built is None:
             rows += [{**row, "pass": p, "status": status, "note": f"building the mask {note}"
                       .strip()} for p in passes]
@@ -381,7 +391,7 @@ def run_case(case: Case, passes: list[str], fa, base_row: dict) -> list[dict]:
                 continue
             # The interpreted kernel needs no warm-up call (nothing to compile).
             measured, status, note = _attempt(device, _measure_pass, fn, case, bench_pass,
-                                              impl != "kernel")
+                                              not impl.startswith("kernel"))
             if measured is None:
                 rows.append({**result, "status": status, "note": note})
                 continue
@@ -395,7 +405,9 @@ def run_case(case: Case, passes: list[str], fa, base_row: dict) -> list[dict]:
                 result["tiles"] = _tiles(fa, case)
             elif bench_pass in kernel_ms:
                 result["kernel_speedup"] = f"{ms / kernel_ms[bench_pass]:.4g}"
-            if kernel_out is not None:
+            if impl == "kernel_dropout":
+                result["note"] = f"dropout p={dropout} (a different function: no diff)"
+            elif kernel_out is not None:
                 result["rel_diff_vs_kernel"] = f"{relative_difference(out, kernel_out):.2e}"
             rows.append({**result, "status": "ok", "ms": f"{ms:.6g}",
                          "tflops": f"{result['flops'] / ms / 1e9:.4g}",
@@ -523,6 +535,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, help="fixed batch size (overrides --tokens)")
     parser.add_argument("--heads", type=int, help="fixed head count (overrides --hidden)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dropout", type=float, default=0.0,
+                        help="also time the kernel with this attention dropout (its cost)")
     parser.add_argument("--csv", type=Path,
                         help="CSV to append to (default benchmarks/attention.csv, "
                              "benchmarks/attention_cpu.csv with --cpu-small)")
@@ -538,6 +552,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.batch = args.batch or CPU_SMALL["batch"]
         args.heads = args.heads or CPU_SMALL["heads"]
     args.csv = args.csv or Path("benchmarks", "attention_cpu.csv" if small else "attention.csv")
+    if not 0.0 <= args.dropout < 1.0:
+        parser.error(f"--dropout {args.dropout}: must be in [0, 1)")
     for name in ("seq_lens", "head_dims"):
         if min(getattr(args, name)) < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive")
@@ -582,7 +598,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             for mode in args.modes:
                 case = make_case(mode, batch, heads, seq_len, head_dim, DTYPES[args.dtype],
                                  device, args.seed)
-                case_rows = run_case(case, args.passes, fa, base)
+                case_rows = run_case(case, args.passes, fa, base, args.dropout)
                 for row in case_rows:
                     print(format_row(row), flush=True)
                 append_csv(args.csv, case_rows)
@@ -600,7 +616,8 @@ def run(args: argparse.Namespace) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     """Exit status 1 when a kernel row failed (a failing baseline is only reported)."""
     rows = run(parse_args(argv))
-    failed = [r for r in rows if r["impl"] == "kernel" and r["status"] not in ("ok", "oom")]
+    failed = [r for r in rows
+              if r["impl"].startswith("kernel") and r["status"] not in ("ok", "oom")]
     for row in failed:
         print(f"kernel failed: {row['mode']} {row['pass']} len {row['seq_len']} "
               f"d {row['head_dim']}: {row.get('note', '')}", file=sys.stderr)

@@ -179,10 +179,10 @@ def test_out_of_memory_is_recorded_and_the_run_goes_on(monkeypatch):
     """A baseline whose mask or call runs out of memory reads "oom"; the others still run."""
     real_build = bench.build_impl
 
-    def build(impl, case, fa_module):
+    def build(impl, case, fa_module, dropout=0.0):
         if impl == "sdpa_dense_mask":
             raise torch.OutOfMemoryError("CUDA out of memory (mask)")
-        fn, mask_ms = real_build(impl, case, fa_module)
+        fn, mask_ms = real_build(impl, case, fa_module, dropout)
         if impl == "flex_block_mask":
             def fn(q, k, v):
                 raise torch.OutOfMemoryError("CUDA out of memory (call)")
@@ -199,8 +199,8 @@ def test_out_of_memory_is_recorded_and_the_run_goes_on(monkeypatch):
 def test_a_failing_kernel_is_recorded_and_fails_the_command(monkeypatch, tmp_path, capsys):
     real_build = bench.build_impl
 
-    def build(impl, case, fa_module):
-        fn, mask_ms = real_build(impl, case, fa_module)
+    def build(impl, case, fa_module, dropout=0.0):
+        fn, mask_ms = real_build(impl, case, fa_module, dropout)
         if impl == "kernel":
             def fn(q, k, v):
                 raise RuntimeError("PTX failed to assemble\nsecond line")
@@ -240,3 +240,25 @@ def test_packed_t5_rows_count_pairs_and_match_the_reference():
         fn, _ = bench.build_impl(impl, case, fa)
         with torch.no_grad():
             assert bench.relative_difference(fn(case.q, case.k, case.v), ref) < 1e-5, impl
+
+
+def test_dropout_rows_time_the_kernel_with_dropout(monkeypatch):
+    """--dropout adds kernel_dropout rows: their time relative to the p = 0 kernel's, and an
+    output that is the kernel's own with the dropout mask (checked at p -> its mask)."""
+    import kernels.flash_attention as fa
+
+    case = bench.make_case("prefix", 1, 2, 40, 16, torch.float32, torch.device("cpu"), 0)
+    rows = bench.run_case(case, ["fwd"], fa, {"dtype": "fp32"}, dropout=0.25)
+    (row,) = [r for r in rows if r["impl"] == "kernel_dropout"]
+    (kernel,) = [r for r in rows if r["impl"] == "kernel"]
+    assert row["status"] == "ok" and row["note"].startswith("dropout p=0.25")
+    assert float(row["kernel_speedup"]) == pytest.approx(float(row["ms"]) / float(kernel["ms"]),
+                                                         rel=1e-3)
+    fn, _ = bench.build_impl("kernel_dropout", case, fa, 0.25)
+    mask = fa.dropout_mask(1234, (*case.q.shape[:3], case.k.shape[2]), 0.25)
+    want = fa.flash_attention_ref(case.q, case.k, case.v, fa.PREFIX, prefix_len=case.prefix_len,
+                                  dropout_p=0.25, dropout_mask=mask)
+    torch.testing.assert_close(fn(case.q, case.k, case.v), want.to(case.q.dtype),
+                               rtol=1e-4, atol=1e-4)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--cpu-small", "--dropout", "1.0"])
