@@ -60,9 +60,6 @@ class ParallelContext:
     """The ranks holding the same shards of different data (gradient all-reduce)."""
     pp_group: dist.ProcessGroup | None = field(default=None, repr=False)
     """The ranks holding the stages of one pipeline."""
-    embed_group: dist.ProcessGroup | None = field(default=None, repr=False)
-    """First and last pipeline stage of this rank's pipeline (tied-embedding gradient sum);
-    None without pipeline parallelism or on a middle stage."""
     world_group: dist.ProcessGroup | None = field(default=None, repr=False)
     """Every rank (for run-wide decisions such as stopping on a signal)."""
 
@@ -136,9 +133,6 @@ class ParallelContext:
         ctx.tp_group = _my_group(rank, _tp_groups(tp, dp, pp))
         ctx.dp_group = _my_group(rank, _dp_groups(tp, dp, pp))
         ctx.pp_group = _my_group(rank, _pp_groups(tp, dp, pp))
-        if pp > 1:
-            embed = [[ranks[0], ranks[-1]] for ranks in _pp_groups(tp, dp, pp)]
-            ctx.embed_group = _my_group(rank, embed, allow_missing=True)
         log.info("rank %d: tp %d/%d, dp %d/%d, pp %d/%d", rank, ctx.tp_rank, tp, ctx.dp_rank, dp,
                  ctx.pp_rank, pp)
         return ctx
@@ -156,15 +150,14 @@ def _pp_groups(tp: int, dp: int, pp: int) -> list[list[int]]:
     return [[p * tp * dp + d * tp + t for p in range(pp)] for d in range(dp) for t in range(tp)]
 
 
-def _my_group(rank: int, groups: list[list[int]],
-              allow_missing: bool = False) -> dist.ProcessGroup | None:
+def _my_group(rank: int, groups: list[list[int]]) -> dist.ProcessGroup:
     """Create every group (a collective call on all ranks) and return the one holding rank."""
     mine = None
     for ranks in groups:
         group = dist.new_group(ranks)
         if rank in ranks:
             mine = group
-    assert mine is not None or allow_missing
+    assert mine is not None
     return mine
 
 
