@@ -248,8 +248,8 @@ def activation_bytes(cfg: ModelConfig, enc_len: int, dec_len: int, micro: int, t
     once, the encoder output), and ``recompute`` is one block's activations, rebuilt in the
     backward.
     Parts: ``blocks``, ``weight_copies`` (bf16 weights under autocast), ``ends``, ``logits``
-    (the two float32 copies the loss keeps), ``recompute``. ``cuda``: dropout masks as CUDA
-    stores them (1 byte; see :class:`Precision`).
+    (the float32 copies the loss keeps: :func:`loss_logit_bytes`), ``recompute``. ``cuda``:
+    dropout masks as CUDA stores them (1 byte; see :class:`Precision`).
     """
     p = Precision(bf16, flash, cuda)
     d, b, sp = cfg.d_model, micro, sp and tp > 1
@@ -272,8 +272,21 @@ def activation_bytes(cfg: ModelConfig, enc_len: int, dec_len: int, micro: int, t
     ends_bytes = sum(_end_bytes(cfg, part, b, enc_len, dec_len, div, sp, p)
                      for part in ("encoder_embedding", "embedding", "encoder_norm", "output"))
     return {"blocks": blocks, "weight_copies": copies, "ends": ends_bytes,
-            "logits": 2 * 4.0 * b * dec_len * cfg.vocab_size / tp,
+            "logits": loss_logit_bytes(cfg, b, dec_len, tp),
             "recompute": recompute if cfg.activation_checkpointing else 0.0}
+
+
+def logit_bytes(cfg: ModelConfig, micro: int, dec_len: int, tp: int) -> float:
+    """One float32 copy of a micro-batch's logits (this rank's vocab shard): also the size of
+    their gradient, the backward's transient."""
+    return 4.0 * micro * dec_len * cfg.vocab_size / tp
+
+
+def loss_logit_bytes(cfg: ModelConfig, micro: int, dec_len: int, tp: int) -> float:
+    """The float32 logit copies ``lm_loss`` keeps for its backward: one (the logsumexp's input;
+    the cross-entropy reuses its log-normaliser), two under TP (the vocab-parallel version
+    also keeps the exponentials)."""
+    return (1 if tp == 1 else 2) * logit_bytes(cfg, micro, dec_len, tp)
 
 
 def chunk_activation_bytes(cfg: ModelConfig, layout, virtual: int, enc_len: int, dec_len: int,
@@ -307,7 +320,7 @@ def chunk_activation_bytes(cfg: ModelConfig, layout, virtual: int, enc_len: int,
     last = virtual == layout.n_virtual - 1
     if last:
         ends.append("output")
-        parts["logits"] = 2 * 4.0 * b * dec_len * cfg.vocab_size / tp
+        parts["logits"] = loss_logit_bytes(cfg, b, dec_len, tp)
     parts["ends"] = sum(_end_bytes(cfg, e, b, enc_len, dec_len, 1, False, p) for e in ends)
     if not last:
         parts["carried"] += 4.0 * d * b * length
@@ -378,7 +391,7 @@ def estimate_config(cfg: TrainConfig, tp: int, pp: int, dp: int, zero1: bool,
     if pp == 1:
         acts = activation_bytes(model, enc_len, dec_len, run.micro_batch, tp, sp, bf16, True)
         stored = acts["blocks"] + acts["weight_copies"] + acts["ends"] + acts["logits"]
-        backward = acts["recompute"] + acts["logits"] / 2  # the logits' fp32 gradient
+        backward = acts["recompute"] + logit_bytes(model, run.micro_batch, dec_len, tp)
         ranks.append((stage_parameters(model, tp)[0], None, True, stored + backward, stored,
                       backward, 1))
     else:
@@ -393,7 +406,8 @@ def estimate_config(cfg: TrainConfig, tp: int, pp: int, dp: int, zero1: bool,
                                          tp, bf16, True) for k in range(layout.n_virtual)]
         stored = [c["blocks"] + c["weight_copies"] + c["ends"] + c["logits"] + c["carried"]
                   for c in chunks]
-        transient = [c["recompute"] + c["logits"] / 2 for c in chunks]
+        grad = logit_bytes(model, run.micro_batch, dec_len, tp)  # the logits' fp32 gradient
+        transient = [c["recompute"] + (grad if c["logits"] else 0.0) for c in chunks]
         n_micro = max(1, run.global_batch // (run.micro_batch * dp))
         tables = set(DecoderStage.embedding_ranks(layout, model))
         tables.add(layout.rank_of(layout.n_virtual - 1))  # the output layer
