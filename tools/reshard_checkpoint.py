@@ -110,6 +110,7 @@ def _write_shards(saved: SavedCheckpoint, cfg: TrainConfig, directory: str,
                   progress: bool) -> None:
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     bar = tqdm(total=tp * pp, unit="shard", disable=not progress)
+    streams = saved.rng_streams()
     for pp_rank in range(pp):
         stage = stage_model(cfg, pp_rank)
         names = list(stage.state_dict())
@@ -126,7 +127,7 @@ def _write_shards(saved: SavedCheckpoint, cfg: TrainConfig, directory: str,
             if rng is not None and own:  # a stage the source lacks derives its stream on resume
                 torch.save(rng, file("rng"))
             bar.update()
-        for (stage, dp_rank), source in saved.rng_streams().items():  # the other DP ranks'
+        for (stage, dp_rank), source in streams.items():  # the other DP ranks'
             if stage == pp_rank and dp_rank > 0:
                 shutil.copyfile(source, os.path.join(directory,
                                                      rng_file(0, pp_rank, dp_rank, tp, pp)))

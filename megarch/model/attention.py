@@ -26,7 +26,7 @@ import torch
 
 from megarch.model.position import RelativeBias
 from megarch.parallel.collectives import Group, group_rank, group_size
-from megarch.parallel.rng import rank_seed, split_dropout
+from megarch.parallel.rng import global_draw, rank_seed, split_dropout
 
 ATTENTION_ENV = "MEGARCH_ATTENTION"
 """``reference`` forces the PyTorch path everywhere; ``kernel`` also uses the Triton kernel on
@@ -157,7 +157,7 @@ def kernel_dropout_seed(group: Group = None) -> int:
     Under a TP group of more than one rank (heads split) it is made per rank by
     :func:`~megarch.parallel.rng.rank_seed`, like the split activations' streams.
     """
-    base = int(torch.randint(1 << 62, ()).item())
+    base = global_draw()
     if group_size(group) == 1:
         return base
     return rank_seed(base, group_rank(group))

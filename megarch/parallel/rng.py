@@ -48,6 +48,13 @@ def rank_seed(base: int, rank: int) -> int:
     return (z ^ (z >> 31)) >> 1
 
 
+def global_draw() -> int:
+    """One 63-bit value from the global CPU generator: no device synchronisation, reproducible
+    from the run seed, and rewound with the generator by activation checkpointing (the base
+    that per-rank seeds are derived from, :func:`rank_seed`)."""
+    return int(torch.randint(1 << 62, ()).item())
+
+
 def split_dropout(x: torch.Tensor, p: float, group: Group, training: bool = True
                   ) -> torch.Tensor:
     """Dropout of ``x``, activations split across ``group``'s ranks: each rank draws its own
@@ -58,9 +65,8 @@ def split_dropout(x: torch.Tensor, p: float, group: Group, training: bool = True
         raise ValueError(f"dropout probability {p}: must be in [0, 1) (model.dropout)")
     if not training or p == 0.0:
         return x
-    base = int(torch.randint(1 << 62, ()).item())  # global CPU generator: no device sync
     generator = torch.Generator(device=x.device)
-    generator.manual_seed(rank_seed(base, group_rank(group)))
+    generator.manual_seed(rank_seed(global_draw(), group_rank(group)))
     keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p, generator=generator)
     return x * keep * (1.0 / (1.0 - p))  # the backward keeps the bool mask only
 

@@ -37,7 +37,7 @@ from megarch.parallel.reshard import (
     reshard_param_state,
     take_shard,
 )
-from megarch.parallel.rng import rank_seed
+from megarch.parallel.rng import global_draw, rank_seed
 from megarch.parallel.tensor_parallel import tp_split_dim
 from megarch.training.checkpoint import (
     CONFIG_FILE,
@@ -250,8 +250,7 @@ def load_into(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimize
             set_rng_state(state)
         stream = ctx.pp_rank * ctx.dp + ctx.dp_rank
         if not own and stream > 0:  # rank 0's stream: derive one of its own (the same on
-            base = int(torch.randint(1 << 62, ()).item())  # the TP ranks of this stream)
-            torch.manual_seed(rank_seed(base, stream))
+            torch.manual_seed(rank_seed(global_draw(), stream))  # the TP ranks of this stream)
     state = read_state(path)
     log.info("loaded checkpoint %s (step %d)", path, state.step)
     return state
