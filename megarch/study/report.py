@@ -113,11 +113,6 @@ def read_curves(out_dir: str) -> dict[str, Curve]:
     return {"train": train, "valid": valid}
 
 
-def load_curve(out_dir: str) -> Curve:
-    """(tokens, training loss) of a run (see :func:`read_curves`)."""
-    return read_curves(out_dir)["train"]
-
-
 def comparison_curves(adapted: dict[str, Curve], scratch: dict[str, Curve]
                       ) -> tuple[str, Curve, Curve]:
     """The loss to compare two runs on and their curves: ``("validation", valid, valid)``
