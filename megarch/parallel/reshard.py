@@ -97,10 +97,9 @@ def reshard_param_state(name: str, states: Sequence[dict], tp_rank: int, tp: int
     return out
 
 
-def merge_tp_optimizer(shards: list[dict], names: list[str],
-                       shapes: list[torch.Size] | None = None) -> dict:
+def merge_tp_optimizer(shards: list[dict], names: list[str]) -> dict:
     """The single-process optimizer state dict from TP ranks' ones; ``names``: each state
-    index's parameter name. (``shapes`` is accepted for compatibility and unused.)"""
+    index's parameter name."""
     merged = copy.deepcopy({k: v for k, v in shards[0].items() if k != "state"})
     merged["state"] = {index: reshard_param_state(names[index], [s["state"][index]
                                                                  for s in shards], 0, 1)
