@@ -14,7 +14,8 @@ the attention mask (model.arch) and the objective, writes to ``<its out_dir>_<ki
 continues its step, optimizer and schedule (``--adapt-reset-schedule``: step 0, fresh optimizer);
 see megarch.training.adapt. Every checkpoint records its lineage (``lineage.json``).
 SIGTERM or Ctrl-C saves a checkpoint at the end of the current step and exits 0.
-Exit status: 0 done (or stopped by a signal after saving), 1 non-finite loss, 2 bad config/data.
+Exit status: 0 done (or stopped by a signal after saving), 1 non-finite loss, 2 bad config/data,
+3 a peer rank stopped answering for ``parallel.timeout_s`` (megarch.parallel.watchdog).
 """
 
 from __future__ import annotations
@@ -101,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         except NonFiniteError as err:
             print(f"megarch-train: stopped: {err}", file=sys.stderr)
             return 1
+        except RuntimeError as err:  # a failed collective: name the rank that stopped answering
+            if trainer.ctx.watchdog is not None:
+                trainer.ctx.watchdog.explain(err)
+            raise
     except (ConfigError, DataError) as err:
         print(f"megarch-train: error: {err}", file=sys.stderr)
         return 2

@@ -15,8 +15,14 @@ Why ``torch.distributed.new_group`` rather than megatron-core's
 ``parallel_state.initialize_model_parallel``: both give the same groups for TP x DP x PP
 (measured), but megatron-core keeps them in module globals (the opposite of a passed context),
 costs seconds of import per process and four warnings, and is absent from the GPU machines we
-check on. Building the three families of groups ourselves is ~20 lines, has no globals, and every
-group inherits the process group's timeout, so a failed rank ends the job instead of hanging it.
+check on. Building the three families of groups ourselves is ~20 lines and has no globals.
+
+Every group is made by :meth:`ParallelContext.new_group`, which passes ``parallel.timeout_s``
+explicitly: ``torch.distributed.new_group`` does *not* inherit the default group's timeout (it
+falls back to the backend default, 30 minutes on gloo; measured: a TP2 job with one rank
+SIGSTOPped and ``--parallel.timeout_s 10`` still hung 60 s later). Collectives time out; a peer
+that is stopped or hung outside any collective is caught by :mod:`megarch.parallel.watchdog`,
+which ends the job naming the rank that stopped answering.
 """
 
 from __future__ import annotations
@@ -62,6 +68,10 @@ class ParallelContext:
     """The ranks holding the stages of one pipeline."""
     world_group: dist.ProcessGroup | None = field(default=None, repr=False)
     """Every rank (for run-wide decisions such as stopping on a signal)."""
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    """Collective timeout of every group this context makes (``parallel.timeout_s``)."""
+    watchdog: object | None = field(default=None, repr=False)
+    """The peer watchdog of this process (megarch.parallel.watchdog), when one runs."""
 
     @property
     def world_size(self) -> int:
@@ -102,6 +112,12 @@ class ParallelContext:
         """True on global rank 0 (writes logs, tensorboard, replicated checkpoint state)."""
         return self.rank == 0
 
+    def new_group(self, ranks: list[int]) -> dist.ProcessGroup:
+        """A process group of ``ranks`` with this context's collective timeout (a collective
+        call on every rank). The only place megarch creates groups: a group made elsewhere
+        with a bare ``dist.new_group`` would wait 30 minutes on a dead peer."""
+        return dist.new_group(ranks, timeout=datetime.timedelta(seconds=self.timeout_s))
+
     def barrier(self) -> None:
         """Wait for every rank (nothing in a single process)."""
         if self.world_group is not None:
@@ -114,11 +130,12 @@ class ParallelContext:
 
     @classmethod
     def build(cls, tp: int = 1, pp: int = 1, dp: int | None = None,
-              sequence_parallel: bool = False) -> ParallelContext:
+              sequence_parallel: bool = False,
+              timeout_s: float = DEFAULT_TIMEOUT_S) -> ParallelContext:
         """The context of this process in an initialised default process group.
 
         ``dp`` defaults to ``world_size // (tp * pp)``. Every rank must call this with the same
-        sizes (``new_group`` is collective).
+        sizes (``new_group`` is collective). Every group waits at most ``timeout_s`` on a peer.
         """
         world, rank = dist.get_world_size(), dist.get_rank()
         if dp is None or dp == 0:
@@ -129,13 +146,23 @@ class ParallelContext:
                 f"{world}: launch tp*pp*dp processes or change the sizes"
             )
         ctx = cls(tp=tp, pp=pp, dp=dp, rank=rank, world_group=dist.group.WORLD,
-                  sequence_parallel=sequence_parallel and tp > 1)
-        ctx.tp_group = _my_group(rank, _tp_groups(tp, dp, pp))
-        ctx.dp_group = _my_group(rank, _dp_groups(tp, dp, pp))
-        ctx.pp_group = _my_group(rank, _pp_groups(tp, dp, pp))
+                  sequence_parallel=sequence_parallel and tp > 1, timeout_s=timeout_s)
+        ctx.tp_group = ctx._my_group(_tp_groups(tp, dp, pp))
+        ctx.dp_group = ctx._my_group(_dp_groups(tp, dp, pp))
+        ctx.pp_group = ctx._my_group(_pp_groups(tp, dp, pp))
         log.info("rank %d: tp %d/%d, dp %d/%d, pp %d/%d", rank, ctx.tp_rank, tp, ctx.dp_rank, dp,
                  ctx.pp_rank, pp)
         return ctx
+
+    def _my_group(self, groups: list[list[int]]) -> dist.ProcessGroup:
+        """Create every group (a collective call on all ranks); return the one holding us."""
+        mine = None
+        for ranks in groups:
+            group = self.new_group(ranks)
+            if self.rank in ranks:
+                mine = group
+        assert mine is not None
+        return mine
 
 
 def _tp_groups(tp: int, dp: int, pp: int) -> list[list[int]]:
@@ -149,16 +176,6 @@ def _dp_groups(tp: int, dp: int, pp: int) -> list[list[int]]:
 def _pp_groups(tp: int, dp: int, pp: int) -> list[list[int]]:
     return [[p * tp * dp + d * tp + t for p in range(pp)] for d in range(dp) for t in range(tp)]
 
-
-def _my_group(rank: int, groups: list[list[int]]) -> dist.ProcessGroup:
-    """Create every group (a collective call on all ranks) and return the one holding rank."""
-    mine = None
-    for ranks in groups:
-        group = dist.new_group(ranks)
-        if rank in ranks:
-            mine = group
-    assert mine is not None
-    return mine
 
 
 def init_distributed(

@@ -299,7 +299,7 @@ def _embedding_groups(ctx: ParallelContext, ranks: list[int]) -> dist.ProcessGro
     size = ctx.tp * ctx.dp
     for position in range(size):  # the (dp, tp) position of one pipeline
         members = [r * size + position for r in ranks]
-        group = dist.new_group(members)
+        group = ctx.new_group(members)
         if ctx.rank in members:
             mine = group
     return mine

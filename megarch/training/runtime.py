@@ -26,6 +26,7 @@ from megarch.data.embedded import (
 from megarch.data.loader import MicroBatchSampler
 from megarch.model import peak_flops
 from megarch.parallel.context import ParallelContext, init_distributed
+from megarch.parallel.watchdog import start_watchdog
 from megarch.training.signals import STOP_SIGNALS
 
 log = logging.getLogger(__name__)
@@ -73,12 +74,16 @@ def device_peak_flops(cfg: TrainConfig, device: torch.device) -> float | None:
 
 def build_context(cfg: TrainConfig) -> ParallelContext:
     """The parallel context of this process: from torchrun's environment when launched by it
-    (gloo for ``run.device`` cpu, else NCCL), else the single-process one."""
+    (gloo for ``run.device`` cpu, else NCCL), else the single-process one. Every group
+    waits at most ``parallel.timeout_s`` on a peer, and a peer watchdog ends the job when a
+    rank stops answering (megarch.parallel.watchdog)."""
     backend = "gloo" if resolve_device(cfg.run.device).type == "cpu" else "nccl"
     if not init_distributed(backend, cfg.parallel.timeout_s):
         return ParallelContext.single()
-    return ParallelContext.build(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp or None,
-                                 cfg.parallel.sequence_parallel)
+    ctx = ParallelContext.build(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp or None,
+                                cfg.parallel.sequence_parallel, cfg.parallel.timeout_s)
+    ctx.watchdog = start_watchdog(ctx.rank, ctx.world_size, cfg.parallel.timeout_s)
+    return ctx
 
 
 def iterate(loader: torch.utils.data.DataLoader) -> Iterator:
