@@ -269,9 +269,9 @@ def check_format(path: str) -> None:
     legacy = legacy_files(path)
     if legacy:
         raise CheckpointError(
-            f"{os.path.join(path, legacy[0])} is a pickle of an older megarch checkpoint "
-            f"(loading it could run code) and {path} has no {MANIFEST_FILE}: convert it once "
-            f"with `{migrate_hint(path)}`")
+            f"{path} is a checkpoint of an older megarch: its pickled {', '.join(legacy)} "
+            "could run code when loaded, so they are not read; convert it once with "
+            f"`{migrate_hint(path)}`")
     if os.path.isfile(os.path.join(path, STATE_FILE)):
         raise CheckpointError(f"{os.path.join(path, MANIFEST_FILE)} is missing: {path} cannot "
                               "be verified; copy the checkpoint again, or resume from another")

@@ -45,6 +45,7 @@ from megarch.parallel.rng import global_draw, rank_seed
 from megarch.parallel.tensor_parallel import tp_split_dim
 from megarch.training.checkpoint import (
     CONFIG_FILE,
+    LINEAGE_FILE,
     PARAM_NAMES,
     STATE_FILE,
     CheckpointError,
@@ -95,8 +96,6 @@ class SavedCheckpoint:
         self.path = path
         self.manifest = read_manifest(path)  # refuses the older pickled format
         self._verified: set[str] = set(self.manifest["files"]) if verified else set()
-        if os.path.isfile(os.path.join(path, CONFIG_FILE)):
-            self.check(CONFIG_FILE)
         self.tp, self.pp = saved_layout(path)
         self._files: dict[str, object] = {}
         self._owners: dict[str, int] | None = None
@@ -104,6 +103,14 @@ class SavedCheckpoint:
         for name, entry in self.manifest["files"].items():  # cheap: sizes only
             if problem := size_problem(path, name, entry):
                 raise CheckpointError(f"{problem}: {_DAMAGED}")
+        self.state: TrainState | None = None
+        for name in (CONFIG_FILE, STATE_FILE, LINEAGE_FILE):  # small: checked, parsed up front
+            if os.path.isfile(os.path.join(path, name)):
+                self.check(name)
+                if name == STATE_FILE:
+                    self.state = read_state(path)
+                else:
+                    _read_json_object(os.path.join(path, name))
 
     def check(self, name: str) -> None:
         """Refuse file ``name`` unless its size and checksum are the manifest's (once)."""
@@ -307,10 +314,22 @@ def load_into(path: str | SavedCheckpoint, model: torch.nn.Module,
         stream = ctx.pp_rank * ctx.dp + ctx.dp_rank
         if not own and stream > 0:  # rank 0's stream: derive one of its own (the same on
             torch.manual_seed(rank_seed(global_draw(), stream))  # the TP ranks of this stream)
-    saved.check(STATE_FILE)
-    state = read_state(path)
+    state = saved.state or read_state(path)  # no state.json: refused, naming it
     log.info("loaded checkpoint %s (step %d)", path, state.step)
     return state
+
+
+def _read_json_object(file: str) -> dict:
+    """The JSON object in ``file``, refused (naming it) when it is not one."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{file} cannot be read ({err}): {_DAMAGED}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file} holds {type(value).__name__}, not a JSON object: "
+                              f"{_DAMAGED}")
+    return value
 
 
 def _load_tensors_only(file: str) -> dict:
@@ -334,8 +353,7 @@ def check_shapes(path: str, model_cfg) -> None:
     config_path = os.path.join(path, CONFIG_FILE)
     if not os.path.exists(config_path):
         return
-    with open(config_path, encoding="utf-8") as f:
-        saved = config_from_json(f.read()).model
+    saved = SavedCheckpoint(path).config().model
     differ = [
         f"model.{name}={getattr(saved, name)!r} there, {getattr(model_cfg, name)!r} here"
         for name in SHAPE_FIELDS
