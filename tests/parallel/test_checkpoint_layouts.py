@@ -10,6 +10,7 @@ stream), and the kill. Slow: TP2 x PP2 (4 processes) resumed at TP1 x PP1 and TP
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -119,6 +120,38 @@ def test_a_rank_killed_mid_save_leaves_no_complete_step(tmp_path):
     save_checkpoint(out_dir, TrainState(step=2), model, torch.optim.AdamW(model.parameters()),
                     "{}")
     assert sorted(os.listdir(checkpoint_dir(out_dir))) == ["step_00000001", "step_00000002"]
+
+
+def _auto_with_one_rank_seeing_damage(rank: int, world: int, out_dir: str) -> tuple:
+    """A TP2 job saving steps 1 and 2, then a byte of step 2 flipped in a file only rank 1
+    checksums (the ranks share the reads): both ranks must pick step 1, alike."""
+    from megarch.training.resume import _newest_intact
+
+    ctx = ParallelContext.build(tp=2)
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters())
+    for step in (1, 2):
+        save_checkpoint(out_dir, TrainState(step=step), model, optimizer, "{}", ctx=ctx)
+    path = step_path(out_dir, 2)
+    with open(os.path.join(path, "manifest.json")) as f:
+        target = sorted(json.load(f)["files"])[1]  # rank 1's share: files 1, 3, ...
+    if rank == 0:
+        with open(os.path.join(path, target), "r+b") as f:
+            f.seek(100)
+            byte = f.read(1)
+            f.seek(100)
+            f.write(bytes([byte[0] ^ 0xFF]))
+    ctx.barrier()
+    return target, _newest_intact(out_dir, ctx)
+
+
+def test_resume_auto_under_tp2_agrees_on_the_previous_checkpoint(tmp_path):
+    out_dir = str(tmp_path)
+    results = spawn(2, timeout_s=60)(_auto_with_one_rank_seeing_damage, out_dir)
+    assert results[0][1] == results[1][1] == step_path(out_dir, 1)
+    assert results[0][0].startswith("model_tp00")
+    assert sorted(os.listdir(checkpoint_dir(out_dir))) == ["step_00000001",
+                                                           "step_00000002.damaged"]
 
 
 def _tp2_pp2(rank: int, world: int, embedded, root: str, optimizer: str) -> None:

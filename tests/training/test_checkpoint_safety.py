@@ -309,3 +309,27 @@ def test_resume_auto_refuses_when_every_checkpoint_is_damaged(embedded, run_dir,
     with pytest.raises(CheckpointError, match="every checkpoint in .* is damaged"):
         _resume(embedded, out, "auto")
     assert [s for s, _ in list_checkpoints(out)] == [2, 4]  # nothing set aside
+
+
+def test_rng_file_round_trip_with_cuda_states(tmp_path):
+    """The CUDA generator states (one uint8 tensor per device) come back as saved; a file whose
+    torch state is of another dtype is refused."""
+    state = checkpoint.rng_state()
+    state["cuda"] = [torch.randint(0, 256, (16,), dtype=torch.uint8) for _ in range(2)]
+    file = str(tmp_path / "rng.safetensors")
+    checkpoint.save_rng_file(state, file)
+    back = read_rng_file(file)
+    assert len(back["cuda"]) == 2
+    assert all(torch.equal(a, b) for a, b in zip(back["cuda"], state["cuda"], strict=True))
+    state["torch"] = state["torch"].float()
+    checkpoint.save_rng_file(state, file)
+    with pytest.raises(CheckpointError, match="not a 1-D uint8 generator state"):
+        read_rng_file(file)
+
+
+def test_init_from_a_damaged_checkpoint_is_one_line(embedded, run_dir, tmp_path):
+    out = _copy(run_dir, tmp_path)
+    path = step_path(out, 4)
+    _truncate(os.path.join(path, "model.safetensors"))
+    run = _cli(embedded, str(tmp_path / "finetune"), "--run.init_from", path)
+    _assert_one_line(run, os.path.join(path, "model.safetensors"), "truncated")
