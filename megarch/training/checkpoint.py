@@ -96,6 +96,10 @@ _CHUNK = 8 << 20
 """Bytes read at a time while checksumming (memory stays flat whatever the file size)."""
 
 
+DAMAGED = "the checkpoint is damaged; copy it again, or use another checkpoint"
+"""The fix every message about a damaged checkpoint ends with."""
+
+
 class CheckpointError(ConfigError):
     """A checkpoint that cannot be read as asked (missing, damaged, old format, another
     model); the message names the file and the fix. A :class:`ConfigError`, so every CLI
@@ -273,25 +277,29 @@ def check_format(path: str) -> None:
             "could run code when loaded, so they are not read; convert it once with "
             f"`{migrate_hint(path)}`")
     if os.path.isfile(os.path.join(path, STATE_FILE)):
-        raise CheckpointError(f"{os.path.join(path, MANIFEST_FILE)} is missing: {path} cannot "
-                              "be verified; copy the checkpoint again, or resume from another")
+        raise CheckpointError(f"{os.path.join(path, MANIFEST_FILE)} is missing, so {path} "
+                              f"cannot be verified: {DAMAGED}")
 
 
 def read_manifest(path: str) -> dict:
     """Checkpoint ``path``'s validated manifest ``{"checksum": ..., "files": {...}}``."""
+    manifest, problem = _load_manifest(path)
+    if problem:
+        raise CheckpointError(f"{problem}: {DAMAGED}")
+    return manifest
+
+
+def _load_manifest(path: str) -> tuple[dict, str | None]:
+    """(manifest, None), or (None, what is wrong with it); an older format raises."""
     check_format(path)
     file = os.path.join(path, MANIFEST_FILE)
     try:
         with open(file, encoding="utf-8") as f:
             manifest = json.load(f)
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"{file} cannot be read ({err}): the checkpoint is damaged; "
-                              "copy it again, or resume from another") from None
+        return None, f"{file} cannot be read ({err})"
     problem = _manifest_problem(manifest)
-    if problem:
-        raise CheckpointError(f"{file}: {problem}: the checkpoint is damaged; copy it again, "
-                              "or resume from another")
-    return manifest
+    return (None, f"{file}: {problem}") if problem else (manifest, None)
 
 
 def _manifest_problem(manifest) -> str | None:
@@ -348,12 +356,11 @@ def damage(path: str, part: int = 0, parts: int = 1) -> str | None:
     """What is wrong with checkpoint ``path`` (None: intact): its manifest, then every file's
     size, then the checksums of files ``part::parts`` of the sorted list (so ``parts`` ranks
     check a checkpoint in one read of it together). An older format raises instead."""
-    try:
-        manifest = read_manifest(path)
-    except CheckpointError as err:
-        if legacy_files(path):
-            raise
-        return str(err)
+    if not os.path.isfile(os.path.join(path, MANIFEST_FILE)) and not legacy_files(path):
+        return f"{os.path.join(path, MANIFEST_FILE)} is missing"
+    manifest, problem = _load_manifest(path)  # an older format raises
+    if problem:
+        return problem
     names = sorted(manifest["files"])
     for name in names:
         if problem := size_problem(path, name, manifest["files"][name]):
@@ -377,9 +384,8 @@ class TensorFile(Mapping):
             self.metadata = self._handle.metadata() or {}
             self._aliases = json.loads(self.metadata.get("aliases", "{}"))
         except (SafetensorError, OSError, ValueError) as err:
-            raise CheckpointError(f"{file} is not a readable safetensors file ({err}): the "
-                                  "checkpoint is damaged; copy it again, or use another "
-                                  "checkpoint") from None
+            raise CheckpointError(f"{file} is not a readable safetensors file ({err}): "
+                                  f"{DAMAGED}") from None
         self._names = [*self._handle.keys(), *self._aliases]
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -388,8 +394,8 @@ class TensorFile(Mapping):
         try:
             return self._handle.get_tensor(self._aliases.get(name, name))
         except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"{self.file}: tensor {name} cannot be read ({err}): the "
-                                  "checkpoint is damaged") from None
+            raise CheckpointError(f"{self.file}: tensor {name} cannot be read ({err}): "
+                                  f"{DAMAGED}") from None
 
     def shape(self, name: str) -> torch.Size:
         """The shape of tensor ``name``, without reading it."""
@@ -489,9 +495,8 @@ def read_rng_file(file: str) -> dict:
             if any(v.dtype != torch.uint8 or v.dim() != 1 for v in values):
                 raise ValueError(f"{key} is not a 1-D uint8 generator state")
     except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{file} is not an RNG state of this format ({err!r}): the "
-                              "checkpoint is damaged; copy it again, or use another "
-                              "checkpoint") from None
+        raise CheckpointError(f"{file} is not an RNG state of this format ({err!r}): "
+                              f"{DAMAGED}") from None
     return state
 
 
@@ -610,12 +615,10 @@ def read_state(path: str) -> TrainState:
         with open(file, encoding="utf-8") as f:
             values = json.load(f)
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"{file} cannot be read ({err}): the checkpoint is damaged; "
-                              "resume from another checkpoint") from None
+        raise CheckpointError(f"{file} cannot be read ({err}): {DAMAGED}") from None
     problem = state_problem(values)
     if problem:
-        raise CheckpointError(f"{file}: {problem}: the checkpoint is damaged; resume from "
-                              "another checkpoint")
+        raise CheckpointError(f"{file}: {problem}: {DAMAGED}")
     return TrainState(**values)
 
 
@@ -650,8 +653,7 @@ def read_lineage(path: str) -> dict | None:
         with open(file, encoding="utf-8") as f:
             return json.load(f)
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"{file} cannot be read ({err}): the checkpoint is damaged; "
-                              "copy it again, or use another checkpoint") from None
+        raise CheckpointError(f"{file} cannot be read ({err}): {DAMAGED}") from None
 
 
 def load_model(path: str, device: torch.device | str = "cpu"):

@@ -45,6 +45,7 @@ from megarch.parallel.rng import global_draw, rank_seed
 from megarch.parallel.tensor_parallel import tp_split_dim
 from megarch.training.checkpoint import (
     CONFIG_FILE,
+    DAMAGED,
     LINEAGE_FILE,
     PARAM_NAMES,
     STATE_FILE,
@@ -78,14 +79,8 @@ SHAPE_FIELDS = ("vocab_size", "d_model", "n_heads", "head_dim", "d_ff", "n_layer
 between causal_decoder and nonc_decoder: adaptation only changes the mask)."""
 
 
-__all__ = ["CheckpointError", "ModelMismatchError", "SavedCheckpoint", "load_into",
-           "resume_trainer"]
-
 class ModelMismatchError(CheckpointError):
     """A checkpoint of another model than the one it is loaded into."""
-
-
-_DAMAGED = "the checkpoint is damaged; copy it again, or use another checkpoint"
 
 
 class SavedCheckpoint:
@@ -102,7 +97,7 @@ class SavedCheckpoint:
         self.require("model")
         for name, entry in self.manifest["files"].items():  # cheap: sizes only
             if problem := size_problem(path, name, entry):
-                raise CheckpointError(f"{problem}: {_DAMAGED}")
+                raise CheckpointError(f"{problem}: {DAMAGED}")
         self.state: TrainState | None = None
         for name in (CONFIG_FILE, STATE_FILE, LINEAGE_FILE):  # small: checked, parsed up front
             if os.path.isfile(os.path.join(path, name)):
@@ -116,7 +111,7 @@ class SavedCheckpoint:
         """Refuse file ``name`` unless its size and checksum are the manifest's (once)."""
         if name not in self._verified:
             if problem := verify_file(self.path, name, self.manifest):
-                raise CheckpointError(f"{problem}: {_DAMAGED}")
+                raise CheckpointError(f"{problem}: {DAMAGED}")
             self._verified.add(name)
 
     def config(self) -> TrainConfig:
@@ -127,7 +122,7 @@ class SavedCheckpoint:
             with open(file, encoding="utf-8") as f:
                 return config_from_json(f.read())
         except (OSError, ValueError) as err:
-            raise CheckpointError(f"{file} cannot be read ({err}): {_DAMAGED}") from None
+            raise CheckpointError(f"{file} cannot be read ({err}): {DAMAGED}") from None
 
     def file(self, kind: str, tp_rank: int, pp_rank: int) -> str:
         """The path of ``kind``'s file of saved (TP rank, stage)."""
@@ -325,10 +320,10 @@ def _read_json_object(file: str) -> dict:
         with open(file, encoding="utf-8") as f:
             value = json.load(f)
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"{file} cannot be read ({err}): {_DAMAGED}") from None
+        raise CheckpointError(f"{file} cannot be read ({err}): {DAMAGED}") from None
     if not isinstance(value, dict):
         raise CheckpointError(f"{file} holds {type(value).__name__}, not a JSON object: "
-                              f"{_DAMAGED}")
+                              f"{DAMAGED}")
     return value
 
 
@@ -340,10 +335,10 @@ def _load_tensors_only(file: str) -> dict:
     except Exception as err:  # noqa: BLE001 - torch raises many kinds for a bad file
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise CheckpointError(f"{file} cannot be read as tensors only ({reason}): "
-                              f"{_DAMAGED}") from None
+                              f"{DAMAGED}") from None
     if not isinstance(record, dict):
         raise CheckpointError(f"{file} holds {type(record).__name__}, not a state dict: "
-                              f"{_DAMAGED}")
+                              f"{DAMAGED}")
     return record
 
 
@@ -436,8 +431,7 @@ def resume_trainer(trainer: Trainer) -> None:
                               f"holding {STATE_FILE}, or a run's out_dir with one)")
         problem = _problem(path, ctx)
         if problem is not None:
-            raise CheckpointError(f"run.resume={path}: {problem}: the checkpoint is damaged; "
-                                  "copy it again, or resume from another checkpoint")
+            raise CheckpointError(f"run.resume={path}: {problem}: {DAMAGED}")
     state = read_state(path)
     newer = [p for step, p in list_checkpoints(run.out_dir) if step > state.step]
     if is_own_checkpoint(path, run.out_dir) and newer:
