@@ -36,12 +36,14 @@ import torch
 
 from megarch.atomic import atomic_file
 from megarch.training.checkpoint import (
-    MANIFEST_FILE,
     STATE_FILE,
     CheckpointError,
-    legacy_files,
     list_checkpoints,
     read_state,
+)
+from megarch.training.checkpoint_files import (
+    MANIFEST_FILE,
+    legacy_files,
     save_model_file,
     save_rng_file,
     write_manifest,

@@ -44,10 +44,12 @@ from megarch.training.checkpoint import (
     list_checkpoints,
     read_state,
     rng_file,
-    save_model_file,
-    save_rng_file,
     shard_file,
     step_path,
+)
+from megarch.training.checkpoint_files import (
+    save_model_file,
+    save_rng_file,
     write_manifest,
 )
 from megarch.training.optim import build_optimizer

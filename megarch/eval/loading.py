@@ -29,8 +29,10 @@ from megarch.training.checkpoint import (
     CheckpointError,
     checkpoint_dir,
     find_latest,
-    legacy_files,
     shard_file,
+)
+from megarch.training.checkpoint_files import (
+    legacy_files,
 )
 from megarch.training.resume import ModelMismatchError, SavedCheckpoint
 

@@ -17,7 +17,13 @@ from megarch.eval.cli import main
 from megarch.eval.loading import EvalError, load_for_eval
 from megarch.eval.rank_classification import RankOptions, rank_classify
 from megarch.eval.tasks import load_task
-from megarch.training.checkpoint import TrainState, save_checkpoint, write_manifest
+from megarch.training.checkpoint import (
+    TrainState,
+    save_checkpoint,
+)
+from megarch.training.checkpoint_files import (
+    write_manifest,
+)
 from tests.eval.helpers import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

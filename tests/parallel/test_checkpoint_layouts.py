@@ -25,10 +25,12 @@ from megarch.training.checkpoint import (
     KILL_IN_SAVE_ENV,
     TrainState,
     checkpoint_dir,
-    damage,
     find_latest,
     save_checkpoint,
     step_path,
+)
+from megarch.training.checkpoint_files import (
+    damage,
 )
 from tests.training.helpers import fast_config
 from tools.reshard_checkpoint import reshard

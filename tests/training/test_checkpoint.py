@@ -24,13 +24,15 @@ from megarch.training.checkpoint import (
     load_checkpoint,
     load_model,
     read_lineage,
-    read_rng_file,
     read_state,
     rng_state,
     save_checkpoint,
+    step_path,
+)
+from megarch.training.checkpoint_files import (
+    read_rng_file,
     save_model_file,
     save_rng_file,
-    step_path,
     write_manifest,
 )
 from megarch.training.optim import build_optimizer

@@ -27,21 +27,24 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import megarch.training.checkpoint as checkpoint
+import megarch.training.checkpoint_files as checkpoint_files
 from megarch.eval.loading import EvalError, load_for_eval
 from megarch.model import build_model
 from megarch.train import main
 from megarch.training.adapt import StagedTrainer
 from megarch.training.checkpoint import (
     CheckpointError,
-    bytes_checksum,
-    damage,
     find_latest,
     list_checkpoints,
     load_checkpoint,
-    read_rng_file,
     read_state,
+    rng_state,
     step_path,
+)
+from megarch.training.checkpoint_files import (
+    bytes_checksum,
+    damage,
+    read_rng_file,
     write_manifest,
 )
 from megarch.training.optim import build_optimizer
@@ -129,7 +132,7 @@ def test_checksums_match_independent_references(tmp_path, monkeypatch):
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["checksum"] == "crc32c"
     assert manifest["files"] == {"a.bin": {"size": 9, "checksum": "e3069283"}}
-    monkeypatch.setattr(checkpoint, "google_crc32c", None)  # the wheel missing: zlib's CRC32
+    monkeypatch.setattr(checkpoint_files, "google_crc32c", None)  # the wheel missing: zlib's CRC32
     write_manifest(str(tmp_path))
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["checksum"] == "crc32"
@@ -314,15 +317,15 @@ def test_resume_auto_refuses_when_every_checkpoint_is_damaged(embedded, run_dir,
 def test_rng_file_round_trip_with_cuda_states(tmp_path):
     """The CUDA generator states (one uint8 tensor per device) come back as saved; a file whose
     torch state is of another dtype is refused."""
-    state = checkpoint.rng_state()
+    state = rng_state()
     state["cuda"] = [torch.randint(0, 256, (16,), dtype=torch.uint8) for _ in range(2)]
     file = str(tmp_path / "rng.safetensors")
-    checkpoint.save_rng_file(state, file)
+    checkpoint_files.save_rng_file(state, file)
     back = read_rng_file(file)
     assert len(back["cuda"]) == 2
     assert all(torch.equal(a, b) for a, b in zip(back["cuda"], state["cuda"], strict=True))
     state["torch"] = state["torch"].float()
-    checkpoint.save_rng_file(state, file)
+    checkpoint_files.save_rng_file(state, file)
     with pytest.raises(CheckpointError, match="not a 1-D uint8 generator state"):
         read_rng_file(file)
 
