@@ -37,6 +37,7 @@ from megarch.training.checkpoint import (
     find_latest,
     list_checkpoints,
     load_checkpoint,
+    load_model,
     read_state,
     rng_state,
     step_path,
@@ -188,13 +189,16 @@ def test_a_malicious_pickle_in_any_file_is_refused_without_running(embedded, run
 
 
 def _make_legacy(path: str) -> None:
-    """Turn ``path`` into a checkpoint of the older format: pickled model and RNG files."""
-    torch.save(load_file(os.path.join(path, "model.safetensors")),
-               os.path.join(path, "model.pt"))
-    torch.save(read_rng_file(os.path.join(path, "rng.safetensors")),
-               os.path.join(path, "rng.pt"))
-    for name in ("model.safetensors", "rng.safetensors", "manifest.json"):
-        os.remove(os.path.join(path, name))
+    """Turn ``path`` (any layout) into a checkpoint of the older format: pickled model and RNG
+    files, no manifest."""
+    for name in sorted(os.listdir(path)):
+        file, stem = os.path.join(path, name), name[: -len(".safetensors")]
+        if name.startswith("model"):
+            torch.save(load_file(file), os.path.join(path, stem + ".pt"))
+        elif name.startswith("rng"):
+            torch.save(read_rng_file(file), os.path.join(path, stem + ".pt"))
+        if name.endswith(".safetensors") or name == "manifest.json":
+            os.remove(file)
 
 
 def test_an_older_checkpoint_is_refused_and_migrates_exactly(embedded, run_dir, tmp_path,
@@ -336,3 +340,18 @@ def test_init_from_a_damaged_checkpoint_is_one_line(embedded, run_dir, tmp_path)
     _truncate(os.path.join(path, "model.safetensors"))
     run = _cli(embedded, str(tmp_path / "finetune"), "--run.init_from", path)
     _assert_one_line(run, os.path.join(path, "model.safetensors"), "truncated")
+
+
+def test_a_sharded_older_checkpoint_migrates(run_dir, tmp_path):
+    sharded = reshard(step_path(run_dir, 4), str(tmp_path / "tp2"), tp=2, pp=2)
+    expected = sorted(os.listdir(sharded))
+    reference, _ = load_model(sharded)
+    _make_legacy(sharded)
+    assert "model_tp01_pp01.pt" in os.listdir(sharded)
+    with pytest.raises(CheckpointError, match="model_tp00_pp00.pt, model_tp00_pp01.pt"):
+        load_model(sharded)
+    assert migrate_main([sharded]) == 0
+    assert sorted(os.listdir(sharded)) == expected and damage(sharded) is None
+    migrated, _ = load_model(sharded)
+    assert all(torch.equal(migrated.state_dict()[k], v)
+               for k, v in reference.state_dict().items())
