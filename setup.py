@@ -65,6 +65,7 @@ setup(
         "sentencepiece>=0.2",
         "tokenizers>=0.19",
         "tqdm>=4.60",
+        "safetensors>=0.4",  # checkpoint weights and RNG states (megarch.training.checkpoint)
         "matplotlib>=3.7",  # the study report's plots
     ],
     extras_require={

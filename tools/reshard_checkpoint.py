@@ -9,10 +9,11 @@ complete checkpoint, or ``--step N``), of any layout. The result is written atom
 ``DEST/checkpoints/step_N``: the model and optimizer state (AdamW moments, Adafactor's factored
 row / column moments) cut for every (TP rank, stage) of ``--tp`` x ``--pp`` by the code a run
 uses to resume at another layout (megarch.training.resume), the same ``state.json`` and
-lineage, the config with the new ``parallel.tp`` / ``parallel.pp``, and each target rank's RNG
-state (the same rank's when the source has it, else rank 0's). A TP1 x PP1 result is an ordinary
-single-process checkpoint (megarch-eval, ``load_model``); any result resumes a run of its layout
-(``--run.resume DEST/checkpoints/step_N``) or of another one.
+lineage, the config with the new ``parallel.tp`` / ``parallel.pp``, each target rank's RNG
+state (the same rank's when the source has it, else rank 0's) and the manifest of sizes and
+checksums. Every source file is checked against the source's manifest as it is read. A TP1 x
+PP1 result is an ordinary single-process checkpoint (megarch-eval, ``load_model``); any result
+resumes a run of its layout (``--run.resume DEST/checkpoints/step_N``) or of another one.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from megarch.training.checkpoint import (
     LINEAGE_FILE,
     PARAM_NAMES,
     STATE_FILE,
+    CheckpointError,
     find_latest,
     list_checkpoints,
     read_state,
@@ -45,8 +47,13 @@ from megarch.training.checkpoint import (
     shard_file,
     step_path,
 )
+from megarch.training.checkpoint_files import (
+    save_model_file,
+    save_rng_file,
+    write_manifest,
+)
 from megarch.training.optim import build_optimizer
-from megarch.training.resume import CheckpointError, SavedCheckpoint
+from megarch.training.resume import SavedCheckpoint
 
 _PIPELINE_FIELDS = {"virtual_stages": 1, "encoder_stages": 0}
 """Pipeline fields of ParallelConfig (where present) and the values the target layout uses."""
@@ -119,16 +126,17 @@ def _write_shards(saved: SavedCheckpoint, cfg: TrainConfig, directory: str,
             def file(kind: str, t: int = tp_rank, p: int = pp_rank) -> str:
                 return os.path.join(directory, shard_file(kind, t, p, tp, pp))
 
-            torch.save(saved.model_state(names, tp_rank, tp), file("model"))
+            save_model_file(saved.model_state(names, tp_rank, tp), file("model"))
             optimizer = saved.optimizer_state(groups, tp_rank, tp)
             optimizer[PARAM_NAMES] = [name for group in groups for name in group]
             torch.save(optimizer, file("optimizer"))
             rng, own = saved.rng(pp_rank)
             if rng is not None and own:  # a stage the source lacks derives its stream on resume
-                torch.save(rng, file("rng"))
+                save_rng_file(rng, file("rng"))
             bar.update()
         for (stage, dp_rank), source in streams.items():  # the other DP ranks'
-            if stage == pp_rank and dp_rank > 0:
+            if stage == pp_rank and dp_rank > 0:  # checked, then copied as it is
+                saved.check(os.path.basename(source))
                 shutil.copyfile(source, os.path.join(directory,
                                                      rng_file(0, pp_rank, dp_rank, tp, pp)))
     bar.close()
@@ -141,6 +149,7 @@ def reshard(src: str, dest: str, tp: int = 1, pp: int = 1, step: int | None = No
     saved = SavedCheckpoint(resolve_source(src, step))
     saved.require("optimizer")
     cfg = target_config(saved.config(), tp, pp)
+    saved.check(STATE_FILE)
     state = read_state(saved.path)
     path = step_path(dest, state.step)
     if os.path.isfile(os.path.join(path, STATE_FILE)):
@@ -151,10 +160,13 @@ def reshard(src: str, dest: str, tp: int = 1, pp: int = 1, step: int | None = No
         with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
             f.write(cfg.to_json())
         if os.path.isfile(os.path.join(saved.path, LINEAGE_FILE)):
+            saved.check(LINEAGE_FILE)
             shutil.copyfile(os.path.join(saved.path, LINEAGE_FILE),
                             os.path.join(tmp, LINEAGE_FILE))
+        state_json = json.dumps(state.__dict__, indent=2)
+        write_manifest(tmp, texts={STATE_FILE: state_json})
         with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
-            json.dump(state.__dict__, f, indent=2)
+            f.write(state_json)
     return path
 
 

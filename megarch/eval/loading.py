@@ -2,9 +2,11 @@
 
 A checkpoint is a directory holding ``config.json`` (the resolved
 :class:`~megarch.config.train.TrainConfig`) and the weights, as :mod:`megarch.training.checkpoint`
-writes it: ``model.pt`` (the state dict), or from a tensor/pipeline-parallel run one
-``model_tpTT_ppPP.pt`` per TP rank and stage, which are merged into the single-process model in
-memory (megarch.training.resume). :func:`load_for_eval` also accepts a run's ``out_dir`` (or its
+writes it: ``model.safetensors`` (the state dict), or from a tensor/pipeline-parallel run one
+``model_tpTT_ppPP.safetensors`` per TP rank and stage, which are merged into the single-process
+model in memory (megarch.training.resume), each file checked against the checkpoint's manifest
+and read tensor by tensor (no pickle). An older checkpoint's pickled ``model.pt`` is refused
+with the command that converts it. :func:`load_for_eval` also accepts a run's ``out_dir`` (or its
 ``checkpoints`` folder) and then takes the newest complete checkpoint there.
 
 The tokenizer comes from the config's ``data.tokenizer`` spec. A relative path there was
@@ -23,12 +25,20 @@ import torch
 from megarch.config.train import TrainConfig, config_from_json
 from megarch.data.tokenizers import Tokenizer, load_tokenizer
 from megarch.model import DecoderLM, EncoderDecoderLM, build_model
-from megarch.training.checkpoint import checkpoint_dir, find_latest, shard_file
-from megarch.training.resume import CheckpointError, SavedCheckpoint
+from megarch.training.checkpoint import (
+    CheckpointError,
+    checkpoint_dir,
+    find_latest,
+    shard_file,
+)
+from megarch.training.checkpoint_files import (
+    legacy_files,
+)
+from megarch.training.resume import ModelMismatchError, SavedCheckpoint
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.pt"
+MODEL_FILE = shard_file("model", 0, 0, 1, 1)
 CONFIG_FILE = "config.json"
 
 
@@ -38,8 +48,9 @@ class EvalError(ValueError):
 
 def _is_checkpoint(path: str) -> bool:
     sharded = shard_file("model", 0, 0, 2, 2)  # the first shard's name (any sharded layout)
-    return os.path.isfile(os.path.join(path, CONFIG_FILE)) and any(
+    return os.path.isfile(os.path.join(path, CONFIG_FILE)) and (any(
         os.path.isfile(os.path.join(path, f)) for f in (MODEL_FILE, sharded))
+        or bool(legacy_files(path)))  # refused by SavedCheckpoint with the migration
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -127,6 +138,10 @@ def load_for_eval(
         tokenizer: a tokenizer spec overriding the config's ``data.tokenizer``.
     """
     path = resolve_checkpoint(checkpoint_path)
+    try:  # the manifest, every file's size, the config's checksum (an older format: refused)
+        saved = SavedCheckpoint(path)
+    except CheckpointError as err:
+        raise EvalError(str(err)) from None
     cfg = read_config(path)
     tok = load_run_tokenizer(cfg, path, tokenizer)
     cfg.resolve_vocab(tok.vocab_size)
@@ -137,17 +152,13 @@ def load_for_eval(
     device = torch.device(device)
     model = build_model(cfg.model, device="meta")
     model.to_empty(device=device)
-    try:
-        if os.path.isfile(os.path.join(path, MODEL_FILE)):
-            state = torch.load(os.path.join(path, MODEL_FILE), map_location=device,
-                               weights_only=True)
-        else:  # a sharded checkpoint: merged to TP1 x PP1 by name
-            state = SavedCheckpoint(path).model_state(list(model.state_dict()), 0, 1)
+    try:  # any layout: merged to TP1 x PP1 by name, tensor by tensor
+        state = saved.model_state(list(model.state_dict()), 0, 1)
         model.load_state_dict(_clean_state_dict(state))
-    except CheckpointError as err:
-        raise EvalError(str(err)) from None
-    except RuntimeError as err:
+    except (ModelMismatchError, RuntimeError) as err:
         raise EvalError(f"{path}/{MODEL_FILE} does not match the model of its "
                         f"{CONFIG_FILE}: {str(err).splitlines()[0]}") from None
+    except CheckpointError as err:
+        raise EvalError(str(err)) from None
     log.info("loaded %s (%s) with tokenizer %s on %s", path, cfg.model.arch, tok.name, device)
     return model.eval(), cfg, tok

@@ -36,7 +36,7 @@ from typing import Any
 
 from megarch.config.data import DataConfig
 from megarch.config.overrides import ConfigError, apply_overrides
-from megarch.config.train import TrainConfig, apply_dict, config_from_json
+from megarch.config.train import TrainConfig, apply_dict
 from megarch.data.blending import split_range
 from megarch.data.datasets import resolve_prefix
 from megarch.data.indexed_dataset import IndexedDataset
@@ -48,6 +48,7 @@ from megarch.training.checkpoint import (
     read_state,
 )
 from megarch.training.loop import Trainer
+from megarch.training.resume import SavedCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +90,9 @@ def resolve_init_path(path: str) -> str:
 
 
 def read_checkpoint_config(path: str) -> TrainConfig:
-    """The :class:`TrainConfig` saved in checkpoint ``path``."""
-    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-        return config_from_json(f.read())
+    """The :class:`TrainConfig` saved in checkpoint ``path`` (checked against its manifest;
+    an older pickled checkpoint is refused with the command converting it)."""
+    return SavedCheckpoint(path).config()
 
 
 def adapt_config(parent: TrainConfig, kind: str) -> TrainConfig:

@@ -3,29 +3,42 @@
 A checkpoint is one directory per step for the whole job, ``{out_dir}/checkpoints/step_{step:08d}``,
 holding
 
-- ``model.pt``: the model's state dict;
+- ``model.safetensors``: the model's state dict (safetensors: read tensor by tensor, memory-mapped,
+  and no code in it to run);
 - ``optimizer.pt``: the optimizer's state dict, plus ``param_names`` (the parameter name of each
-  state index, so the state can be resharded by name);
-- ``rng.pt``: the Python, NumPy and torch (CPU and CUDA) random states;
+  state index, so the state can be resharded by name); nested, so ``torch.save``, and read back
+  only with ``torch.load(weights_only=True)`` (tensors and plain containers, never objects);
+- ``rng.safetensors``: the torch (CPU and CUDA) generator states as uint8 tensors, Python's and
+  NumPy's Mersenne-Twister keys as int64 tensors, their few scalars as JSON in the header;
 - ``state.json``: step, consumed samples (the data position), tokens seen, skipped steps;
 - ``config.json``: the resolved :class:`~megarch.config.train.TrainConfig`;
 - ``lineage.json`` (when the run keeps one): the stages that made these weights, e.g.
-  pretraining then adaptation (see :mod:`megarch.training.adapt`, :func:`read_lineage`).
+  pretraining then adaptation (see :mod:`megarch.training.adapt`, :func:`read_lineage`);
+- ``manifest.json``: the size and checksum of every other file (CRC32C through google-crc32c,
+  else zlib's CRC32; the algorithm is recorded), checked when the checkpoint is read
+  (:func:`verify_file`).
 
 A tensor- or pipeline-parallel job (config ``parallel.tp`` x ``parallel.pp`` > 1) writes, instead
-of the first three, one set per (TP rank, stage): ``model_tpTT_ppPP.pt``,
-``optimizer_tpTT_ppPP.pt`` and ``rng_tpTT_ppPP.pt`` (:func:`shard_file`), each written by
-data-parallel rank 0 of that shard (ZeRO-1 state gathered first). The other data-parallel ranks
-write only their RNG states (``rng_tpTT_ppPP_dpDD.pt``, :func:`rng_file`; their dropout streams
-differ), under any layout. Parameter names are the
+of the first three, one set per (TP rank, stage): ``model_tpTT_ppPP.safetensors``,
+``optimizer_tpTT_ppPP.pt`` and ``rng_tpTT_ppPP.safetensors`` (:func:`shard_file`), each written
+by data-parallel rank 0 of that shard (ZeRO-1 state gathered first). The other data-parallel
+ranks write only their RNG states (``rng_tpTT_ppPP_dpDD.safetensors``, :func:`rng_file`; their
+dropout streams differ), under any layout. Parameter names are the
 single-process model's on every stage (``blocks.<global index>...``), so any layout can be read
 back into any other (megarch.training.resume).
 
-Every rank writes into ONE temporary directory ``step_N.tmp-save`` beside the step; after a
-barrier the main rank adds config, lineage and ``state.json`` (last) and renames it into place,
-so a step is complete for every rank or for none. A job killed mid-write leaves only the
-temporary directory, which :func:`find_latest` ignores and the next save removes. Multi-node jobs
-need ``out_dir`` on a filesystem every node shares (each rank writes its own files there).
+Every rank writes into ONE temporary directory ``step_N.tmp-save`` beside the step, with the
+size and checksum of each file it wrote beside it (``NAME.sum``, computed while the file is
+still in the page cache); after a barrier the main rank merges those into ``manifest.json``,
+adds config, lineage and ``state.json`` (last) and renames the directory into place, so a step
+is complete for every rank or for none. A job killed mid-write leaves only the temporary
+directory, which :func:`find_latest` ignores and the next save removes. Multi-node jobs need
+``out_dir`` on a filesystem every node shares (each rank writes its own files there).
+
+Checkpoints of older megarch versions held pickled ``model.pt`` / ``rng.pt`` files and no
+manifest; they are refused (:mod:`megarch.training.checkpoint_files`, which holds the formats
+and the checks) with the command that converts them (``tools/migrate_checkpoint.py``), never
+unpickled.
 """
 
 from __future__ import annotations
@@ -37,7 +50,7 @@ import random
 import re
 import shutil
 import signal
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -45,14 +58,24 @@ import torch
 from megarch.parallel.context import ParallelContext
 from megarch.parallel.data_parallel import any_over
 from megarch.parallel.reshard import optimizer_param_names
+from megarch.training.checkpoint_files import (  # the names callers know from here too
+    CONFIG_FILE,
+    DAMAGED,
+    LINEAGE_FILE,
+    STATE_FILE,
+    SUM_SUFFIX,
+    CheckpointError,
+    file_entry,
+    rng_file,
+    save_model_file,
+    save_rng_file,
+    shard_file,
+    write_manifest,
+)
 
 log = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-STATE_FILE = "state.json"
-CONFIG_FILE = "config.json"
-LINEAGE_FILE = "lineage.json"
-"""The checkpoint's lineage: ``{"stages": [...], "tokens_by_objective": {...}}``."""
 PARAM_NAMES = "param_names"
 """Key of the optimizer file listing each state index's parameter name."""
 TEMPORARY_SUFFIX = ".tmp-save"
@@ -85,20 +108,6 @@ def step_path(out_dir: str, step: int) -> str:
     return os.path.join(checkpoint_dir(out_dir), f"step_{step:08d}")
 
 
-def shard_file(kind: str, tp_rank: int, pp_rank: int, tp: int, pp: int) -> str:
-    """The file name of ``kind`` (model, optimizer, rng) of one (TP rank, stage) of a
-    ``tp`` x ``pp`` layout: ``model.pt`` at TP1 x PP1, else ``model_tp01_pp00.pt``."""
-    if tp == 1 and pp == 1:
-        return f"{kind}.pt"
-    return f"{kind}_tp{tp_rank:02d}_pp{pp_rank:02d}.pt"
-
-
-def rng_file(tp_rank: int, pp_rank: int, dp_rank: int, tp: int, pp: int) -> str:
-    """The RNG file of one rank: data-parallel rank 0's is :func:`shard_file`'s ``rng`` file,
-    the other data-parallel ranks' (whose dropout streams differ) add ``_dpDD``."""
-    name = shard_file("rng", tp_rank, pp_rank, tp, pp)
-    return name if dp_rank == 0 else f"rng_tp{tp_rank:02d}_pp{pp_rank:02d}_dp{dp_rank:02d}.pt"
-
 
 def is_own_checkpoint(path: str | None, out_dir: str) -> bool:
     """True when ``path`` is a step of ``out_dir``'s own checkpoints (a resume, not a start
@@ -128,6 +137,23 @@ def find_latest(out_dir: str) -> str | None:
     return checkpoints[-1][1] if checkpoints else None
 
 
+def _record_sum(file: str) -> None:
+    """Write ``file``'s entry beside it (``NAME.sum``), for the manifest."""
+    _write_json(file + SUM_SUFFIX, json.dumps(file_entry(file)))
+
+
+def _collect_sums(directory: str) -> dict[str, dict]:
+    """The ``NAME.sum`` records the ranks left in ``directory`` (removed)."""
+    entries = {}
+    for name in os.listdir(directory):
+        if name.endswith(SUM_SUFFIX):
+            path = os.path.join(directory, name)
+            with open(path, encoding="utf-8") as f:
+                entries[name[: -len(SUM_SUFFIX)]] = json.load(f)
+            os.remove(path)
+    return entries
+
+
 def rng_state() -> dict:
     """The Python, NumPy and torch random states."""
     state = {
@@ -141,7 +167,7 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    """Restore what :func:`rng_state` returned."""
+    """Restore what :func:`rng_state` (or :func:`read_rng_file`) returned."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -167,10 +193,13 @@ def write_shard(directory: str, model: torch.nn.Module, optimizer: torch.optim.O
     def name(kind: str) -> str:
         return os.path.join(directory, shard_file(kind, ctx.tp_rank, ctx.pp_rank, ctx.tp, ctx.pp))
 
-    torch.save(model.state_dict(), name("model"))
+    save_model_file(model.state_dict(), name("model"))
+    _record_sum(name("model"))
     _maybe_die_mid_write(step)
     torch.save(optimizer_record(model, optimizer), name("optimizer"))
-    torch.save(rng_state(), name("rng"))
+    _record_sum(name("optimizer"))
+    save_rng_file(rng_state(), name("rng"))
+    _record_sum(name("rng"))
 
 
 def _write_json(path: str, text: str) -> None:
@@ -213,15 +242,20 @@ def save_checkpoint(
     if ctx.dp_rank == 0:
         write_shard(tmp, model, optimizer, ctx, state.step)
     else:  # its own dropout stream
-        torch.save(rng_state(), os.path.join(
-            tmp, rng_file(ctx.tp_rank, ctx.pp_rank, ctx.dp_rank, ctx.tp, ctx.pp)))
+        file = os.path.join(tmp, rng_file(ctx.tp_rank, ctx.pp_rank, ctx.dp_rank, ctx.tp,
+                                          ctx.pp))
+        save_rng_file(rng_state(), file)
+        _record_sum(file)
     ctx.barrier()  # every shard is on disk (a rank that died raises here on the others)
     if ctx.is_main:
-        _write_json(os.path.join(tmp, CONFIG_FILE), config_json)
+        texts = {CONFIG_FILE: config_json}
         if lineage is not None:
-            _write_json(os.path.join(tmp, LINEAGE_FILE), json.dumps(lineage, indent=2))
+            texts[LINEAGE_FILE] = json.dumps(lineage, indent=2)
+        texts[STATE_FILE] = json.dumps(asdict(state), indent=2)
+        write_manifest(tmp, _collect_sums(tmp), texts)
         # state.json last: its presence marks the directory complete (besides the rename)
-        _write_json(os.path.join(tmp, STATE_FILE), json.dumps(asdict(state), indent=2))
+        for name, text in texts.items():
+            _write_json(os.path.join(tmp, name), text)
         os.rename(tmp, path)
         log.info("saved checkpoint %s", path)
         if keep_last:  # the older ones only: never this step, nor a newer one
@@ -249,9 +283,40 @@ def _remove_stale_temporaries(out_dir: str) -> None:
 
 
 def read_state(path: str) -> TrainState:
-    """The :class:`TrainState` of checkpoint ``path``."""
-    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
-        return TrainState(**json.load(f))
+    """The :class:`TrainState` of checkpoint ``path``, its fields validated (every field a
+    non-negative int, no other field)."""
+    file = os.path.join(path, STATE_FILE)
+    try:
+        with open(file, encoding="utf-8") as f:
+            values = json.load(f)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{file} cannot be read ({err}): {DAMAGED}") from None
+    problem = state_problem(values)
+    if problem:
+        raise CheckpointError(f"{file}: {problem}: {DAMAGED}")
+    return TrainState(**values)
+
+
+def state_problem(values) -> str | None:
+    """What is wrong with the content of a ``state.json`` (None: a valid state)."""
+    if not isinstance(values, dict):
+        return f"holds {type(values).__name__}, not an object of the fields of TrainState"
+    names = [f.name for f in fields(TrainState)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        return f"unknown field(s) {', '.join(unknown)} (known: {', '.join(names)})"
+    for name in names:
+        if name not in values:
+            return f"field {name!r} is missing"
+        value = values[name]
+        if type(value) is not int:
+            return f"field {name!r} is {value!r} ({type(value).__name__}), not an integer"
+        if value < 0:
+            return f"field {name!r} is {value}, not >= 0"
+    if values["skipped_steps"] > values["step"]:
+        return (f"field 'skipped_steps' is {values['skipped_steps']}, more than 'step' "
+                f"{values['step']}")
+    return None
 
 
 def read_lineage(path: str) -> dict | None:
@@ -259,8 +324,11 @@ def read_lineage(path: str) -> dict | None:
     file = os.path.join(path, LINEAGE_FILE)
     if not os.path.isfile(file):
         return None
-    with open(file, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(file, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{file} cannot be read ({err}): {DAMAGED}") from None
 
 
 def load_model(path: str, device: torch.device | str = "cpu"):

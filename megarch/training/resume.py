@@ -2,8 +2,11 @@
 
 A checkpoint (megarch.training.checkpoint) records its layout in ``config.json``
 (``parallel.tp`` x ``parallel.pp``) and holds one model / optimizer / RNG file per (TP rank,
-stage). :class:`SavedCheckpoint` reads it lazily: files are opened with
-``torch.load(mmap=True)``, so a rank reads only the bytes of the tensors it needs.
+stage). :class:`SavedCheckpoint` reads it lazily: the model files are safetensors read tensor
+by tensor, the optimizer files ``torch.load(mmap=True, weights_only=True)`` (never a pickle of
+objects), so a rank reads only the bytes of the tensors it needs. Each file is checked against
+the checkpoint's manifest (size, checksum) before it is read; :func:`resume_trainer` checks the
+whole checkpoint first, and with ``run.resume=auto`` falls back to the newest intact one.
 
 - Same layout (same ``tp`` x ``pp`` and the saved shard of this rank has exactly this model's
   names and shapes, so e.g. other virtual or encoder stages count as another layout): this
@@ -31,6 +34,7 @@ import torch
 from megarch.config.overrides import ConfigError
 from megarch.config.train import TrainConfig, config_from_json
 from megarch.parallel.context import ParallelContext
+from megarch.parallel.data_parallel import any_over
 from megarch.parallel.reshard import (
     optimizer_group_names,
     optimizer_param_names,
@@ -41,16 +45,29 @@ from megarch.parallel.rng import global_draw, rank_seed
 from megarch.parallel.tensor_parallel import tp_split_dim
 from megarch.training.checkpoint import (
     CONFIG_FILE,
+    DAMAGED,
+    LINEAGE_FILE,
     PARAM_NAMES,
     STATE_FILE,
+    CheckpointError,
     TrainState,
+    checkpoint_dir,
     find_latest,
     is_own_checkpoint,
+    list_checkpoints,
     read_state,
     rng_file,
     save_checkpoint,
     set_rng_state,
     shard_file,
+)
+from megarch.training.checkpoint_files import (
+    TensorFile,
+    damage,
+    read_manifest,
+    read_rng_file,
+    size_problem,
+    verify_file,
 )
 
 if TYPE_CHECKING:
@@ -64,24 +81,50 @@ SHAPE_FIELDS = ("vocab_size", "d_model", "n_heads", "head_dim", "d_ff", "n_layer
 between causal_decoder and nonc_decoder: adaptation only changes the mask)."""
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read as asked; the message names the file and the fix."""
+class ModelMismatchError(CheckpointError):
+    """A checkpoint of another model than the one it is loaded into."""
 
 
 class SavedCheckpoint:
-    """One checkpoint directory of any layout, read lazily (memory-mapped) by name."""
+    """One checkpoint directory of any layout, read lazily (memory-mapped) by name; each file
+    checked against the manifest before its first read (``verified``: all were checked)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, verified: bool = False):
         self.path = path
+        self.manifest = read_manifest(path)  # refuses the older pickled format
+        self._verified: set[str] = set(self.manifest["files"]) if verified else set()
         self.tp, self.pp = saved_layout(path)
-        self._files: dict[str, dict] = {}
+        self._files: dict[str, object] = {}
         self._owners: dict[str, int] | None = None
         self.require("model")
+        for name, entry in self.manifest["files"].items():  # cheap: sizes only
+            if problem := size_problem(path, name, entry):
+                raise CheckpointError(f"{problem}: {DAMAGED}")
+        self.state: TrainState | None = None
+        for name in (CONFIG_FILE, STATE_FILE, LINEAGE_FILE):  # small: checked, parsed up front
+            if os.path.isfile(os.path.join(path, name)):
+                self.check(name)
+                if name == STATE_FILE:
+                    self.state = read_state(path)
+                else:
+                    _read_json_object(os.path.join(path, name))
+
+    def check(self, name: str) -> None:
+        """Refuse file ``name`` unless its size and checksum are the manifest's (once)."""
+        if name not in self._verified:
+            if problem := verify_file(self.path, name, self.manifest):
+                raise CheckpointError(f"{problem}: {DAMAGED}")
+            self._verified.add(name)
 
     def config(self) -> TrainConfig:
         """The saved :class:`TrainConfig`."""
-        with open(os.path.join(self.path, CONFIG_FILE), encoding="utf-8") as f:
-            return config_from_json(f.read())
+        file = os.path.join(self.path, CONFIG_FILE)
+        self.check(CONFIG_FILE)
+        try:
+            with open(file, encoding="utf-8") as f:
+                return config_from_json(f.read())
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{file} cannot be read ({err}): {DAMAGED}") from None
 
     def file(self, kind: str, tp_rank: int, pp_rank: int) -> str:
         """The path of ``kind``'s file of saved (TP rank, stage)."""
@@ -100,12 +143,22 @@ class SavedCheckpoint:
                         "resume from another checkpoint"
                     )
 
-    def load(self, kind: str, tp_rank: int, pp_rank: int) -> dict:
-        """The saved object of ``kind`` for (TP rank, stage), memory-mapped (cached)."""
-        file = self.file(kind, tp_rank, pp_rank)
+    def load(self, kind: str, tp_rank: int, pp_rank: int):
+        """The saved object of ``kind`` for (TP rank, stage) (cached): the model's a
+        :class:`~megarch.training.checkpoint.TensorFile` (tensors read by name), the
+        optimizer's its record (memory-mapped), the RNG's its states."""
+        return self._read(shard_file(kind, tp_rank, pp_rank, self.tp, self.pp), kind)
+
+    def _read(self, name: str, kind: str):
+        file = os.path.join(self.path, name)
         if file not in self._files:
-            self._files[file] = torch.load(file, map_location="cpu", mmap=True,
-                                           weights_only=kind != "rng")
+            self.check(name)
+            if kind == "model":
+                self._files[file] = TensorFile(file)
+            elif kind == "rng":
+                self._files[file] = read_rng_file(file)
+            else:
+                self._files[file] = _load_tensors_only(file)
         return self._files[file]
 
     def owner(self, name: str) -> int:
@@ -115,8 +168,8 @@ class SavedCheckpoint:
             for pp_rank in reversed(range(self.pp)):
                 self._owners.update(dict.fromkeys(self.load("model", 0, pp_rank), pp_rank))
         if name not in self._owners:
-            raise CheckpointError(f"{name} is in none of {self.path}'s model files: the "
-                                  "checkpoint is of another model")
+            raise ModelMismatchError(f"{name} is in none of {self.path}'s model files: the "
+                                     "checkpoint is of another model")
         return self._owners[name]
 
     def model_state(self, names: list[str], tp_rank: int, tp: int) -> dict[str, torch.Tensor]:
@@ -177,9 +230,9 @@ class SavedCheckpoint:
         stage 0's of data-parallel rank 0 (own: False: derive a stream of its own from it);
         (None, False) without any RNG file."""
         if pp_rank < self.pp:
-            mine = os.path.join(self.path, rng_file(0, pp_rank, dp_rank, self.tp, self.pp))
-            if os.path.isfile(mine):
-                return torch.load(mine, map_location="cpu", weights_only=False), True
+            mine = rng_file(0, pp_rank, dp_rank, self.tp, self.pp)
+            if os.path.isfile(os.path.join(self.path, mine)):
+                return self._read(mine, "rng"), True
         if os.path.isfile(self.file("rng", 0, 0)):
             log.info("%s has no RNG state of stage %d, data-parallel rank %d: deriving one from "
                      "rank 0's", self.path, pp_rank, dp_rank)
@@ -203,8 +256,8 @@ class SavedCheckpoint:
             return False
         saved = self.load("model", ctx.tp_rank, ctx.pp_rank)
         mine = model.state_dict()
-        return saved.keys() == mine.keys() and all(
-            saved[k].shape == v.shape for k, v in mine.items())
+        return set(saved) == set(mine) and all(
+            saved.shape(k) == v.shape for k, v in mine.items())
 
 
 def saved_layout(path: str) -> tuple[int, int]:
@@ -213,24 +266,31 @@ def saved_layout(path: str) -> tuple[int, int]:
     try:
         with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as f:
             parallel = json.load(f).get("parallel", {})
+        tp, pp = parallel.get("tp", 1), parallel.get("pp", 1)
+        if type(tp) is not int or type(pp) is not int or tp < 1 or pp < 1:
+            raise ValueError(f"parallel.tp={tp!r}, parallel.pp={pp!r}: not integers >= 1")
     except (OSError, ValueError, AttributeError) as err:
         if os.path.isfile(os.path.join(path, shard_file("model", 0, 0, 2, 2))):
             raise CheckpointError(f"{os.path.join(path, CONFIG_FILE)} cannot be read ({err}): "
                                   "it records the layout of the sharded checkpoint's files; "
                                   "restore it") from None
         return 1, 1
-    return int(parallel.get("tp", 1)), int(parallel.get("pp", 1))
+    return tp, pp
 
 
-def load_into(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-              ctx: ParallelContext, restore_rng: bool = True) -> TrainState:
-    """Load checkpoint ``path`` into this rank's ``model`` and ``optimizer`` (see the module
-    docstring), restore the RNGs if asked; return its :class:`TrainState`."""
-    saved = SavedCheckpoint(path)
+def load_into(path: str | SavedCheckpoint, model: torch.nn.Module,
+              optimizer: torch.optim.Optimizer | None, ctx: ParallelContext,
+              restore_rng: bool = True) -> TrainState:
+    """Load checkpoint ``path`` (or an open :class:`SavedCheckpoint`) into this rank's
+    ``model`` and ``optimizer`` (see the module docstring), restore the RNGs if asked; return
+    its :class:`TrainState`."""
+    saved = path if isinstance(path, SavedCheckpoint) else SavedCheckpoint(path)
+    path = saved.path
     if saved.same_layout(model, ctx):
-        model.load_state_dict(saved.load("model", ctx.tp_rank, ctx.pp_rank))
+        model.load_state_dict(dict(saved.load("model", ctx.tp_rank, ctx.pp_rank)))
         if optimizer is not None:
-            record = _plain_load(saved.file("optimizer", ctx.tp_rank, ctx.pp_rank))
+            saved.require("optimizer")
+            record = dict(saved.load("optimizer", ctx.tp_rank, ctx.pp_rank))
             names = record.pop(PARAM_NAMES, None)
             if names is None or names == optimizer_param_names(model, optimizer):
                 optimizer.load_state_dict(record)
@@ -251,13 +311,37 @@ def load_into(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimize
         stream = ctx.pp_rank * ctx.dp + ctx.dp_rank
         if not own and stream > 0:  # rank 0's stream: derive one of its own (the same on
             torch.manual_seed(rank_seed(global_draw(), stream))  # the TP ranks of this stream)
-    state = read_state(path)
+    state = saved.state or read_state(path)  # no state.json: refused, naming it
     log.info("loaded checkpoint %s (step %d)", path, state.step)
     return state
 
 
-def _plain_load(file: str) -> dict:
-    return torch.load(file, map_location="cpu", weights_only=True)
+def _read_json_object(file: str) -> dict:
+    """The JSON object in ``file``, refused (naming it) when it is not one."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{file} cannot be read ({err}): {DAMAGED}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file} holds {type(value).__name__}, not a JSON object: "
+                              f"{DAMAGED}")
+    return value
+
+
+def _load_tensors_only(file: str) -> dict:
+    """A ``torch.save`` file holding only tensors and plain containers (``weights_only``:
+    torch's restricted unpickler refuses any other object, so nothing in it can run)."""
+    try:
+        record = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many kinds for a bad file
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"{file} cannot be read as tensors only ({reason}): "
+                              f"{DAMAGED}") from None
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{file} holds {type(record).__name__}, not a state dict: "
+                              f"{DAMAGED}")
+    return record
 
 
 def check_shapes(path: str, model_cfg) -> None:
@@ -266,8 +350,7 @@ def check_shapes(path: str, model_cfg) -> None:
     config_path = os.path.join(path, CONFIG_FILE)
     if not os.path.exists(config_path):
         return
-    with open(config_path, encoding="utf-8") as f:
-        saved = config_from_json(f.read()).model
+    saved = SavedCheckpoint(path).config().model
     differ = [
         f"model.{name}={getattr(saved, name)!r} there, {getattr(model_cfg, name)!r} here"
         for name in SHAPE_FIELDS
@@ -279,10 +362,56 @@ def check_shapes(path: str, model_cfg) -> None:
         raise ConfigError(f"checkpoint {path} does not fit this model: {'; '.join(differ)}")
 
 
+def _problem(path: str, ctx: ParallelContext) -> str | None:
+    """What is wrong with checkpoint ``path``, the same answer on every rank: each rank
+    checksums its share of the files (one read of the checkpoint in all), sizes and the
+    manifest everywhere. An older format raises (on every rank)."""
+    mine = damage(path, ctx.rank, ctx.world_size)
+    if not any_over(mine is not None, ctx.world_group):
+        return None
+    return mine or "a file failed its checksum on another rank (its log names the file)"
+
+
+def _set_aside(path: str) -> str:
+    """Rename damaged checkpoint ``path`` out of the ``step_N`` names (kept, never pruned:
+    its bytes may be worth a look), so the run's history continues from an intact step."""
+    aside, n = path + ".damaged", 1
+    while os.path.exists(aside):
+        n += 1
+        aside = f"{path}.damaged{n}"
+    os.rename(path, aside)
+    return aside
+
+
+def _newest_intact(out_dir: str, ctx: ParallelContext) -> str | None:
+    """run.resume=auto: the newest checkpoint of ``out_dir`` that verifies; each damaged newer
+    one is reported (which file, what is wrong) and set aside. None without checkpoints;
+    refused when every one is damaged."""
+    damaged: list[tuple[str, str]] = []
+    for _, path in reversed(list_checkpoints(out_dir)):
+        problem = _problem(path, ctx)
+        if problem is None:
+            for bad, reason in damaged:
+                log.warning("run.resume=auto: checkpoint %s is damaged (%s); resuming from the "
+                            "previous complete one, %s", bad, reason, path)
+                if ctx.is_main:
+                    log.warning("moved the damaged checkpoint to %s", _set_aside(bad))
+            ctx.barrier()
+            return path
+        damaged.append((path, problem))
+    if damaged:
+        raise CheckpointError(
+            f"run.resume=auto: every checkpoint in {checkpoint_dir(out_dir)} is damaged, the "
+            f"newest: {damaged[0][1]}; restore one, or start afresh in another run.out_dir")
+    return None
+
+
 def resume_trainer(trainer: Trainer) -> None:
-    """:meth:`Trainer.resume`: load the checkpoint ``run.resume`` names (auto: the newest in
-    out_dir, if any; a run's out_dir: its newest), whatever its layout."""
-    run = trainer.cfg.run
+    """:meth:`Trainer.resume`: load the checkpoint ``run.resume`` names (auto: the newest
+    intact one in out_dir, if any; a run's out_dir: its newest), whatever its layout. The
+    checkpoint is verified first (manifest sizes and checksums, state.json's fields): a
+    damaged one named explicitly is refused, naming the file."""
+    run, ctx = trainer.cfg.run, trainer.ctx
     if run.resume == "none":
         existing = find_latest(run.out_dir)
         if existing is not None:
@@ -291,26 +420,34 @@ def resume_trainer(trainer: Trainer) -> None:
                 f"({existing}): choose another run.out_dir, delete them, or resume (auto)"
             )
         return
-    path = find_latest(run.out_dir) if run.resume == "auto" else run.resume
-    if path is None:
-        return
-    if not os.path.isfile(os.path.join(path, STATE_FILE)):  # a run's out_dir: its newest
-        path = find_latest(path) or path
-    if not os.path.isfile(os.path.join(path, STATE_FILE)):
-        raise ConfigError(f"run.resume={path!r}: no such checkpoint (a step_* directory "
-                          f"holding {STATE_FILE}, or a run's out_dir with one)")
-    latest = find_latest(run.out_dir)
-    if is_own_checkpoint(path, run.out_dir) and latest != path and (
-            read_state(latest).step > read_state(path).step):
+    if run.resume == "auto":
+        path = _newest_intact(run.out_dir, ctx)
+        if path is None:
+            return
+    else:
+        path = run.resume
+        if not os.path.isfile(os.path.join(path, STATE_FILE)):  # a run's out_dir: its newest
+            path = find_latest(path) or path
+        if not os.path.isfile(os.path.join(path, STATE_FILE)):
+            raise ConfigError(f"run.resume={path!r}: no such checkpoint (a step_* directory "
+                              f"holding {STATE_FILE}, or a run's out_dir with one)")
+        problem = _problem(path, ctx)
+        if problem is not None:
+            raise CheckpointError(f"run.resume={path}: {problem}: {DAMAGED}")
+    state = read_state(path)
+    newer = [p for step, p in list_checkpoints(run.out_dir) if step > state.step]
+    if is_own_checkpoint(path, run.out_dir) and newer:
         raise ConfigError(
-            f"run.resume={path!r} is older than this run.out_dir's newest checkpoint {latest}: "
-            "continuing here would interleave two histories (keep_last and resume auto would "
-            "mix them); resume into another run.out_dir, or delete the newer checkpoints")
+            f"run.resume={path!r} is older than this run.out_dir's newest checkpoint "
+            f"{newer[-1]}: continuing here would interleave two histories (keep_last and "
+            "resume auto would mix them); resume into another run.out_dir, or delete the "
+            "newer checkpoints")
     check_shapes(path, trainer.cfg.model)
     try:
-        trainer.state = load_into(path, trainer.model, trainer.optimizer, trainer.ctx)
+        trainer.state = load_into(SavedCheckpoint(path, verified=True), trainer.model,
+                                  trainer.optimizer, ctx)
     except CheckpointError as err:
-        raise ConfigError(f"run.resume: {err}") from None
+        raise CheckpointError(f"run.resume: {err}") from None
     trainer.checkpoint = path
     log.info("resuming from %s at step %d (%d samples consumed)", path, trainer.state.step,
              trainer.state.consumed_samples)

@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from megarch.config.overrides import ConfigError
 from megarch.config.train import get_train_preset
@@ -40,7 +41,7 @@ def test_adaptation_keeps_every_weight_and_changes_only_mask_and_data(
                     "data.objective": (parent.data.objective, target[1])}
     trainer = StagedTrainer(cfg)
     trainer.resume()
-    saved = torch.load(os.path.join(checkpoint, "model.pt"))
+    saved = load_file(os.path.join(checkpoint, "model.safetensors"))
     loaded = trainer.model.state_dict()
     assert saved.keys() == loaded.keys()
     for name, tensor in saved.items():

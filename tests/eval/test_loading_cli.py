@@ -17,7 +17,13 @@ from megarch.eval.cli import main
 from megarch.eval.loading import EvalError, load_for_eval
 from megarch.eval.rank_classification import RankOptions, rank_classify
 from megarch.eval.tasks import load_task
-from megarch.training.checkpoint import TrainState, save_checkpoint
+from megarch.training.checkpoint import (
+    TrainState,
+    save_checkpoint,
+)
+from megarch.training.checkpoint_files import (
+    write_manifest,
+)
 from tests.eval.helpers import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -64,7 +70,10 @@ def test_loading_errors(tmp_path):
         load_for_eval(path)
     model, _, _ = load_for_eval(path, tokenizer="bytes")
     other, _ = _save_run(str(tmp_path / "b"), "encoder_decoder")
-    os.replace(os.path.join(other, "model.pt"), os.path.join(path, "model.pt"))
+    os.replace(os.path.join(other, "model.safetensors"), os.path.join(path, "model.safetensors"))
+    with pytest.raises(EvalError, match="model.safetensors has .*, manifest.json records"):
+        load_for_eval(path, tokenizer="bytes")  # another file than the one the manifest lists
+    write_manifest(path)  # the manifest made to list it: a whole checkpoint of another model
     with pytest.raises(EvalError, match="does not match"):
         load_for_eval(path, tokenizer="bytes")
 

@@ -10,10 +10,12 @@ stream), and the kill. Slow: TP2 x PP2 (4 processes) resumed at TP1 x PP1 and TP
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from megarch.parallel.context import ParallelContext
 from megarch.parallel.reshard import optimizer_param_names
@@ -26,6 +28,9 @@ from megarch.training.checkpoint import (
     find_latest,
     save_checkpoint,
     step_path,
+)
+from megarch.training.checkpoint_files import (
+    damage,
 )
 from tests.training.helpers import fast_config
 from tools.reshard_checkpoint import reshard
@@ -71,10 +76,12 @@ def test_tp2_and_pp2_checkpoints_resume_at_other_layouts(embedded, tmp_path):
     spawn(2, timeout_s=240)(_two_ranks, embedded, str(tmp_path))
     tp2 = str(tmp_path / "tp2")
     assert sorted(os.listdir(checkpoint_dir(tp2))) == ["step_00000002", "step_00000004"]
-    assert {"model_tp00_pp00.pt", "optimizer_tp01_pp00.pt", "rng_tp01_pp00.pt",
-            "state.json", "config.json"} <= set(os.listdir(step_path(tp2, SAVED)))
+    assert {"model_tp00_pp00.safetensors", "optimizer_tp01_pp00.pt",
+            "rng_tp01_pp00.safetensors", "state.json", "config.json",
+            "manifest.json"} <= set(os.listdir(step_path(tp2, SAVED)))
     _assert_continues(str(tmp_path / "tp2_to_pp2"), tp2)
-    assert "rng_tp00_pp00_dp01.pt" in os.listdir(step_path(str(tmp_path / "dp2"), SAVED))
+    assert "rng_tp00_pp00_dp01.safetensors" in os.listdir(
+        step_path(str(tmp_path / "dp2"), SAVED))
     _assert_continues(str(tmp_path / "dp2_resumed"), str(tmp_path / "dp2"))
     for name, optimizer in (("tp2", "adamw"), ("pp2", "adafactor")):
         out = str(tmp_path / f"{name}_to_tp1")
@@ -102,16 +109,51 @@ def test_a_rank_killed_mid_save_leaves_no_complete_step(tmp_path):
     names = sorted(os.listdir(checkpoint_dir(out_dir)))
     assert names == ["step_00000001", "step_00000002.tmp-save"], names
     assert set(os.listdir(step_path(out_dir, 1))) == {
-        f"{kind}_tp0{r}_pp00.pt" for kind in ("model", "optimizer", "rng") for r in (0, 1)
-    } | {"config.json", "state.json"}
+        f"{kind}_tp0{r}_pp00.{ext}" for kind, ext in (
+            ("model", "safetensors"), ("optimizer", "pt"), ("rng", "safetensors"))
+        for r in (0, 1)
+    } | {"config.json", "state.json", "manifest.json"}
+    assert damage(step_path(out_dir, 1)) is None  # the manifest lists every file, intact
     partial = os.listdir(step_path(out_dir, 2) + ".tmp-save")
-    assert "model_tp01_pp00.pt" in partial and "optimizer_tp01_pp00.pt" not in partial
-    assert "state.json" not in partial
+    assert "model_tp01_pp00.safetensors" in partial and "optimizer_tp01_pp00.pt" not in partial
+    assert "state.json" not in partial and "manifest.json" not in partial
     # the next save (any process) removes the partial write
     model = torch.nn.Linear(4, 4)
     save_checkpoint(out_dir, TrainState(step=2), model, torch.optim.AdamW(model.parameters()),
                     "{}")
     assert sorted(os.listdir(checkpoint_dir(out_dir))) == ["step_00000001", "step_00000002"]
+
+
+def _auto_with_one_rank_seeing_damage(rank: int, world: int, out_dir: str) -> tuple:
+    """A TP2 job saving steps 1 and 2, then a byte of step 2 flipped in a file only rank 1
+    checksums (the ranks share the reads): both ranks must pick step 1, alike."""
+    from megarch.training.resume import _newest_intact
+
+    ctx = ParallelContext.build(tp=2)
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters())
+    for step in (1, 2):
+        save_checkpoint(out_dir, TrainState(step=step), model, optimizer, "{}", ctx=ctx)
+    path = step_path(out_dir, 2)
+    with open(os.path.join(path, "manifest.json")) as f:
+        target = sorted(json.load(f)["files"])[1]  # rank 1's share: files 1, 3, ...
+    if rank == 0:
+        with open(os.path.join(path, target), "r+b") as f:
+            f.seek(100)
+            byte = f.read(1)
+            f.seek(100)
+            f.write(bytes([byte[0] ^ 0xFF]))
+    ctx.barrier()
+    return target, _newest_intact(out_dir, ctx)
+
+
+def test_resume_auto_under_tp2_agrees_on_the_previous_checkpoint(tmp_path):
+    out_dir = str(tmp_path)
+    results = spawn(2, timeout_s=60)(_auto_with_one_rank_seeing_damage, out_dir)
+    assert results[0][1] == results[1][1] == step_path(out_dir, 1)
+    assert results[0][0].startswith("model_tp00")
+    assert sorted(os.listdir(checkpoint_dir(out_dir))) == ["step_00000001",
+                                                           "step_00000002.damaged"]
 
 
 def _tp2_pp2(rank: int, world: int, embedded, root: str, optimizer: str) -> None:
@@ -148,7 +190,7 @@ def test_tp2_pp2_resumes_at_tp1_pp1_and_tp1_pp4(embedded, tmp_path, optimizer):
                     run__resume=step_path(os.path.join(root, "tp2pp2"), SAVED))).train()
     _assert_continues(out, os.path.join(root, "tp2pp2"))
     merged = reshard(os.path.join(root, "tp2pp2"), os.path.join(root, "merged"))
-    model = torch.load(os.path.join(merged, "model.pt"))
+    model = load_file(os.path.join(merged, "model.safetensors"))
     saved = torch.load(os.path.join(merged, "optimizer.pt"))
     by_name = {saved["param_names"][i]: s for i, s in saved["state"].items()}
     stages = spawn(4, timeout_s=300)(_pp4_state, embedded, root, optimizer)

@@ -86,8 +86,10 @@ def test_two_process_cpu_job_through_the_single_node_script(embedded, tmp_path):
 def test_tp2_and_pp2_cpu_jobs_through_the_single_node_script(embedded, tmp_path):
     """megarch-train under torchrun with TP2, then PP2: one checkpoint directory per step, a
     model file per shard."""
-    for sizes, shards in (({"TP": "2"}, ["model_tp00_pp00.pt", "model_tp01_pp00.pt"]),
-                          ({"PP": "2"}, ["model_tp00_pp00.pt", "model_tp00_pp01.pt"])):
+    for sizes, shards in (({"TP": "2"}, ["model_tp00_pp00.safetensors",
+                                           "model_tp01_pp00.safetensors"]),
+                          ({"PP": "2"}, ["model_tp00_pp00.safetensors",
+                                           "model_tp00_pp01.safetensors"])):
         out_dir = str(tmp_path / "_".join(sizes))
         extra = ["-q", *fast_args(embedded, out_dir, 2), "--run.save_every", "0"]
         env = {"GPUS_PER_NODE": "2", **sizes, "MASTER_PORT": str(free_port()),

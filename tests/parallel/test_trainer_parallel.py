@@ -97,7 +97,7 @@ def test_dp2_zero1_tp2_pp2_trainers_match_single_process(embedded, tmp_path):
     assert sum(local) == len(weights)  # each rank holds the state of its share only
     tp_checkpoints = {results[r]["tp2"]["checkpoint"] for r in range(2)}
     assert len(tp_checkpoints) == 1  # one step directory for the job, a shard file per rank
-    assert os.path.isfile(os.path.join(tp_checkpoints.pop(), "model_tp01_pp00.pt"))
+    assert os.path.isfile(os.path.join(tp_checkpoints.pop(), "model_tp01_pp00.safetensors"))
     for rank in range(2):
         assert results[rank]["tp2"]["resumed_step"] == STEPS
         assert results[rank]["tp2"]["resumed_equal"]
@@ -108,7 +108,8 @@ def test_dp2_zero1_tp2_pp2_trainers_match_single_process(embedded, tmp_path):
     # each stage initialises its own blocks: not copies of the other stage's
     assert not torch.equal(results[0]["pp2"]["initial_q"], results[1]["pp2"]["initial_q"])
     assert all(abs(results[r]["pp2"]["valid"] - valid) <= 1e-5 * valid for r in range(2))
-    assert os.path.isfile(os.path.join(results[1]["pp2"]["checkpoint"], "model_tp00_pp01.pt"))
+    assert os.path.isfile(os.path.join(results[1]["pp2"]["checkpoint"],
+                                       "model_tp00_pp01.safetensors"))
     _check_merged_checkpoint(embedded, tmp_path, "tp2", results[0]["tp2"]["params"])
     pp_params = {**results[1]["pp2"]["params"], **results[0]["pp2"]["params"]}
     _check_merged_checkpoint(embedded, tmp_path, "pp2", pp_params)

@@ -10,12 +10,14 @@ import random
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from megarch.config.presets import tiny_model
 from megarch.config.train import TrainConfig
 from megarch.eval.loading import load_for_eval
 from megarch.model import build_model
 from megarch.training.checkpoint import (
+    CheckpointError,
     TrainState,
     find_latest,
     list_checkpoints,
@@ -23,11 +25,18 @@ from megarch.training.checkpoint import (
     load_model,
     read_lineage,
     read_state,
+    rng_state,
     save_checkpoint,
     step_path,
 )
+from megarch.training.checkpoint_files import (
+    read_rng_file,
+    save_model_file,
+    save_rng_file,
+    write_manifest,
+)
 from megarch.training.optim import build_optimizer
-from megarch.training.resume import CheckpointError, SavedCheckpoint, saved_layout
+from megarch.training.resume import SavedCheckpoint, saved_layout
 from tools.reshard_checkpoint import main as tool_main
 from tools.reshard_checkpoint import reshard
 
@@ -46,9 +55,12 @@ def test_round_trip_restores_everything(tmp_path):
     random.seed(1)
     np.random.seed(2)
     torch.manual_seed(3)
+    random.gauss(0, 1), np.random.standard_normal()  # the cached second normals are saved too
+    assert random.getstate()[2] is not None and np.random.get_state()[3] == 1
     state = TrainState(step=7, consumed_samples=56, tokens_seen=999, skipped_steps=1)
     path = save_checkpoint(str(tmp_path), state, model, optimizer, '{"x": 1}')
-    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    expected = (random.gauss(0, 1), np.random.standard_normal(), random.random(),
+                np.random.rand(), torch.rand(1).item())
     other, other_opt = _model_and_optimizer(1)
     loaded = load_checkpoint(path, other, other_opt)
     assert loaded == state
@@ -56,7 +68,8 @@ def test_round_trip_restores_everything(tmp_path):
         assert torch.equal(a, b)
     assert torch.equal(other_opt.state_dict()["state"][0]["exp_avg"],
                        optimizer.state_dict()["state"][0]["exp_avg"])
-    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+    assert (random.gauss(0, 1), np.random.standard_normal(), random.random(), np.random.rand(),
+            torch.rand(1).item()) == expected
     assert open(os.path.join(path, "config.json")).read() == '{"x": 1}'
 
 
@@ -92,15 +105,25 @@ def test_rng_streams_of_a_saved_layout(tmp_path):
     path = str(tmp_path)
     with open(os.path.join(path, "config.json"), "w") as f:
         f.write('{"parallel": {"tp": 2, "pp": 2}}')
-    models = [(f"model_tp0{t}_pp0{p}", 0) for t in range(2) for p in range(2)]
-    for name, value in (*models, ("rng_tp00_pp00", 1), ("rng_tp01_pp00", 2),
-                        ("rng_tp00_pp01", 3), ("rng_tp00_pp01_dp01", 4)):
-        torch.save({"v": value}, os.path.join(path, name + ".pt"))
+    for t in range(2):
+        for p in range(2):
+            save_model_file({}, os.path.join(path, f"model_tp0{t}_pp0{p}.safetensors"))
+    for name, seed in (("rng_tp00_pp00", 1), ("rng_tp01_pp00", 2), ("rng_tp00_pp01", 3),
+                       ("rng_tp00_pp01_dp01", 4)):
+        torch.manual_seed(seed)
+        save_rng_file(rng_state(), os.path.join(path, name + ".safetensors"))
+    write_manifest(path)
     saved = SavedCheckpoint(path)
-    assert saved.rng(0) == ({"v": 1}, True) and saved.rng(1) == ({"v": 3}, True)
-    assert saved.rng(1, 1) == ({"v": 4}, True)
-    assert saved.rng(0, 1) == ({"v": 1}, False)  # derive from stage 0's
-    assert saved.rng(2) == ({"v": 1}, False)
+
+    def seed_of(found: tuple) -> tuple:
+        state, own = found
+        return next(s for s in range(1, 5) if torch.equal(
+            state["torch"], torch.manual_seed(s).get_state())), own
+
+    assert seed_of(saved.rng(0)) == (1, True) and seed_of(saved.rng(1)) == (3, True)
+    assert seed_of(saved.rng(1, 1)) == (4, True)
+    assert seed_of(saved.rng(0, 1)) == (1, False)  # derive from stage 0's
+    assert seed_of(saved.rng(2)) == (1, False)
     assert sorted(saved.rng_streams()) == [(0, 0), (1, 0), (1, 1)]
 
 
@@ -140,7 +163,7 @@ def test_tool_round_trip_through_tp2_pp2_is_bit_exact(tmp_path, optimizer):
     assert saved_layout(sharded) == (2, 2) and read_state(sharded).consumed_samples == 4
     full = model.state_dict()
     # independent reference: torch.chunk of the full tensors along the documented dims
-    last = torch.load(os.path.join(sharded, "model_tp01_pp01.pt"))
+    last = load_file(os.path.join(sharded, "model_tp01_pp01.safetensors"))
     assert torch.equal(last["embed.weight"], full["embed.weight"].chunk(2, 0)[1])  # tied copy
     assert torch.equal(last["blocks.1.attn.o.weight"],
                        full["blocks.1.attn.o.weight"].chunk(2, 1)[1])
@@ -154,14 +177,16 @@ def test_tool_round_trip_through_tp2_pp2_is_bit_exact(tmp_path, optimizer):
     else:
         assert torch.equal(moments["exp_avg"], ref["exp_avg"].chunk(2, 1)[1])
     assert torch.equal(moments["step"], ref["step"])
-    saved_rng = torch.load(os.path.join(path, "rng.pt"), weights_only=False)
-    for name in ("rng_tp00_pp00.pt", "rng_tp01_pp00.pt"):  # the source's stream, as saved
-        rng = torch.load(os.path.join(sharded, name), weights_only=False)
+    saved_rng = read_rng_file(os.path.join(path, "rng.safetensors"))
+    for name in ("rng_tp00_pp00", "rng_tp01_pp00"):  # the source's stream, as saved
+        rng = read_rng_file(os.path.join(sharded, name + ".safetensors"))
         assert rng.keys() == saved_rng.keys() and torch.equal(rng["torch"], saved_rng["torch"])
-    assert "rng_tp00_pp01.pt" not in os.listdir(sharded)  # a new stage derives its own
+        assert rng["python"] == saved_rng["python"]
+        assert np.array_equal(rng["numpy"][1], saved_rng["numpy"][1])
+    assert "rng_tp00_pp01.safetensors" not in os.listdir(sharded)  # a new stage derives its own
     back = reshard(str(tmp_path / "two"), str(tmp_path / "back"))  # a run dir: its newest
     assert sorted(os.listdir(back)) == sorted(os.listdir(path))
-    merged = torch.load(os.path.join(back, "model.pt"))
+    merged = load_file(os.path.join(back, "model.safetensors"))
     assert merged.keys() == full.keys()
     assert all(torch.equal(merged[k], v) for k, v in full.items())
     _assert_same_optimizer(torch.load(os.path.join(back, "optimizer.pt")), opt.state_dict())
@@ -181,11 +206,11 @@ def test_a_missing_shard_file_or_an_indivisible_layout_is_named(tmp_path, capsys
         reshard(path, str(tmp_path / "three"), pp=3)
     assert not os.path.exists(tmp_path / "three" / "checkpoints" / "step_00000002")
     sharded = reshard(path, str(tmp_path / "two"), tp=2, pp=2)
-    os.remove(os.path.join(sharded, "model_tp01_pp00.pt"))
-    with pytest.raises(CheckpointError, match="model_tp01_pp00.pt is missing"):
+    os.remove(os.path.join(sharded, "model_tp01_pp00.safetensors"))
+    with pytest.raises(CheckpointError, match="model_tp01_pp00.safetensors is missing"):
         load_model(sharded)
     assert tool_main([sharded, str(tmp_path / "again")]) == 2
-    assert "model_tp01_pp00.pt is missing" in capsys.readouterr().err
+    assert "model_tp01_pp00.safetensors is missing" in capsys.readouterr().err
     os.remove(os.path.join(sharded, "config.json"))  # the record of the shards' layout
     with pytest.raises(CheckpointError, match="config.json cannot be read"):
         load_model(sharded)
@@ -194,13 +219,13 @@ def test_a_missing_shard_file_or_an_indivisible_layout_is_named(tmp_path, capsys
 def test_tool_round_trip_of_an_encoder_decoder_pipeline(tmp_path):
     path, model, opt = _trained_run(str(tmp_path / "one"), "adafactor", "encoder_decoder")
     sharded = reshard(path, str(tmp_path / "two"), tp=2, pp=2)
-    first = torch.load(os.path.join(sharded, "model_tp00_pp00.pt"))
-    second = torch.load(os.path.join(sharded, "model_tp00_pp01.pt"))
+    first = load_file(os.path.join(sharded, "model_tp00_pp00.safetensors"))
+    second = load_file(os.path.join(sharded, "model_tp00_pp01.safetensors"))
     assert any(k.startswith("encoder_blocks.") for k in first)  # encoder stage, then decoder
     assert not any(k.startswith("encoder_blocks.") for k in second)
     assert any(k.startswith("decoder_blocks.") for k in second)
     back = reshard(sharded, str(tmp_path / "back"))
-    merged = torch.load(os.path.join(back, "model.pt"))
+    merged = load_file(os.path.join(back, "model.safetensors"))
     assert merged.keys() == model.state_dict().keys()
     assert all(torch.equal(merged[k], v) for k, v in model.state_dict().items())
     _assert_same_optimizer(torch.load(os.path.join(back, "optimizer.pt")), opt.state_dict())

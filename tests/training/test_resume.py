@@ -13,6 +13,7 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from megarch.train import main
 from megarch.training import read_metrics
@@ -48,7 +49,7 @@ def _wait_for(predicate, process, timeout: float = 120.0) -> None:
 
 
 def _final_weights(out_dir: str) -> dict:
-    return torch.load(os.path.join(step_path(out_dir, STEPS), "model.pt"))
+    return load_file(os.path.join(step_path(out_dir, STEPS), "model.safetensors"))
 
 
 @pytest.fixture(scope="module")
