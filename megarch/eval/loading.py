@@ -23,6 +23,7 @@ import torch
 from megarch.config.train import TrainConfig, config_from_json
 from megarch.data.tokenizers import Tokenizer, load_tokenizer
 from megarch.model import DecoderLM, EncoderDecoderLM, build_model
+from megarch.parallel.tensor_parallel import partition_dims
 from megarch.training.checkpoint import checkpoint_dir, find_latest, shard_file
 from megarch.training.resume import CheckpointError, SavedCheckpoint
 
@@ -142,7 +143,7 @@ def load_for_eval(
             state = torch.load(os.path.join(path, MODEL_FILE), map_location=device,
                                weights_only=True)
         else:  # a sharded checkpoint: merged to TP1 x PP1 by name
-            state = SavedCheckpoint(path).model_state(list(model.state_dict()), 0, 1)
+            state = SavedCheckpoint(path).model_state(partition_dims(model), 0, 1)
         model.load_state_dict(_clean_state_dict(state))
     except CheckpointError as err:
         raise EvalError(str(err)) from None
