@@ -33,7 +33,7 @@ from megarch.model import build_model
 from megarch.parallel.context import ParallelContext
 from megarch.parallel.pipeline import build_stage, pipeline_layout
 from megarch.parallel.reshard import optimizer_group_names
-from megarch.parallel.tensor_parallel import tp_split_dim
+from megarch.parallel.tensor_parallel import partition_dims
 from megarch.training.checkpoint import (
     CONFIG_FILE,
     LINEAGE_FILE,
@@ -81,8 +81,9 @@ def resolve_source(src: str, step: int | None = None) -> str:
 def target_config(cfg: TrainConfig, tp: int, pp: int) -> TrainConfig:
     """``cfg`` with the target layout; refuses one that does not divide the model."""
     model = build_model(cfg.model, "meta")
+    dims = partition_dims(model)
     for name, param in model.named_parameters():
-        dim = tp_split_dim(name)
+        dim = dims[name]
         if dim is not None and param.shape[dim] % tp:
             raise CheckpointError(f"--tp {tp} (parallel.tp) does not divide the model: {name} "
                                   f"has {param.shape[dim]} along its split dim {dim}; choose "
@@ -120,14 +121,14 @@ def _write_shards(saved: SavedCheckpoint, cfg: TrainConfig, directory: str,
     streams = saved.rng_streams()
     for pp_rank in range(pp):
         stage = stage_model(cfg, pp_rank)
-        names = list(stage.state_dict())
+        dims = partition_dims(stage)
         groups = optimizer_group_names(stage, build_optimizer(cfg.optim, stage))
         for tp_rank in range(tp):
             def file(kind: str, t: int = tp_rank, p: int = pp_rank) -> str:
                 return os.path.join(directory, shard_file(kind, t, p, tp, pp))
 
-            save_model_file(saved.model_state(names, tp_rank, tp), file("model"))
-            optimizer = saved.optimizer_state(groups, tp_rank, tp)
+            save_model_file(saved.model_state(dims, tp_rank, tp), file("model"))
+            optimizer = saved.optimizer_state(groups, tp_rank, tp, dims)
             optimizer[PARAM_NAMES] = [name for group in groups for name in group]
             torch.save(optimizer, file("optimizer"))
             rng, own = saved.rng(pp_rank)

@@ -25,6 +25,7 @@ import torch
 from megarch.config.train import TrainConfig, config_from_json
 from megarch.data.tokenizers import Tokenizer, load_tokenizer
 from megarch.model import DecoderLM, EncoderDecoderLM, build_model
+from megarch.parallel.tensor_parallel import partition_dims
 from megarch.training.checkpoint import (
     CheckpointError,
     checkpoint_dir,
@@ -153,7 +154,7 @@ def load_for_eval(
     model = build_model(cfg.model, device="meta")
     model.to_empty(device=device)
     try:  # any layout: merged to TP1 x PP1 by name, tensor by tensor
-        state = saved.model_state(list(model.state_dict()), 0, 1)
+        state = saved.model_state(partition_dims(model), 0, 1)
         model.load_state_dict(_clean_state_dict(state))
     except (ModelMismatchError, RuntimeError) as err:
         raise EvalError(f"{path}/{MODEL_FILE} does not match the model of its "

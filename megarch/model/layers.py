@@ -4,10 +4,11 @@ cross-attention. No biases anywhere (PAPER.md).
 Every layer takes its sizes explicitly (not a ModelConfig), so a tensor-parallel rank can build
 the same class with its share of heads (attention) or hidden units (feed-forward): the head /
 hidden dimension of ``q, k, v, wi_*`` is column-sharded and the input dimension of ``o, wo``
-row-sharded, Megatron-style. With a ``tp_group`` of more than one process a layer copies its
-input into the tensor-parallel region (gradient all-reduced backward) and all-reduces the partial
-output of its row-parallel projection (megarch.parallel.collectives); with None it is the plain
-single-process layer.
+row-sharded, Megatron-style, and each layer declares that partition where it builds the
+parameter (:func:`megarch.parallel.tensor_parallel.set_partition_dim`). With a ``tp_group`` of
+more than one process a layer copies its input into the tensor-parallel region (gradient
+all-reduced backward) and all-reduces the partial output of its row-parallel projection
+(megarch.parallel.collectives); with None it is the plain single-process layer.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from megarch.model.cache import LayerCache
 from megarch.model.position import RelativeBias, apply_rotary, rotary_cos_sin
 from megarch.parallel.collectives import Group, enter_tp, exit_tp
 from megarch.parallel.rng import TensorParallelDropout
+from megarch.parallel.tensor_parallel import set_partition_dim
 
 
 @functools.cache
@@ -77,9 +79,9 @@ class FeedForward(nn.Module):
     def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0, tp_group: Group = None):
         super().__init__()
         self.tp_group = tp_group  # d_ff is this rank's share of the hidden units
-        self.wi_gate = nn.Linear(d_model, d_ff, bias=False)
-        self.wi_up = nn.Linear(d_model, d_ff, bias=False)
-        self.wo = nn.Linear(d_ff, d_model, bias=False)
+        self.wi_gate = set_partition_dim(nn.Linear(d_model, d_ff, bias=False), "weight", 0)
+        self.wi_up = set_partition_dim(nn.Linear(d_model, d_ff, bias=False), "weight", 0)
+        self.wo = set_partition_dim(nn.Linear(d_ff, d_model, bias=False), "weight", 1)
         self.dropout = TensorParallelDropout(dropout, tp_group, split=True)  # d_ff split
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,10 +114,10 @@ class _MultiHead(nn.Module):
         self.n_heads, self.head_dim = n_heads, head_dim
         self.dropout = dropout
         inner = n_heads * head_dim
-        self.q = nn.Linear(d_model, inner, bias=False)
-        self.k = nn.Linear(d_model, inner, bias=False)
-        self.v = nn.Linear(d_model, inner, bias=False)
-        self.o = nn.Linear(inner, d_model, bias=False)
+        self.q = set_partition_dim(nn.Linear(d_model, inner, bias=False), "weight", 0)
+        self.k = set_partition_dim(nn.Linear(d_model, inner, bias=False), "weight", 0)
+        self.v = set_partition_dim(nn.Linear(d_model, inner, bias=False), "weight", 0)
+        self.o = set_partition_dim(nn.Linear(inner, d_model, bias=False), "weight", 1)
 
 
 class SelfAttention(_MultiHead):

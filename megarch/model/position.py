@@ -28,6 +28,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from megarch.parallel.tensor_parallel import set_partition_dim
+
 
 def relative_position_buckets(
     relative_position: torch.Tensor,
@@ -74,6 +76,7 @@ class RelativePositionBias(nn.Module):
         self.n_buckets = n_buckets
         self.max_distance = max_distance
         self.table = nn.Parameter(torch.empty(n_buckets, n_heads))  # [buckets, heads]
+        set_partition_dim(self, "table", 1)  # one column per head
 
     def forward(self, q_positions: torch.Tensor, k_positions: torch.Tensor) -> torch.Tensor:
         """Bias ``[batch, heads, q_len, k_len]`` from positions [batch, q_len] / [batch, k_len]."""

@@ -32,10 +32,17 @@ costs no memory until materialised) and initialises on the target device:
 - every linear ~ truncated N(0, init_std^2 / fan_in) (T5X's variance scaling);
 - relative bias tables ~ N(0, init_std^2 * 2 / (buckets + heads)) (T5X: fan-average);
 - norm weights = 1.
+
+Initialisation is layout-invariant (:func:`init_parameters`): every parameter is drawn from its
+own generator, seeded by the run seed and the parameter's name, as the *full* tensor, of which
+each tensor-parallel rank keeps its chunk. Pipeline stages and virtual stages keep the
+single-process names, so the same seed gives the same weights, bitwise, at any TP / PP /
+virtual-stage / DP layout, and no rank ever holds more than one full parameter at a time.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 
@@ -52,7 +59,8 @@ from megarch.model.layers import RMSNorm
 from megarch.model.position import RelativePositionBias
 from megarch.parallel.collectives import enter_tp, exit_tp
 from megarch.parallel.context import ParallelContext
-from megarch.parallel.rng import TensorParallelDropout
+from megarch.parallel.rng import TensorParallelDropout, global_draw
+from megarch.parallel.tensor_parallel import partition_dims, set_partition_dim, shard_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +91,9 @@ class _LanguageModel(nn.Module):
         self.sequence_parallel = self.ctx.sequence_parallel and self.tp_group is not None
         vocab = cfg.vocab_size // self.ctx.tp  # this rank's rows (vocab-parallel)
         self.vocab_start = self.ctx.tp_rank * vocab
-        self.embed = nn.Embedding(vocab, cfg.d_model)
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, vocab, bias=False)
+        self.embed = set_partition_dim(nn.Embedding(vocab, cfg.d_model), "weight", 0)
+        self.lm_head = None if cfg.tie_embeddings else set_partition_dim(
+            nn.Linear(cfg.d_model, vocab, bias=False), "weight", 0)  # vocab-parallel rows
         self.dropout = TensorParallelDropout(cfg.dropout, self.tp_group)  # split under SP
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -132,23 +141,52 @@ class _LanguageModel(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """(Re)initialise every parameter from the global RNG (see the module docstring)."""
-        std, tp = self.cfg.init_std, self.ctx.tp
-        for name, module in self.named_modules():
+    def init_weights(self, seed: int | None = None) -> None:
+        """(Re)initialise every parameter (see :func:`init_parameters`); ``seed`` None: one
+        draw from the global RNG."""
+        init_parameters(self, self.cfg.init_std, self.ctx.tp, self.ctx.tp_rank, seed)
+
+
+def parameter_seed(seed: int, name: str) -> int:
+    """The seed of parameter ``name``'s generator in a run of ``seed`` (a stable hash)."""
+    digest = hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+@torch.no_grad()
+def init_parameters(model: nn.Module, std: float, tp: int = 1, tp_rank: int = 0,
+                    seed: int | None = None) -> None:
+    """Initialise ``model``'s parameters layout-invariantly (see the module docstring): each
+    one's full tensor from a generator seeded by :func:`parameter_seed` on the parameter's
+    device, then this TP rank's chunk along its declared partition dim. A parameter of a
+    module type with no rule here is refused (a new layer must say how it starts)."""
+    seed = global_draw() if seed is None else seed
+    dims = partition_dims(model)
+    for prefix, module in model.named_modules():
+        for short, param in module.named_parameters(recurse=False):
+            name = f"{prefix}.{short}" if prefix else short
+            dim = dims[name]
+            shape = list(param.shape)
+            if dim is not None:
+                shape[dim] *= tp
+            full = torch.empty(shape, dtype=param.dtype, device=param.device)
+            generator = torch.Generator(device=param.device)
+            generator.manual_seed(parameter_seed(seed, name))
             if isinstance(module, nn.Linear):
-                row_parallel = name.rsplit(".", 1)[-1] in ("o", "wo")  # input dim is sharded
-                scale = std / math.sqrt(module.in_features * (tp if row_parallel else 1))
-                nn.init.trunc_normal_(module.weight, std=scale, a=-2 * scale, b=2 * scale)
+                scale = std / math.sqrt(shape[1])  # the whole layer's fan-in
+                nn.init.trunc_normal_(full, std=scale, a=-2 * scale, b=2 * scale,
+                                      generator=generator)
             elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, std=std)
+                nn.init.normal_(full, std=std, generator=generator)
             elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
+                nn.init.ones_(full)
             elif isinstance(module, RelativePositionBias):
-                buckets, heads = module.table.shape
-                heads *= tp  # the fan of the whole table, not of this rank's columns
-                nn.init.normal_(module.table, std=std * math.sqrt(2.0 / (buckets + heads)))
+                buckets, heads = shape  # the fan of the whole table, all heads
+                nn.init.normal_(full, std=std * math.sqrt(2.0 / (buckets + heads)),
+                                generator=generator)
+            else:
+                raise TypeError(f"{name}: no initialisation rule for {type(module).__name__}")
+            param.copy_(shard_tensor(full, dim, tp_rank, tp, name))
 
 
 class DecoderLM(_LanguageModel):
@@ -276,12 +314,11 @@ class EncoderDecoderLM(_LanguageModel):
 
 def build_model(
     cfg: ModelConfig, device: torch.device | str | None = None,
-    ctx: ParallelContext | None = None,
+    ctx: ParallelContext | None = None, seed: int | None = None,
 ) -> DecoderLM | EncoderDecoderLM:
     """The model for ``cfg.arch``, initialised on ``device`` (default CPU); with a tensor-parallel
-    ``ctx``, this rank's shard (see the module docstring), initialised from the global RNG (to
-    start from a single-process model's weights, use
-    :func:`megarch.parallel.tensor_parallel.load_full_state_dict`).
+    ``ctx``, this rank's shard (see the module docstring). The same ``seed`` gives the same
+    weights at every layout (None: drawn from the global RNG, so ``torch.manual_seed`` decides).
 
     ``device="meta"`` returns an uninitialised model that allocates no memory (for parameter
     counts, or to materialise later with ``model.to_empty(device=...)`` then
@@ -296,7 +333,7 @@ def build_model(
         model = cls(cfg, ctx)
     if device.type != "meta":
         model.to_empty(device=device)
-        model.init_weights()
+        model.init_weights(seed)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("built %s: %.4gM parameters on %s (tp rank %d/%d)", cfg.arch, n_params / 1e6,
                 device, ctx.tp_rank, ctx.tp)

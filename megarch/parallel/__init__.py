@@ -8,7 +8,8 @@ Modules and their public API:
   :func:`init_distributed` (torchrun's environment; gloo on CPU, NCCL on GPUs)
 - collectives: :func:`copy_to_tp`, :func:`reduce_from_tp`, :func:`gather_from_tp` (autograd-aware,
   Megatron's mappings on plain tensors), ``all_reduce_tensors``
-- tensor_parallel: :func:`tp_split_dim` (the sharding rule), :func:`load_full_state_dict`,
+- tensor_parallel: :func:`set_partition_dim` / :func:`partition_dims` (each parameter's TP
+  partition, declared by the layer that builds it), :func:`load_full_state_dict`,
   :func:`gather_full_state_dict`, :func:`gather_grads`, :func:`clip_grad_norm`
 - rng: :class:`TensorParallelDropout`, :func:`split_dropout` (per-TP-rank masks where
   activations are split, the global stream where replicated), :func:`dropout_seed`
@@ -31,7 +32,8 @@ from megarch.parallel.tensor_parallel import (
     gather_full_state_dict,
     gather_grads,
     load_full_state_dict,
-    tp_split_dim,
+    partition_dims,
+    set_partition_dim,
 )
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
     "gather_grads",
     "init_distributed",
     "load_full_state_dict",
+    "partition_dims",
     "reduce_from_tp",
-    "tp_split_dim",
+    "set_partition_dim",
 ]

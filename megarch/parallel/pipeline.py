@@ -19,7 +19,8 @@ name and stage checkpoints merge by name.
 
 The embedding table is held by the rank of virtual stage 0, (encoder-decoder) the rank of the
 first decoder stage, and (tied embeddings) the rank of the last stage. The copies start equal
-(broadcast from rank 0 by :func:`build_stage`) and stay equal: after the backward pass their
+(initialisation draws each parameter from a generator keyed by its name,
+megarch.model.transformer) and stay equal: after the backward pass their
 gradients are summed over the ranks holding one (Megatron's embedding group), and only the
 first rank's copy counts in the gradient norm (:attr:`_Stage.duplicated_parameters`).
 
@@ -306,10 +307,12 @@ def _embedding_groups(ctx: ParallelContext, ranks: list[int]) -> dist.ProcessGro
 
 
 def build_stage(cfg: ModelConfig, ctx: ParallelContext, device: torch.device | str = "cpu",
-                *, virtual_stages: int = 1, encoder_stages: int = 0) -> _Stage:
+                *, virtual_stages: int = 1, encoder_stages: int = 0,
+                seed: int | None = None) -> _Stage:
     """This rank's stage (see the module docstring), built on the meta device and initialised
-    on ``device``. Under ``torch.distributed`` (``ctx.pp_group`` set) it is collective: the
-    embedding copies start as rank 0's. ``virtual_stages`` and ``encoder_stages`` are the
+    on ``device`` with the weights the whole model of ``seed`` has. Under
+    ``torch.distributed`` (``ctx.pp_group`` set) it is collective (the embedding groups).
+    ``virtual_stages`` and ``encoder_stages`` are the
     :class:`~megarch.config.train.ParallelConfig` fields of the same names."""
     layout = pipeline_layout(cfg, ctx.pp, virtual_stages, encoder_stages)
     cls = EncoderDecoderStage if cfg.is_encoder_decoder else DecoderStage
@@ -317,14 +320,9 @@ def build_stage(cfg: ModelConfig, ctx: ParallelContext, device: torch.device | s
         stage = cls(cfg, ctx, layout)
     if torch.device(device).type != "meta":
         stage.to_empty(device=device)
-        stage.init_weights()
+        stage.init_weights(seed)
     if ctx.pp_group is not None and ctx.pp > 1:
-        ranks = _Stage.embedding_ranks(layout, cfg)
-        stage.embed_group = _embedding_groups(ctx, ranks)
-        if stage.embed_group is not None and stage.embed is not None:
-            with torch.no_grad():
-                dist.broadcast(stage.embed.weight, src=ctx.stage_rank(ranks[0]),
-                               group=stage.embed_group)
+        stage.embed_group = _embedding_groups(ctx, _Stage.embedding_ranks(layout, cfg))
     return stage
 
 

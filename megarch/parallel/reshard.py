@@ -1,9 +1,10 @@
 """Resharding tensor-parallel state: which dim each model and optimizer tensor is split along,
 cutting one rank's shard out of another TP size's shards, and whole-state-dict merge / split.
 
-Shards follow :func:`megarch.parallel.tensor_parallel.tp_split_dim` (rank r holds the r-th of
-``tp`` equal chunks). Optimizer state tensors follow their parameter
-(:func:`state_split_dim`):
+Shards follow each parameter's declared partition dim
+(:func:`megarch.parallel.tensor_parallel.partition_dims` of the model, passed in as ``dims``:
+parameter name -> dim or None; rank r holds the r-th of ``tp`` equal chunks).
+Optimizer state tensors follow their parameter (:func:`state_split_dim`):
 
 - shaped like the parameter (AdamW's ``exp_avg`` / ``exp_avg_sq``, Adafactor's ``variance``
   of a vector): split along the parameter's dim;
@@ -19,18 +20,18 @@ parameter's name (the single-process model's name on every rank and pipeline sta
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from megarch.parallel.tensor_parallel import tp_split_dim
+Dims = Mapping[str, int | None]
+"""Parameter name -> partition dim (None: replicated), as :func:`partition_dims` gives."""
 
 
-def state_split_dim(name: str, key: str, value: object) -> int | None:
-    """The dim along which optimizer state ``key`` of parameter ``name`` is split across TP
-    ranks (None: replicated, a scalar or not a tensor)."""
-    dim = tp_split_dim(name)
+def state_split_dim(dim: int | None, key: str, value: object) -> int | None:
+    """The dim along which optimizer state ``key`` of a parameter split along ``dim`` is split
+    across TP ranks (None: replicated, a scalar or not a tensor)."""
     if dim is None or not torch.is_tensor(value) or value.dim() == 0:
         return None
     if key == "row_var":
@@ -61,15 +62,16 @@ def take_shard(parts: Sequence[torch.Tensor], dim: int | None, tp_rank: int,
     return torch.cat(pieces, dim=dim) if len(pieces) > 1 else pieces[0].clone()
 
 
-def merge_tp_model(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def merge_tp_model(shards: list[dict[str, torch.Tensor]], dims: Dims) -> dict[str, torch.Tensor]:
     """The single-process state dict from the state dicts of TP ranks 0..tp-1."""
-    return {name: take_shard([s[name] for s in shards], tp_split_dim(name), 0, 1)
+    return {name: take_shard([s[name] for s in shards], dims.get(name), 0, 1)
             for name in shards[0]}
 
 
-def split_tp_model(full: dict[str, torch.Tensor], tp: int) -> list[dict[str, torch.Tensor]]:
+def split_tp_model(full: dict[str, torch.Tensor], tp: int,
+                   dims: Dims) -> list[dict[str, torch.Tensor]]:
     """The state dicts of TP ranks 0..tp-1 from a single-process one."""
-    return [{n: take_shard([t], tp_split_dim(n), r, tp) for n, t in full.items()}
+    return [{n: take_shard([t], dims.get(n), r, tp) for n, t in full.items()}
             for r in range(tp)]
 
 
@@ -84,35 +86,36 @@ def optimizer_group_names(model: nn.Module, optimizer: torch.optim.Optimizer) ->
     return [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
 
 
-def reshard_param_state(name: str, states: Sequence[dict], tp_rank: int, tp: int) -> dict:
-    """Rank ``tp_rank`` of ``tp``'s optimizer state of parameter ``name`` from the states of
-    the saved TP ranks ``states`` (rank order)."""
+def reshard_param_state(dim: int | None, states: Sequence[dict], tp_rank: int,
+                        tp: int) -> dict:
+    """Rank ``tp_rank`` of ``tp``'s optimizer state of a parameter split along ``dim`` from
+    the states of the saved TP ranks ``states`` (rank order)."""
     out = {}
     for key, value in states[0].items():
-        dim = state_split_dim(name, key, value)
         if torch.is_tensor(value):
-            out[key] = take_shard([s[key] for s in states], dim, tp_rank, tp)
+            out[key] = take_shard([s[key] for s in states], state_split_dim(dim, key, value),
+                                  tp_rank, tp)
         else:
             out[key] = copy.deepcopy(value)
     return out
 
 
-def merge_tp_optimizer(shards: list[dict], names: list[str]) -> dict:
+def merge_tp_optimizer(shards: list[dict], names: list[str], dims: Dims) -> dict:
     """The single-process optimizer state dict from TP ranks' ones; ``names``: each state
     index's parameter name."""
     merged = copy.deepcopy({k: v for k, v in shards[0].items() if k != "state"})
-    merged["state"] = {index: reshard_param_state(names[index], [s["state"][index]
-                                                                 for s in shards], 0, 1)
+    merged["state"] = {index: reshard_param_state(dims.get(names[index]),
+                                                    [s["state"][index] for s in shards], 0, 1)
                        for index in shards[0]["state"]}
     return merged
 
 
-def split_tp_optimizer(full: dict, names: list[str], tp: int) -> list[dict]:
+def split_tp_optimizer(full: dict, names: list[str], tp: int, dims: Dims) -> list[dict]:
     """TP ranks' optimizer state dicts from a single-process one (inverse of the merge)."""
     out = []
     for rank in range(tp):
         shard = copy.deepcopy({k: v for k, v in full.items() if k != "state"})
-        shard["state"] = {index: reshard_param_state(names[index], [state], rank, tp)
+        shard["state"] = {index: reshard_param_state(dims.get(names[index]), [state], rank, tp)
                           for index, state in full["state"].items()}
         out.append(shard)
     return out

@@ -1,25 +1,33 @@
-"""Which parameters tensor parallelism shards, and moving between full and sharded weights.
+"""How tensor parallelism shards parameters, and moving between full and sharded weights.
 
-The model layers (megarch.model) build each rank's shard and insert the collectives; this module
-knows the layout by parameter name (one rule for every architecture):
+The model layers (megarch.model) build each rank's shard, insert the collectives and *declare*
+each sharded parameter's partition dim where the layer is built (:func:`set_partition_dim`,
+Megatron's tensor-model-parallel attributes); everything that shards, gathers, reshards,
+initialises, clips or updates reads that declaration (:func:`partition_dims`), never a rule on
+parameter names. The layers declare:
 
 ==============================================  =====  ==============================
-parameter (last two name parts)                 dim    why
+parameter                                       dim    why
 ==============================================  =====  ==============================
-``embed.weight``, ``lm_head.weight``            0      vocab-parallel rows
-``q/k/v.weight``, ``wi_gate/wi_up.weight``      0      column-parallel outputs (heads / units)
-``o.weight``, ``wo.weight``                     1      row-parallel inputs
-``rel_bias.table``                              1      one column per head
-anything else (norm weights)                    —      replicated
+embedding and untied output projection          0      vocab-parallel rows
+``q/k/v``, ``wi_gate/wi_up`` weights            0      column-parallel outputs (heads / units)
+``o``, ``wo`` weights                           1      row-parallel inputs
+relative-bias tables                            1      one column per head
+anything undeclared (norm weights)              —      replicated
 ==============================================  =====  ==============================
 
 Rank r holds the r-th of ``tp`` equal chunks along that dim (``torch.chunk`` order), so heads
 ``[r * H/tp, (r + 1) * H/tp)`` and their rows of q, k, v and columns of o stay together.
+
+The declaration lives on the owning module (a dict of parameter name -> dim), not on the
+``nn.Parameter``: ``Module.to_empty`` (how a model built on the meta device is materialised)
+replaces the parameter objects and drops any attribute set on them.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
@@ -33,24 +41,33 @@ from megarch.parallel.collectives import (
     group_size,
 )
 
-_ROW_SHARDED = {"embed.weight", "lm_head.weight", "q.weight", "k.weight", "v.weight",
-                "wi_gate.weight", "wi_up.weight"}
-_COLUMN_SHARDED = {"o.weight", "wo.weight", "rel_bias.table"}
+PARTITION_ATTR = "tp_partition_dims"
+"""The module attribute holding its parameters' partition dims (parameter name -> dim)."""
 
 
-def tp_split_dim(name: str) -> int | None:
-    """The dim along which parameter ``name`` is sharded across TP ranks (None: replicated)."""
-    tail = ".".join(name.split(".")[-2:])
-    if tail in _ROW_SHARDED:
-        return 0
-    if tail in _COLUMN_SHARDED:
-        return 1
-    return None
+def set_partition_dim(module: nn.Module, param: str, dim: int) -> nn.Module:
+    """Declare that ``module``'s parameter ``param`` is split along ``dim`` across the
+    tensor-parallel ranks (called where the layer is built); returns ``module``."""
+    if not isinstance(getattr(module, param, None), nn.Parameter):
+        raise ValueError(f"{type(module).__name__} has no parameter {param!r} to partition")
+    module.__dict__.setdefault(PARTITION_ATTR, {})[param] = dim
+    return module
 
 
-def shard_tensor(full: torch.Tensor, name: str, tp_rank: int, tp_size: int) -> torch.Tensor:
-    """This rank's shard of the full tensor of parameter ``name``."""
-    dim = tp_split_dim(name)
+def partition_dims(model: nn.Module) -> dict[str, int | None]:
+    """Every parameter of ``model`` by its ``named_parameters`` name -> its declared
+    partition dim (None: replicated on every TP rank)."""
+    out: dict[str, int | None] = {}
+    for prefix, module in model.named_modules():
+        declared = module.__dict__.get(PARTITION_ATTR, {})
+        for name, _ in module.named_parameters(recurse=False):
+            out[f"{prefix}.{name}" if prefix else name] = declared.get(name)
+    return out
+
+
+def shard_tensor(full: torch.Tensor, dim: int | None, tp_rank: int, tp_size: int,
+                 name: str = "tensor") -> torch.Tensor:
+    """This rank's shard along partition dim ``dim`` (None: replicated) of a full tensor."""
     if dim is None or tp_size == 1:
         return full
     if full.shape[dim] % tp_size:
@@ -59,23 +76,24 @@ def shard_tensor(full: torch.Tensor, name: str, tp_rank: int, tp_size: int) -> t
 
 
 @torch.no_grad()
-def load_full_state_dict(model: nn.Module, full: dict[str, torch.Tensor], group: Group) -> None:
+def load_full_state_dict(model: nn.Module, full: Mapping[str, torch.Tensor],
+                         group: Group) -> None:
     """Copy a single-process (TP1) state dict into ``model``, this rank's shard of each tensor."""
-    rank, size = group_rank(group), group_size(group)
+    rank, size, dims = group_rank(group), group_size(group), partition_dims(model)
     for name, param in model.state_dict().items():
-        param.copy_(shard_tensor(full[name], name, rank, size))
+        param.copy_(shard_tensor(full[name], dims.get(name), rank, size, name))
 
 
 @torch.no_grad()
 def gather_full_state_dict(model: nn.Module, group: Group) -> dict[str, torch.Tensor]:
     """The TP1 state dict of a TP-sharded ``model`` (collective: every TP rank gets it)."""
-    return {name: gather_tensor(t.detach(), name, group)
+    dims = partition_dims(model)
+    return {name: gather_tensor(t.detach(), dims.get(name), group)
             for name, t in model.state_dict().items()}
 
 
-def gather_tensor(local: torch.Tensor, name: str, group: Group) -> torch.Tensor:
-    """The full tensor of parameter ``name`` (or of its gradient) from every rank's shard."""
-    dim = tp_split_dim(name)
+def gather_tensor(local: torch.Tensor, dim: int | None, group: Group) -> torch.Tensor:
+    """The full tensor (a parameter or its gradient) from every rank's shard along ``dim``."""
     if dim is None:
         return local
     return _all_gather(local, group, dim)
@@ -84,18 +102,19 @@ def gather_tensor(local: torch.Tensor, name: str, group: Group) -> torch.Tensor:
 def reduce_sequence_parallel_grads(model: nn.Module, group: Group) -> None:
     """Sum the replicated parameters' gradients over the TP group: under sequence parallelism
     each rank saw only its chunk of the sequence in the norms (call after the backward)."""
+    dims = partition_dims(model)
     grads = [p.grad for n, p in model.named_parameters()
-             if p.grad is not None and tp_split_dim(n) is None]
+             if p.grad is not None and dims[n] is None]
     all_reduce_tensors(grads, group)
 
 
 def gather_grads(model: nn.Module, group: Group) -> dict[str, torch.Tensor]:
     """A copy of the full gradient of every parameter with one (collective; None grads become
     zeros)."""
-    out = {}
+    out, dims = {}, partition_dims(model)
     for name, param in model.named_parameters():
         grad = param.grad if param.grad is not None else torch.zeros_like(param)
-        out[name] = gather_tensor(grad.detach(), name, group).clone()
+        out[name] = gather_tensor(grad.detach(), dims[name], group).clone()
     return out
 
 
@@ -107,11 +126,12 @@ def grad_norm_sq(model: nn.Module, group: Group, stage_group: Group = None,
     ``skip`` names parameters counted elsewhere (the last stage's copy of a tied embedding)."""
     sharded = torch.zeros((), dtype=torch.float64)
     replicated = torch.zeros((), dtype=torch.float64)
+    dims = partition_dims(model)
     for name, param in model.named_parameters():
         if param.grad is None or name in skip:
             continue
         sq = param.grad.detach().double().pow(2).sum().cpu()
-        if tp_split_dim(name) is None:
+        if dims[name] is None:
             replicated += sq
         else:
             sharded += sq

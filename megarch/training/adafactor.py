@@ -9,7 +9,7 @@ more dims, factored over the last two; ``variance`` for vectors), so state dicts
 the two in both directions. Without tensor parallelism it is bitwise torch's update.
 
 What tensor parallelism adds. A TP rank holds a shard of some parameters (split dim by name:
-:func:`megarch.parallel.tensor_parallel.tp_split_dim`). torch's Adafactor would compute its
+:func:`megarch.parallel.tensor_parallel.partition_dims`). torch's Adafactor would compute its
 statistics on the shard; here every statistic that spans the split dim is summed over the TP
 group, so each rank's update is the slice of the single-process update:
 

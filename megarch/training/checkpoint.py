@@ -343,7 +343,9 @@ def load_model(path: str, device: torch.device | str = "cpu"):
     cfg.parallel.tp = cfg.parallel.pp = 1
     cfg.parallel.sequence_parallel = False
     model = build_model(cfg.model, device)
-    model.load_state_dict(saved.model_state(list(model.state_dict()), 0, 1))
+    from megarch.parallel.tensor_parallel import partition_dims
+
+    model.load_state_dict(saved.model_state(partition_dims(model), 0, 1))
     return model.eval(), cfg
 
 

@@ -138,16 +138,13 @@ class Trainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         random.seed(cfg.run.seed)
         np.random.seed(cfg.run.seed)
-        # TP shards and pipeline stages draw different weights (stage 0 as before)
-        torch.manual_seed(cfg.run.seed + self.ctx.tp_rank + 7_919 * self.ctx.pp_rank)
-        try:
+        # dropout: one global stream per DP rank and stage, shared by the TP ranks (replicated
+        # masks agree); split activations draw per-TP-rank masks from it (megarch.parallel.rng)
+        torch.manual_seed(dropout_seed(cfg.run.seed, self.ctx))
+        try:  # the weights come from the seed alone, the same at every layout
             self.model = self._build_model().train()
         except ValueError as err:  # a size tensor parallelism cannot split
             raise ConfigError(str(err)) from None
-        if self.ctx.world_size > 1:  # dropout: one global stream per DP rank and stage, shared
-            # by the TP ranks (replicated masks agree); split activations draw per-TP-rank
-            # masks from it (megarch.parallel.rng)
-            torch.manual_seed(dropout_seed(cfg.run.seed, self.ctx))
         self.tp_group = self.model.tp_group
         self.optimizer = build_optimizer(cfg.optim, self.model)
         if cfg.parallel.zero1 and self.ctx.dp > 1:
@@ -165,10 +162,11 @@ class Trainer:
 
     def _build_model(self) -> torch.nn.Module:
         """The whole model, its tensor-parallel shard, or this pipeline stage's layers."""
+        seed = self.cfg.run.seed
         if self.ctx.pp == 1:
-            return build_model(self.cfg.model, self.device, self.ctx)
+            return build_model(self.cfg.model, self.device, self.ctx, seed=seed)
         parallel = self.cfg.parallel
-        return build_stage(self.cfg.model, self.ctx, self.device,
+        return build_stage(self.cfg.model, self.ctx, self.device, seed=seed,
                            virtual_stages=parallel.virtual_stages,
                            encoder_stages=parallel.encoder_stages)
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from megarch.config.train import OptimConfig
 from megarch.parallel.collectives import group_size
-from megarch.parallel.tensor_parallel import tp_split_dim
+from megarch.parallel.tensor_parallel import partition_dims
 from megarch.training.adafactor import Adafactor, TensorParallelLayout
 
 
@@ -84,9 +84,9 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer
 
     Adafactor is megarch's (one parameter group, in ``model.parameters()`` order, as
     ``torch.optim.Adafactor`` had: its checkpoints load). Under tensor parallelism
-    (``model.tp_group`` of more than one rank) it knows each parameter's split dim by name
-    (:func:`megarch.parallel.tensor_parallel.tp_split_dim`) and reduces its statistics over
-    the group, so the TP run takes the single process's steps.
+    (``model.tp_group`` of more than one rank) it knows each parameter's split dim from the
+    layers' declarations (:func:`megarch.parallel.tensor_parallel.partition_dims`) and reduces
+    its statistics over the group, so the TP run takes the single process's steps.
     """
     if cfg.name == "adamw":
         groups = _decay_groups(model, cfg.weight_decay)
@@ -101,8 +101,9 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer
         adafactor = Adafactor
         tp_group = getattr(model, "tp_group", None)
         if group_size(tp_group) > 1:  # a class bound to the layout: ZeRO-1 rebuilds from it
-            split_dims = {p: dim for name, p in model.named_parameters()
-                          if (dim := tp_split_dim(name)) is not None}
+            dims = partition_dims(model)
+            split_dims = {p: dims[name] for name, p in model.named_parameters()
+                          if dims[name] is not None}
             adafactor = Adafactor.with_layout(TensorParallelLayout(tp_group, split_dims))
         return adafactor(
             [p for p in model.parameters() if p.requires_grad], lr=cfg.lr,

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -42,7 +43,7 @@ from megarch.parallel.reshard import (
     take_shard,
 )
 from megarch.parallel.rng import global_draw, rank_seed
-from megarch.parallel.tensor_parallel import tp_split_dim
+from megarch.parallel.tensor_parallel import partition_dims
 from megarch.training.checkpoint import (
     CONFIG_FILE,
     DAMAGED,
@@ -172,18 +173,21 @@ class SavedCheckpoint:
                                      "checkpoint is of another model")
         return self._owners[name]
 
-    def model_state(self, names: list[str], tp_rank: int, tp: int) -> dict[str, torch.Tensor]:
-        """The model tensors ``names`` as TP rank ``tp_rank`` of ``tp`` holds them."""
+    def model_state(self, dims: Mapping[str, int | None], tp_rank: int,
+                    tp: int) -> dict[str, torch.Tensor]:
+        """The model tensors named in ``dims`` as TP rank ``tp_rank`` of ``tp`` holds them
+        (``dims``: each one's partition dim, :func:`partition_dims` of the model)."""
         out = {}
-        for name in names:
+        for name, dim in dims.items():
             stage = self.owner(name)
             parts = [self.load("model", t, stage)[name] for t in range(self.tp)]
-            out[name] = take_shard(parts, tp_split_dim(name), tp_rank, tp)
+            out[name] = take_shard(parts, dim, tp_rank, tp)
         return out
 
-    def optimizer_state(self, groups: list[list[str]], tp_rank: int, tp: int) -> dict:
+    def optimizer_state(self, groups: list[list[str]], tp_rank: int, tp: int,
+                        dims: Mapping[str, int | None]) -> dict:
         """The optimizer state dict (torch's format) of TP rank ``tp_rank`` of ``tp`` whose
-        param groups hold the parameters ``groups`` (names, in order)."""
+        param groups hold the parameters ``groups`` (names, in order) split along ``dims``."""
         self.require("optimizer")
         saved_groups = self.load("optimizer", 0, 0)["param_groups"]
         if len(saved_groups) != len(groups):
@@ -197,7 +201,8 @@ class SavedCheckpoint:
             for name in names:
                 states = self._param_states(name)
                 if states:
-                    state[index] = reshard_param_state(name, states, tp_rank, tp)
+                    state[index] = reshard_param_state(dims.get(name), states, tp_rank,
+                                                       tp)
                 index += 1
         return {"state": state, "param_groups": param_groups}
 
@@ -296,14 +301,16 @@ def load_into(path: str | SavedCheckpoint, model: torch.nn.Module,
                 optimizer.load_state_dict(record)
             else:  # the same parameters in another order: match them by name
                 groups = optimizer_group_names(model, optimizer)
-                optimizer.load_state_dict(saved.optimizer_state(groups, ctx.tp_rank, ctx.tp))
+                optimizer.load_state_dict(saved.optimizer_state(groups, ctx.tp_rank, ctx.tp,
+                                                                partition_dims(model)))
     else:
         log.info("resharding %s from tp %d x pp %d to tp %d x pp %d", path, saved.tp, saved.pp,
                  ctx.tp, ctx.pp)
-        model.load_state_dict(saved.model_state(list(model.state_dict()), ctx.tp_rank, ctx.tp))
+        dims = partition_dims(model)
+        model.load_state_dict(saved.model_state(dims, ctx.tp_rank, ctx.tp))
         if optimizer is not None:
             groups = optimizer_group_names(model, optimizer)
-            optimizer.load_state_dict(saved.optimizer_state(groups, ctx.tp_rank, ctx.tp))
+            optimizer.load_state_dict(saved.optimizer_state(groups, ctx.tp_rank, ctx.tp, dims))
     if restore_rng:
         state, own = saved.rng(ctx.pp_rank, ctx.dp_rank)
         if state is not None:

@@ -20,7 +20,7 @@ from megarch.model import build_model, lm_loss
 from megarch.parallel import ParallelContext, gather_full_state_dict, load_full_state_dict
 from megarch.parallel.data_parallel import zero1
 from megarch.parallel.spawn import spawn
-from megarch.parallel.tensor_parallel import reduce_sequence_parallel_grads, tp_split_dim
+from megarch.parallel.tensor_parallel import partition_dims, reduce_sequence_parallel_grads
 from megarch.training.adafactor import Adafactor, TensorParallelLayout
 from megarch.training.optim import build_optimizer
 from tests.parallel.helpers import (
@@ -182,11 +182,12 @@ def _model(rank: int, world: int, arch: str, use_zero1: bool = False,
     diffs = {f"{n}/param": relative_difference(final[n], ref_params[n].detach())
              for n in ref_params}
     owned = [(n, p) for n, p in model.named_parameters() if p in local_opt.state]
+    dims = partition_dims(model)
     for name, param in owned:  # ZeRO-1 over two replicas: this rank's share
         diffs.update(_compare_state(local_opt.state[param], ref_opt.state[ref_params[name]],
-                                    tp_split_dim(name), param.dim(), ctx.tp_group, name))
+                                    dims[name], param.dim(), ctx.tp_group, name))
     return {"loss": max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses, strict=True)),
-            "diffs": diffs, "sharded": sum(tp_split_dim(n) is not None for n, _ in owned),
+            "diffs": diffs, "sharded": sum(dims[n] is not None for n, _ in owned),
             "owned": len(owned), "params": len(ref_params)}
 
 

@@ -23,7 +23,7 @@ import torch
 from megarch.config.model import ModelConfig
 from megarch.config.presets import tiny_model
 from megarch.model import build_model, lm_loss
-from megarch.parallel import tp_split_dim
+from megarch.parallel import partition_dims
 from megarch.parallel.context import ParallelContext
 from megarch.parallel.pipeline import PipelineLayout, build_stage, pipeline_layout
 from megarch.parallel.spawn import spawn
@@ -47,7 +47,8 @@ ENC_LEN, DEC_LEN, ED_DEC_LEN, MICRO = 32, 32, 16, 2
 def test_parameters_per_rank_match_the_tp_shards(arch, tp):
     cfg = tiny_model(arch)
     model = build_model(cfg, "meta")
-    shard = sum(p.numel() // (tp if tp_split_dim(n) is not None else 1)
+    dims = partition_dims(model)
+    shard = sum(p.numel() // (tp if dims[n] is not None else 1)
                 for n, p in model.named_parameters())
     assert parameters_per_rank(cfg, tp) == shard
 
@@ -81,7 +82,8 @@ def test_stage_parameters_match_the_real_stages(arch, pp, virtual, encoder, tie)
         for rank in range(pp):
             stage = build_stage(cfg, ParallelContext(pp=pp, rank=rank), "meta",
                                 virtual_stages=virtual, encoder_stages=encoder)
-            real.append(sum(p.numel() // (tp if tp_split_dim(n) is not None else 1)
+            dims = partition_dims(stage)
+            real.append(sum(p.numel() // (tp if dims[n] is not None else 1)
                             for n, p in stage.named_parameters()))
         assert stage_parameters(cfg, tp, pp, virtual, encoder) == real
         assert parameters_per_rank(cfg, tp, pp, virtual, encoder) == max(real)

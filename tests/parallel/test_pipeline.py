@@ -30,7 +30,7 @@ from megarch.parallel.pipeline_schedules import (
     timetable,
 )
 from megarch.parallel.spawn import spawn
-from megarch.parallel.tensor_parallel import shard_tensor
+from megarch.parallel.tensor_parallel import partition_dims, shard_tensor
 from tests.parallel.helpers import labels_and_mask, relative_difference, tiny_batch, tiny_config
 
 STEPS, MICRO = 3, 4
@@ -76,8 +76,8 @@ def _compare(rank: int, world: int, arch: str, tp: int, n_layers: int, virtual: 
     ctx = ParallelContext.build(tp=tp, pp=world // tp)
     stage = build_stage(cfg, ctx, virtual_stages=virtual, encoder_stages=encoder_stages)
     initial_embed = stage.embed.weight.sum().item() if stage.embed is not None else None
-    full = reference.state_dict()
-    stage.load_state_dict({n: shard_tensor(full[n], n, ctx.tp_rank, tp)
+    full, dims = reference.state_dict(), partition_dims(stage)
+    stage.load_state_dict({n: shard_tensor(full[n], dims[n], ctx.tp_rank, tp)
                            for n in stage.state_dict()})
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
     opt = torch.optim.AdamW(stage.parameters(), lr=1e-2)
@@ -91,7 +91,7 @@ def _compare(rank: int, world: int, arch: str, tp: int, n_layers: int, virtual: 
         if step == 0:
             ref_grads = {n: p.grad for n, p in reference.named_parameters()}
             grads = {n: relative_difference(
-                p.grad, shard_tensor(ref_grads[n], n, ctx.tp_rank, tp))
+                p.grad, shard_tensor(ref_grads[n], dims[n], ctx.tp_rank, tp))
                 for n, p in stage.named_parameters()}
         norms.append((clip_grad_norm(reference, 0.5, None),
                       clip_grad_norm(stage, 0.5, stage.tp_group, ctx.pp_group,

@@ -16,6 +16,7 @@ from megarch.parallel.reshard import (
     state_split_dim,
     take_shard,
 )
+from megarch.parallel.tensor_parallel import partition_dims
 from tests.parallel.helpers import tiny_batch, tiny_config
 
 
@@ -29,14 +30,14 @@ def test_model_and_adamw_state_round_trip(tp):
     model(**batch).square().mean().backward()
     opt.step()
     full, full_opt = model.state_dict(), opt.state_dict()
-    names = optimizer_param_names(model, opt)
-    shards = split_tp_model(full, tp)
+    names, dims = optimizer_param_names(model, opt), partition_dims(model)
+    shards = split_tp_model(full, tp, dims)
     assert shards[1]["embed.weight"].shape[0] == 96 // tp
     assert shards[0]["encoder_blocks.0.attn.o.weight"].shape[1] == 32 // tp
-    merged = merge_tp_model(shards)
+    merged = merge_tp_model(shards, dims)
     assert all(torch.equal(merged[k], v) for k, v in full.items())
-    opt_shards = split_tp_optimizer(full_opt, names, tp)
-    back = merge_tp_optimizer(opt_shards, names)
+    opt_shards = split_tp_optimizer(full_opt, names, tp, dims)
+    back = merge_tp_optimizer(opt_shards, names, dims)
     for index, state in full_opt["state"].items():
         for key, value in state.items():
             assert torch.equal(back["state"][index][key], value), (names[index], key)
@@ -49,8 +50,8 @@ def test_adafactor_factored_state_round_trip():
     model(**_decoder_inputs()).square().mean().backward()
     opt.step()
     full_opt, names = opt.state_dict(), optimizer_param_names(model, opt)
-    index = {n: i for i, n in enumerate(names)}
-    shards = split_tp_optimizer(full_opt, names, 2)
+    index, dims = {n: i for i, n in enumerate(names)}, partition_dims(model)
+    shards = split_tp_optimizer(full_opt, names, 2, dims)
     o, embed = full_opt["state"][index["blocks.0.attn.o.weight"]], \
         full_opt["state"][index["embed.weight"]]
     o1, embed1 = shards[1]["state"][index["blocks.0.attn.o.weight"]], \
@@ -59,7 +60,7 @@ def test_adafactor_factored_state_round_trip():
     assert torch.equal(o1["row_var"], o["row_var"])  # replicated
     assert torch.equal(embed1["row_var"], embed["row_var"][48:])  # embed: split along dim 0
     assert torch.equal(embed1["col_var"], embed["col_var"])
-    back = merge_tp_optimizer(shards, names)
+    back = merge_tp_optimizer(shards, names, dims)
     for i, state in full_opt["state"].items():
         for key, value in state.items():
             assert torch.equal(back["state"][i][key], value), (names[i], key)
@@ -80,12 +81,17 @@ def test_take_shard_between_tp_sizes_equals_chunking_the_full_tensor(saved_tp, t
 
 
 def test_state_split_dims():
-    assert state_split_dim("blocks.0.attn.q.weight", "exp_avg", torch.zeros(4, 4)) == 0
-    assert state_split_dim("blocks.0.attn.q.weight", "col_var", torch.zeros(1, 4)) is None
-    assert state_split_dim("blocks.0.ff.wo.weight", "col_var", torch.zeros(1, 4)) == 1
-    assert state_split_dim("blocks.0.ff.wo.weight", "row_var", torch.zeros(4, 1)) is None
-    assert state_split_dim("blocks.0.ff.wo.weight", "step", torch.tensor(3.0)) is None
-    assert state_split_dim("final_norm.weight", "variance", torch.zeros(4)) is None
+    dims = partition_dims(build_model(tiny_config("causal_decoder"), "meta"))
+
+    def split(name, key, value):
+        return state_split_dim(dims[name], key, value)
+
+    assert split("blocks.0.attn.q.weight", "exp_avg", torch.zeros(4, 4)) == 0
+    assert split("blocks.0.attn.q.weight", "col_var", torch.zeros(1, 4)) is None
+    assert split("blocks.0.ff.wo.weight", "col_var", torch.zeros(1, 4)) == 1
+    assert split("blocks.0.ff.wo.weight", "row_var", torch.zeros(4, 1)) is None
+    assert split("blocks.0.ff.wo.weight", "step", torch.tensor(3.0)) is None
+    assert split("final_norm.weight", "variance", torch.zeros(4)) is None
 
 
 def _decoder_inputs() -> dict:

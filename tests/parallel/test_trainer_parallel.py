@@ -1,9 +1,9 @@
 """The Trainer under data and tensor parallelism equals the single-process Trainer.
 
-Same preset, seed, data and global batch: DP2 (and DP2 with ZeRO-1, with accumulation) must give
-the single process's per-step losses and final weights; TP2 (with sequence parallelism) and PP2
-(decoder stages, 1F1B) started from the single process's initial weights (sliced per rank /
-stage) must give its losses, final weights and (PP2) validation loss. One spawned job runs all.
+Same preset, seed, data and global batch: DP2 (and DP2 with ZeRO-1, with accumulation), TP2
+(with sequence parallelism) and PP2 (decoder stages, 1F1B), all started the ordinary way (the
+weights come from the seed alone, the same at every layout), must give the single process's
+per-step losses, final weights and (PP2) validation loss. One spawned job runs all.
 """
 
 from __future__ import annotations
@@ -13,10 +13,8 @@ import os
 import pytest
 import torch
 
-from megarch.model import build_model
-from megarch.parallel import gather_full_state_dict, load_full_state_dict
+from megarch.parallel import gather_full_state_dict
 from megarch.parallel.spawn import spawn
-from megarch.parallel.tensor_parallel import shard_tensor
 from megarch.training import Trainer, load_model, read_metrics
 from megarch.training.checkpoint import step_path
 from tests.parallel.helpers import relative_difference
@@ -53,9 +51,6 @@ def _ranks(rank: int, world: int, embedded, root: str) -> dict:
     trainer = Trainer(_config(embedded, os.path.join(root, "tp2"), parallel__tp="2",
                               parallel__sequence_parallel="true"))
     assert trainer.model.sequence_parallel
-    torch.manual_seed(trainer.cfg.run.seed)
-    full = build_model(trainer.cfg.model).state_dict()  # the single process's initial weights
-    load_full_state_dict(trainer.model, full, trainer.tp_group)
     trainer.train()
     params = gather_full_state_dict(trainer.model, trainer.tp_group)
     resumed = Trainer(_config(embedded, os.path.join(root, "tp2"), parallel__tp="2",
@@ -68,7 +63,6 @@ def _ranks(rank: int, world: int, embedded, root: str) -> dict:
     trainer = Trainer(_config(embedded, os.path.join(root, "pp2"), parallel__pp="2",
                               run__eval_batches="2"))
     initial_q = trainer.model.state_dict()[f"blocks.{rank}.attn.q.weight"].clone()
-    trainer.model.load_state_dict({n: full[n] for n in trainer.model.state_dict()})
     result = trainer.train()
     out["pp2"] = {"params": {k: v.clone() for k, v in trainer.model.state_dict().items()},
                   "valid": result.valid_loss, "checkpoint": trainer.checkpoint,
@@ -133,13 +127,7 @@ def _check_merged_checkpoint(embedded, tmp_path, name: str, params: dict) -> Non
 
 def _tp2_pp2(rank: int, world: int, embedded, root: str) -> None:
     torch.set_num_threads(1)
-    trainer = Trainer(_config(embedded, root, parallel__tp="2", parallel__pp="2"))
-    torch.manual_seed(trainer.cfg.run.seed)
-    full = build_model(trainer.cfg.model).state_dict()  # the single process's initial weights
-    ctx = trainer.ctx
-    trainer.model.load_state_dict({n: shard_tensor(full[n], n, ctx.tp_rank, ctx.tp)
-                                   for n in trainer.model.state_dict()})
-    trainer.train()
+    Trainer(_config(embedded, root, parallel__tp="2", parallel__pp="2")).train()
 
 
 @pytest.mark.slow
@@ -156,43 +144,45 @@ def test_tp2_pp2_trainer_matches_single_process_and_merges_to_tp1(embedded, tmp_
     assert max(relative_difference(model.state_dict()[k], w) for k, w in weights.items()) < 1e-4
 
 
-PIPELINE_RUNS = {  # name: (preset, overrides) run with pp=1 and pp=2
-    "ed_pp2": ("ed_plm_tiny", {}),  # encoder stage, decoder stage (automatic split)
-    "cd_interleaved": (PRESET, {"model__n_layers": "4", "parallel__virtual_stages": "2"}),
+PIPELINE_RUNS = {  # name: (preset, overrides) run in one process and on two
+    "ed_pp2": ("ed_plm_tiny", {"parallel__pp": "2"}),  # encoder stage, decoder stage
+    "ed_tp2": ("ed_plm_tiny", {"parallel__tp": "2"}),
+    "cd_interleaved": (PRESET, {"model__n_layers": "4", "parallel__pp": "2",
+                                "parallel__virtual_stages": "2"}),
 }
 
 
-def _pipeline_config(embedded, out_dir: str, name: str, pp: int):
+def _pipeline_config(embedded, out_dir: str, name: str, parallel: bool):
     preset, extra = PIPELINE_RUNS[name]
-    if pp == 1:
+    if not parallel:
         extra = {k: v for k, v in extra.items() if not k.startswith("parallel__")}
     return fast_config(preset, embedded, out_dir, STEPS, run__resume="none",
-                       run__save_every="0", run__eval_batches="2", parallel__pp=str(pp),
-                       **extra)
+                       run__save_every="0", run__eval_batches="2", **extra)
 
 
 def _pipeline_ranks(rank: int, world: int, embedded, root: str) -> dict:
     torch.set_num_threads(1)
     out = {}
     for name in PIPELINE_RUNS:
-        trainer = Trainer(_pipeline_config(embedded, os.path.join(root, name), name, 2))
-        torch.manual_seed(trainer.cfg.run.seed)
-        full = build_model(trainer.cfg.model).state_dict()  # the single process's weights
-        trainer.model.load_state_dict({n: full[n] for n in trainer.model.state_dict()})
-        result = trainer.train()
-        out[name] = {"params": {k: v.clone() for k, v in trainer.model.state_dict().items()},
-                     "valid": result.valid_loss}
+        trainer = Trainer(_pipeline_config(embedded, os.path.join(root, name), name, True))
+        result = trainer.train()  # the weights come from the seed alone, as in one process
+        params = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        if trainer.ctx.tp > 1:
+            params = gather_full_state_dict(trainer.model, trainer.tp_group)
+        out[name] = {"params": params, "valid": result.valid_loss}
     return out
 
 
 def test_encoder_decoder_pp2_and_interleaved_trainers_match_single_process(embedded, tmp_path):
-    """Trainer level: the encoder-decoder over PP2 (encoder stage, decoder stage) and the causal
-    decoder over PP2 x 2 virtual stages give the pp=1 run's losses, validation loss and final
-    weights; a pp=1 run resumes their last checkpoint with those weights."""
+    """Trainer level, started the ordinary way: the encoder-decoder over PP2 (encoder stage,
+    decoder stage) and TP2, and the causal decoder over PP2 x 2 virtual stages give the
+    one-process run's losses, validation loss and final weights; a one-process run resumes
+    their last checkpoint with those weights."""
 
     singles = {}
     for name in PIPELINE_RUNS:
-        trainer = Trainer(_pipeline_config(embedded, str(tmp_path / f"{name}_single"), name, 1))
+        trainer = Trainer(_pipeline_config(embedded, str(tmp_path / f"{name}_single"), name,
+                                           False))
         singles[name] = (trainer.train().valid_loss, trainer.model.state_dict())
     results = spawn(2, timeout_s=240)(_pipeline_ranks, embedded, str(tmp_path))
     for name, (valid, weights) in singles.items():
@@ -205,7 +195,8 @@ def test_encoder_decoder_pp2_and_interleaved_trainers_match_single_process(embed
         diff = max(relative_difference(params[k], weights[k]) for k in params)
         assert diff <= 1e-4, (name, diff)
         assert all(abs(r[name]["valid"] - valid) <= 1e-5 * valid for r in results)
-        resumed = Trainer(_pipeline_config(embedded, str(tmp_path / f"{name}_to_pp1"), name, 1))
+        resumed = Trainer(_pipeline_config(embedded, str(tmp_path / f"{name}_to_pp1"), name,
+                                           False))
         resumed.cfg.run.resume = step_path(str(tmp_path / name), STEPS)
         resumed.resume()  # the stages' checkpoint loads into one process by name
         assert resumed.state.step == STEPS
