@@ -239,6 +239,10 @@ class ParallelConfig:
                 raise ConfigError(f"parallel.encoder_stages={self.encoder_stages} with "
                                   "parallel.pp=1: set it 0 (no pipeline)")
             return
+        if model.rel_bias_shared:
+            raise ConfigError(f"model.rel_bias_shared=true with parallel.pp={self.pp}: a "
+                              "stage without a stack's first layer would lack its bias table; "
+                              "use parallel.pp=1 (tensor parallelism works)")
         if not model.is_encoder_decoder:
             if self.encoder_stages:
                 raise ConfigError(f"parallel.encoder_stages={self.encoder_stages} with "

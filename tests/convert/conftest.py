@@ -1,0 +1,26 @@
+"""Fixtures of the bridge tests: a tiny T5-layout SentencePiece model."""
+
+from __future__ import annotations
+
+import pytest
+
+from megarch.data.corpus import build_stdlib_corpus
+from megarch.data.tokenizers import train_sentencepiece
+
+pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+
+@pytest.fixture(scope="session")
+def corpus_jsonl(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("corpus") / "stdlib.jsonl")
+    build_stdlib_corpus(path, max_docs=120, progress=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def spiece(corpus_jsonl, tmp_path_factory) -> str:
+    """A 1,000-id tokenizer (900 pieces + 100 sentinels), T5's layout."""
+    prefix = str(tmp_path_factory.mktemp("sp") / "spiece")
+    return train_sentencepiece([corpus_jsonl], prefix, vocab_size=1000, progress=False,
+                               num_threads=1)
