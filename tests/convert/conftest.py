@@ -24,3 +24,20 @@ def spiece(corpus_jsonl, tmp_path_factory) -> str:
     prefix = str(tmp_path_factory.mktemp("sp") / "spiece")
     return train_sentencepiece([corpus_jsonl], prefix, vocab_size=1000, progress=False,
                                num_threads=1)
+
+
+@pytest.fixture(scope="session")
+def t5_spiece(corpus_jsonl, tmp_path_factory) -> str:
+    """A 900-piece SentencePiece model as T5's spiece.model is made: no byte fallback."""
+    import json
+
+    import sentencepiece as spm
+
+    with open(corpus_jsonl, encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f]
+    prefix = str(tmp_path_factory.mktemp("t5sp") / "spiece")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_prefix=prefix, vocab_size=900, pad_id=0,
+        eos_id=1, unk_id=2, bos_id=-1, byte_fallback=False, num_threads=1, minloglevel=2,
+        max_sentence_length=100000)
+    return prefix + ".model"
