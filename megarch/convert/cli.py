@@ -9,9 +9,10 @@ Usage::
 sharded safetensors with an index, or pytorch_model.bin) and writes ``OUT`` as a megarch run
 directory: ``OUT/checkpoints/step_00000000`` (written by megarch.training.checkpoint, as
 training writes it) and the tokenizer (``OUT/spiece.model``), which the checkpoint's
-``data.tokenizer`` names. ``megarch-eval OUT``, ``load_for_eval(OUT)`` and
-``megarch-train --config OUT/checkpoints/step_00000000/config.json --run.init_from OUT ...``
-use it directly.
+``data.tokenizer`` names, and ``OUT/model_config.json`` (the model section and tokenizer).
+``megarch-eval --checkpoint OUT``, ``load_for_eval(OUT)`` and multitask finetuning
+``megarch-train --preset ed_mtf --config OUT/model_config.json --run.init_from OUT ...`` use it
+directly. Its config is the study's ED span-corruption preset (``ed_mlm``) with the T5 model.
 
 ``to-hf`` reads a megarch checkpoint or run directory (its newest checkpoint; any TP/PP layout)
 and writes config.json, generation_config.json, safetensors (sharded with an index above
@@ -25,6 +26,7 @@ nothing is left. An existing non-empty ``OUT`` is refused.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -52,6 +54,9 @@ from megarch.convert.tokenizer import (
 from megarch.convert.weights import HFWeights, write_sharded
 
 PROG = "megarch-convert"
+MODEL_CONFIG = "model_config.json"
+"""Written by from-hf beside the checkpoint: the model section and the tokenizer, for
+``megarch-train --preset ed_mtf --config OUT/model_config.json --run.init_from OUT``."""
 DEFAULT_SHARD = "5GB"
 log = logging.getLogger(__name__)
 
@@ -116,18 +121,27 @@ def from_hf(hf_dir: str, out: str, tokenizer: str | None = None) -> str:
     with torch.device("meta"):
         model = build_model(model_cfg, device="meta")
     model.load_state_dict(state, strict=True, assign=True)  # no second copy of the weights
-    cfg = get_train_preset("ed_mtf")  # the study's multitask finetuning, on this model
+    cfg = get_train_preset("ed_mlm")  # T5 was pretrained with span corruption
     cfg.model = model_cfg
     final = os.path.abspath(out)
     cfg.data.tokenizer = os.path.join(final, os.path.basename(tok_path))
-    cfg.run.out_dir = os.path.join("runs", os.path.basename(final) + "_mtf")
+    cfg.run.out_dir = final
     cfg.validate()
+    source = os.path.abspath(hf_dir)
+    lineage = {"stages": [{"stage": "pretrain", "arch": "encoder_decoder", "objective": "mlm",
+                           "out_dir": source, "from_checkpoint": None, "from_step": None,
+                           "start_step": 0, "end_step": 0, "start_tokens": 0, "tokens": 0,
+                           "imported_from": source}],
+               "tokens_by_objective": {}}
     with _Staging(out) as tmp:
         copy_tokenizer(tok_path, tmp)
         save_checkpoint(tmp, TrainState(), model, build_optimizer(cfg.optim, model),
-                        cfg.to_json())
+                        cfg.to_json(), lineage=lineage)
+        with open(os.path.join(tmp, MODEL_CONFIG), "w", encoding="utf-8") as f:
+            json.dump({"model": dataclasses.asdict(model_cfg),
+                       "data": {"tokenizer": cfg.data.tokenizer}}, f, indent=2)
         with open(os.path.join(tmp, "hf_source.json"), "w", encoding="utf-8") as f:
-            json.dump({"from": os.path.abspath(hf_dir), "config": hf}, f, indent=2)
+            json.dump({"from": source, "config": hf}, f, indent=2)
     log.info("wrote %s", final)
     return final
 
