@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 
@@ -108,3 +109,43 @@ def test_a_missing_directory_is_refused(tmp_path):
     with pytest.raises(ConvertError, match="not a directory"):
         from_hf(str(tmp_path / "nothing"), str(tmp_path / "out"))
     assert os.listdir(tmp_path) == []
+
+
+def test_the_attention_kernel_computes_the_imported_t5(tmp_path, spiece, monkeypatch):
+    """The scale folded into the queries: the kernel (the Triton interpreter here, the default
+    on CUDA) gives transformers' logits too, relative bias read from the shared table."""
+    hf_dir = str(tmp_path / "hf")
+    write_hf_dir(hf_dir, hf_config(False, enc_layers=2, dec_layers=2, d_kv=16), tokenizer=spiece)
+    out = str(tmp_path / "out")
+    from_hf(hf_dir, out)
+    ref = hf_model(hf_dir)
+    model, _, _ = load_for_eval(out)
+    g = torch.Generator().manual_seed(2)
+    enc, dec = torch.randint(2, 1000, (1, 40), generator=g), torch.randint(2, 1000, (1, 24),
+                                                                           generator=g)
+    calls = []
+    attention_module = importlib.import_module("megarch.model.attention")  # not the function
+    kernel = attention_module._kernel_attention
+    monkeypatch.setattr(attention_module, "_kernel_attention",
+                        lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    monkeypatch.setenv("MEGARCH_ATTENTION", "kernel")
+    with torch.no_grad():
+        got = model(encoder_tokens=enc, decoder_tokens=dec)
+        expected = ref(input_ids=enc, decoder_input_ids=dec).logits
+    assert len(calls) == 2 + 2 * 2  # 2 encoder layers; 2 decoder layers: self and cross
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_python_dash_m_and_the_tool_run_the_cli(tmp_path):
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": repo}
+    for command in ([sys.executable, "-m", "megarch.convert"],
+                    [sys.executable, os.path.join(repo, "tools", "convert_hf.py")]):
+        proc = subprocess.run([*command, "from-hf", str(tmp_path / "none"), str(tmp_path / "o")],
+                              capture_output=True, text=True, env=env)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip().startswith("megarch-convert: error:")
+        assert "not a directory" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
