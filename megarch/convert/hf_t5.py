@@ -225,6 +225,13 @@ def hf_to_megarch(cfg: ModelConfig, get: Callable[[str], torch.Tensor | None],
     """The megarch state dict of ``cfg`` from HF tensors (``get(name)``: the tensor or None),
     float32, with the attention scale folded into the queries."""
     fold = math.sqrt(cfg.kv_dim)
+    if cfg.tie_embeddings:
+        head, shared = get("lm_head.weight"), get("shared.weight")
+        if head is not None and shared is not None and not torch.equal(head, shared):
+            raise ConvertError(
+                f"{where}: lm_head.weight differs from shared.weight but config.json ties them "
+                "(tie_word_embeddings true: output scaled by d_model**-0.5); megarch has no "
+                "scaled untied head: set tie_word_embeddings false if the head is its own")
     state = {}
     for ours, theirs in name_map(cfg):
         tensor = get(theirs)

@@ -101,6 +101,9 @@ def test_bad_inputs_get_one_line_and_leave_nothing(tmp_path, spiece, capsys):
     _fails(["from-hf", hf_dir, out], capsys, "1000 ids", "vocabulary is 512")
     json.dump(config | {"num_layers": 3}, open(os.path.join(hf_dir, "config.json"), "w"))
     _fails(["from-hf", hf_dir, out], capsys, "encoder.block.2", "missing")
+    json.dump(config | {"tie_word_embeddings": True},  # the file's head is its own
+              open(os.path.join(hf_dir, "config.json"), "w"))
+    _fails(["from-hf", hf_dir, out], capsys, "lm_head.weight differs", "tie_word_embeddings")
     assert not os.path.exists(out)
     assert sorted(os.listdir(tmp_path)) == ["hf", "out"]
 

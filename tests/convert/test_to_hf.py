@@ -121,3 +121,27 @@ def test_export_refuses_a_non_empty_out_and_a_tokenizer_too_big(tmp_path, spiece
     json.dump(cfg, open(cfg_path, "w"))
     assert main(["to-hf", small, str(tmp_path / "e2"), "--tokenizer", spiece]) == 2
     assert "1000 ids" in capsys.readouterr().err and not os.path.exists(tmp_path / "e2")
+
+
+def test_a_tensor_parallel_checkpoint_exports_the_same_tensors(tmp_path, spiece):
+    """A TP2 layout (each rank: half the heads, d_ff columns, vocab rows and bias-table
+    columns) is gathered by the parameters' partition: the export is the TP1 one."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from tools.reshard_checkpoint import reshard
+
+    hf_dir = str(tmp_path / "hf")
+    original = write_hf_dir(hf_dir, hf_config(False), tokenizer=spiece, seed=5)
+    run = str(tmp_path / "run")
+    from_hf(hf_dir, run)
+    tp2 = str(tmp_path / "tp2")
+    path = reshard(run, tp2, tp=2)
+    assert "model_tp01_pp00.pt" in os.listdir(path)
+    out = str(tmp_path / "export")
+    assert main(["to-hf", tp2, out, "--quiet"]) == 0
+    back = _read_export(out)
+    assert sorted(back) == sorted(original)
+    for name, tensor in original.items():
+        torch.testing.assert_close(back[name], tensor, rtol=1e-6, atol=0)
