@@ -152,3 +152,28 @@ def test_python_dash_m_and_the_tool_run_the_cli(tmp_path):
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.strip().startswith("megarch-convert: error:")
         assert "not a directory" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_greedy_generation_with_the_cache_is_transformers(tmp_path, spiece):
+    """Incremental decoding (megarch's key/value cache, the shared table read at the cached
+    positions) picks transformers' tokens. (transformers' own cache sizes itself by the
+    encoder's depth and fails for a deeper decoder: its reference runs without one.)"""
+    from megarch.eval.generation import GenerationOptions, generate
+
+    hf_dir = str(tmp_path / "hf")
+    write_hf_dir(hf_dir, hf_config(True, enc_layers=2, dec_layers=3), tokenizer=spiece, seed=7)
+    out = str(tmp_path / "out")
+    from_hf(hf_dir, out)
+    ref = hf_model(hf_dir)
+    model, _, tok = load_for_eval(out)
+    prompts = [tok.encode("def main(argv): return parse(argv)"), tok.encode("import os")]
+    ours = generate(model, tok, prompts, GenerationOptions(max_new_tokens=30))
+    for prompt, got in zip(prompts, ours, strict=True):
+        with torch.no_grad():
+            theirs = ref.generate(torch.tensor([prompt + [tok.eos_id]]), max_new_tokens=30,
+                                  do_sample=False, num_beams=1, use_cache=False,
+                                  suppress_tokens=list(range(tok.vocab_size, VOCAB)))
+        expected = theirs[0, 1:].tolist()  # after the decoder start
+        if tok.eos_id in expected:
+            expected = expected[: expected.index(tok.eos_id) + 1]
+        assert got == expected and len(got) >= 5
