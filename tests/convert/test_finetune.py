@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import os
 
+from megarch.cli.data import main as data_cli
 from megarch.convert.cli import main as convert
-from megarch.data.preprocess import preprocess
 from megarch.eval.cli import main as evaluate
 from megarch.eval.loading import load_for_eval
 from megarch.train import main as train
@@ -23,8 +23,9 @@ def test_mtf_from_a_converted_t5_then_evaluation_and_export(tmp_path, spiece, mo
     write_hf_dir("t5", hf_config(False, enc_layers=2, dec_layers=2), tokenizer=spiece)
     assert convert(["from-hf", "t5", "t5_megarch", "--quiet"]) == 0
     write_prompted("prompted.jsonl", 40, seed=1)
-    preprocess("prompted.jsonl", "prompted", "t5_megarch/spiece.model",
-               json_keys=("inputs", "targets"), progress=False)
+    assert data_cli(["preprocess", "--input", "prompted.jsonl", "--output", "prompted",
+                     "--tokenizer", "t5_megarch/spiece.model", "--json-keys", "inputs",
+                     "targets", "--workers", "1", "-q"]) == 0
     argv = ["--preset", "ed_mtf", "--config", "t5_megarch/model_config.json",
             "--run.init_from", "t5_megarch", "--data.paths", "prompted",
             "--run.out_dir", "mtf", "--data.split", "1,0,0", "--data.inputs_len", "24",
