@@ -169,8 +169,9 @@ def check_exportable(cfg: ModelConfig) -> None:
     if not cfg.is_encoder_decoder:
         raise ConvertError(
             f"model.arch={cfg.arch}: only encoder_decoder exports to Hugging Face (T5); no HF "
-            "architecture computes megarch's decoder-only network (T5 relative bias per layer, "
-            "GEGLU, prefix mask) exactly")
+            "architecture computes megarch's decoder-only networks as they are (T5 relative "
+            "bias in every layer, prefix masks; a rotary causal decoder would need Gemma with "
+            "rescaled weights, not implemented)")
     if cfg.position != "t5_relative":
         raise ConvertError(f"model.position={cfg.position}: T5 uses t5_relative bias; "
                            "only such models export")

@@ -13,7 +13,7 @@ from megarch.config.train import get_train_preset
 from megarch.convert import from_hf
 from megarch.convert.cli import main
 from megarch.model import build_model
-from megarch.training.checkpoint import TrainState, save_checkpoint
+from megarch.training.checkpoint import TrainState, find_latest, load_model, save_checkpoint
 from megarch.training.optim import build_optimizer
 from tests.convert.helpers import hf_config, hf_model, write_hf_dir
 
@@ -80,6 +80,13 @@ def test_sharded_export_above_the_size_limit(tmp_path, spiece, monkeypatch):
         torch.testing.assert_close(back[name], tensor, rtol=1e-6, atol=0)
     model = hf_model(out)  # transformers reads the index
     torch.testing.assert_close(model.lm_head.weight.detach(), original["lm_head.weight"])
+    again = str(tmp_path / "again")  # and so does from-hf: sharded safetensors in
+    from_hf(out, again)
+    first = load_model(find_latest(str(tmp_path / "run")))[0].state_dict()
+    second = load_model(find_latest(again))[0].state_dict()
+    assert sorted(first) == sorted(second)
+    for name, tensor in first.items():
+        torch.testing.assert_close(second[name], tensor, rtol=1e-6, atol=0)
 
 
 def _megarch_checkpoint(tmp_path, preset: str) -> str:
