@@ -1,6 +1,8 @@
 """Pre-norm transformer blocks. Each block is self-contained: it holds its own relative position
 bias table (when the model uses T5 biases) and computes everything it needs from the sample
-fields it is given, so a pipeline stage can hold any run of blocks. Given a tensor-parallel
+fields it is given, so a pipeline stage can hold any run of blocks. (``model.rel_bias_shared``,
+Hugging Face T5's layout, is the exception: a stack's first block holds the one table and the
+others read it, :func:`share_rel_bias`; no pipeline then.) Given a tensor-parallel
 group a block holds its rank's share of the heads (and of their bias-table columns) and of the
 feed-forward hidden units.
 

@@ -48,3 +48,14 @@ def test_shared_table_is_per_layer_tables_all_equal(arch):
 def test_shared_table_needs_t5_bias():
     with pytest.raises(ConfigError, match="rel_bias_shared"):
         ModelConfig(position="rotary", rel_bias_shared=True).validate()
+
+
+def test_shared_table_is_refused_in_a_pipeline():
+    from megarch.config.train import get_train_preset
+
+    cfg = get_train_preset("ed_mlm_tiny")
+    cfg.model.rel_bias_shared = True
+    cfg.validate()  # tensor parallelism and one stage are fine
+    cfg.parallel.pp = 2
+    with pytest.raises(ConfigError, match="rel_bias_shared=true with parallel.pp=2"):
+        cfg.parallel.validate_pipeline(cfg.model, cfg.run)
