@@ -17,7 +17,10 @@ directly. Its config is the study's ED span-corruption preset (``ed_mlm``) with 
 ``to-hf`` reads a megarch checkpoint or run directory (its newest checkpoint; any TP/PP layout)
 and writes config.json, generation_config.json, safetensors (sharded with an index above
 ``--max-shard-size``) and the run's tokenizer, which ``T5ForConditionalGeneration`` and
-``AutoTokenizer`` load with ``from_pretrained(OUT)``.
+``AutoTokenizer`` load with ``from_pretrained(OUT)``. Encoder-decoders export as T5 (they need
+``model.rel_bias_shared``, as imported T5s and the T5 v1.1 presets have it); a causal decoder
+with rotary positions exports as Gemma (megarch.convert.hf_gemma); other decoder-only models
+are refused.
 
 Both write into a temporary directory beside ``OUT`` and rename it at the end: on any error
 nothing is left. An existing non-empty ``OUT`` is refused.
@@ -36,6 +39,7 @@ import sys
 
 import torch
 
+from megarch.convert.hf_gemma import check_gemma_exportable, gemma_config, megarch_to_gemma
 from megarch.convert.hf_t5 import (
     ConvertError,
     check_exportable,
@@ -175,11 +179,15 @@ def to_hf(checkpoint: str, out: str, max_shard_bytes: int = 5 * 10**9,
     except (OSError, ValueError) as err:
         raise ConvertError(f"{path}/{CONFIG_FILE}: cannot read the run's config ({err})") \
             from None
-    check_exportable(cfg.model)  # before any weight is read
-    if not cfg.model.rel_bias_shared:
-        raise ConvertError(f"{path}: model.rel_bias_shared=false (a bias table per layer); T5 "
-                           "has one per stack, so only models trained with "
-                           "model.rel_bias_shared=true export exactly")
+    decoder_only = not cfg.model.is_encoder_decoder
+    if decoder_only:  # before any weight is read
+        check_gemma_exportable(cfg.model)
+    else:
+        check_exportable(cfg.model)
+        if not cfg.model.rel_bias_shared:
+            raise ConvertError(f"{path}: model.rel_bias_shared=false (a bias table per layer); "
+                               "T5 has one per stack, so only models trained with "
+                               "model.rel_bias_shared=true export exactly")
     tok = None
     if with_tokenizer:
         spec = tokenizer or cfg.data.tokenizer
@@ -189,9 +197,15 @@ def to_hf(checkpoint: str, out: str, max_shard_bytes: int = 5 * 10**9,
         tok = load_checked(spec, cfg.model.vocab_size, path)
     model, _ = load_model(path)
     state = model.state_dict()
-    entries = megarch_to_hf(cfg.model, state)
     pad, eos = (tok.pad_id, tok.eos_id) if tok is not None else (0, 1)
-    hf_cfg = hf_config_from_model(cfg.model, pad_id=pad, eos_id=eos)
+    if decoder_only:
+        entries = megarch_to_gemma(cfg.model, state)
+        hf_cfg = gemma_config(cfg.model, pad_id=pad, eos_id=eos)
+        generation = {"bos_token_id": pad, "eos_token_id": eos, "pad_token_id": pad}
+    else:
+        entries = megarch_to_hf(cfg.model, state)
+        hf_cfg = hf_config_from_model(cfg.model, pad_id=pad, eos_id=eos)
+        generation = {"decoder_start_token_id": pad, "eos_token_id": eos, "pad_token_id": pad}
     with _Staging(out) as tmp:
         if tok is not None:
             write_hf_tokenizer(tok, tmp)
@@ -199,8 +213,7 @@ def to_hf(checkpoint: str, out: str, max_shard_bytes: int = 5 * 10**9,
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(hf_cfg, f, indent=2)
         with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as f:
-            json.dump({"decoder_start_token_id": pad, "eos_token_id": eos,
-                       "pad_token_id": pad}, f, indent=2)
+            json.dump(generation, f, indent=2)
     log.info("wrote %s", os.path.abspath(out))
     return os.path.abspath(out)
 

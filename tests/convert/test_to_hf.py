@@ -99,7 +99,8 @@ def _megarch_checkpoint(tmp_path, preset: str) -> str:
 
 
 @pytest.mark.parametrize("preset, words", [
-    ("cd_flm_tiny", ("model.arch=causal_decoder", "only encoder_decoder")),
+    ("cd_flm_tiny", ("model.arch=causal_decoder with model.position=t5_relative",
+                     "no Hugging Face architecture")),
     ("ed_mlm_tiny", ("model.rel_bias_shared=false",)),
 ])
 def test_models_without_an_exact_hf_twin_are_refused(tmp_path, capsys, preset, words):
