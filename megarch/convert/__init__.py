@@ -1,6 +1,8 @@
 """The Hugging Face bridge: T5-family checkpoints into megarch encoder-decoders and back.
 
 - :mod:`megarch.convert.hf_t5`: the config and weight-name mapping (exact, see its docstring);
+- :mod:`megarch.convert.hf_gemma`: rotary causal decoders out as Gemma (the one decoder-only
+  export: other megarch decoders have no HF twin);
 - :mod:`megarch.convert.weights`: reading HF weight files, writing safetensors tensor by tensor;
 - :mod:`megarch.convert.tokenizer`: the tokenizer files on both sides;
 - :mod:`megarch.convert.cli`: ``megarch-convert from-hf`` / ``to-hf`` (also
