@@ -244,13 +244,21 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "from-hf":
-            from_hf(args.hf_dir, args.out, args.tokenizer)
+            out = from_hf(args.hf_dir, args.out, args.tokenizer)
+            usage = (f"  finetune : megarch-train --preset ed_mtf --config {out}/{MODEL_CONFIG} "
+                     f"--run.init_from {out} --data.paths ...\n"
+                     f"  evaluate : megarch-eval --checkpoint {out} --tasks ...")
         else:
-            to_hf(args.checkpoint, args.out, parse_size(args.max_shard_size), args.tokenizer,
-                  not args.no_tokenizer)
+            out = to_hf(args.checkpoint, args.out, parse_size(args.max_shard_size),
+                        args.tokenizer, not args.no_tokenizer)
+            usage = f"  load     : from_pretrained({out!r}) (transformers)"
     except (ValueError, OSError) as err:  # ConvertError, ConfigError, DataError included
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
+    if not args.quiet:
+        size = sum(os.path.getsize(os.path.join(root, f))
+                   for root, _, files in os.walk(out) for f in files)
+        print(f"wrote {out} ({size / 1e6:.1f} MB)\n{usage}")
     return 0
 
 

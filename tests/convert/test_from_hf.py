@@ -56,7 +56,10 @@ def test_pytorch_bin_weights_and_the_cli(tmp_path, spiece, capsys):
     write_hf_dir(hf_dir, hf_config(False, enc_layers=3, dec_layers=1), tokenizer=spiece,
                  weights="bin")
     out = str(tmp_path / "out")
-    assert main(["from-hf", hf_dir, out, "--quiet"]) == 0
+    assert main(["from-hf", hf_dir, out]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out} (" in printed
+    assert f"megarch-train --preset ed_mtf --config {out}/model_config.json" in printed
     _check_logits(hf_dir, out)
 
 
