@@ -90,3 +90,18 @@ def test_every_size_has_a_layout_on_1_and_8_a100s(size):
             assert 8 * config_parameter_count(cfg.model) / 2**30 > A100_GIB
         else:
             assert one is not None, preset
+
+
+def test_google_t5_v1_1_small_config_imports_as_the_preset():
+    """google/t5-v1_1-small's config.json (as published on the Hub, recorded here): its import
+    is the preset's model, so ``--preset ed_t5_v1_1_small_mtf --run.init_from`` fits it."""
+    from megarch.convert.hf_t5 import model_config_from_hf
+
+    hub = {"architectures": ["T5ForConditionalGeneration"], "d_ff": 1024, "d_kv": 64,
+           "d_model": 512, "decoder_start_token_id": 0, "dropout_rate": 0.1,
+           "eos_token_id": 1, "feed_forward_proj": "gated-gelu", "initializer_factor": 1.0,
+           "is_encoder_decoder": True, "layer_norm_epsilon": 1e-06, "model_type": "t5",
+           "num_decoder_layers": 8, "num_heads": 6, "num_layers": 8, "output_past": True,
+           "pad_token_id": 0, "relative_attention_num_buckets": 32,
+           "tie_word_embeddings": False, "vocab_size": 32128}
+    assert model_config_from_hf(hub) == get_train_preset("ed_t5_v1_1_small_mtf").model
