@@ -82,6 +82,7 @@ setup(
             "megarch-lm-eval=megarch.eval.lm_eval_adapter:main",
             "megarch-study=megarch.study.cli:main",
             "megarch-bench-attention=kernels.bench:main",
+            "megarch-convert=megarch.convert.cli:main",
         ],
     },
 )

@@ -52,6 +52,10 @@ class ModelConfig:
     two stay one network (adaptation only changes the mask)."""
     position: str = "t5_relative"
     """t5_relative (a learned bias table per layer) or rotary (on queries and keys)."""
+    rel_bias_shared: bool = False
+    """t5_relative only: one bias table per stack, held by its first layer and read by all its
+    layers (Hugging Face / Mesh-TF T5); False: a table per layer (T5X, the study). Not with
+    pipeline parallelism (a stage without the first layer would lack the table)."""
     rotary_base: float = 10000.0
     """Rotary only: the frequency base."""
     norm_eps: float = 1e-6
@@ -102,6 +106,9 @@ class ModelConfig:
             raise ConfigError(f"model.dropout={self.dropout}: must be in [0, 1)")
         if self.position == "t5_relative":
             self._validate_buckets()
+        elif self.rel_bias_shared:
+            raise ConfigError("model.rel_bias_shared=true needs model.position=t5_relative "
+                              "(rotary has no bias table): set it false")
         if self.norm_eps <= 0 or self.init_std <= 0 or self.z_loss < 0:
             raise ConfigError(
                 "model.norm_eps and model.init_std must be > 0 and model.z_loss >= 0 "

@@ -31,7 +31,7 @@ from typing import Any
 from megarch.config.data import DataConfig
 from megarch.config.model import ModelConfig
 from megarch.config.overrides import ConfigError, apply_overrides
-from megarch.config.presets import study_model, tiny_model
+from megarch.config.presets import T5_V1_1, get_model_preset, study_model, tiny_model
 
 OPTIMIZERS = ("adafactor", "adamw")
 SCHEDULES = ("inverse_sqrt", "cosine", "constant")
@@ -239,6 +239,10 @@ class ParallelConfig:
                 raise ConfigError(f"parallel.encoder_stages={self.encoder_stages} with "
                                   "parallel.pp=1: set it 0 (no pipeline)")
             return
+        if model.rel_bias_shared:
+            raise ConfigError(f"model.rel_bias_shared=true with parallel.pp={self.pp}: a "
+                              "stage without a stack's first layer would lack its bias table; "
+                              "use parallel.pp=1 (tensor parallelism works)")
         if not model.is_encoder_decoder:
             if self.encoder_stages:
                 raise ConfigError(f"parallel.encoder_stages={self.encoder_stages} with "
@@ -424,6 +428,18 @@ def _mtf_tiny(arch: str) -> TrainConfig:
     return cfg
 
 
+def _t5_mtf(model_preset: str) -> TrainConfig:
+    """The study's multitask finetuning (:func:`_mtf`) of a T5 v1.1 size or its decoder-only
+    pair (megarch.config.presets), e.g. from ``megarch-convert from-hf`` of
+    ``google/t5-base-lm-adapt``."""
+    model = get_model_preset(model_preset)
+    cfg = _mtf(model.arch)
+    model.dropout = cfg.model.dropout
+    cfg.model = model
+    cfg.run.out_dir = f"runs/{model_preset}_mtf"
+    return cfg
+
+
 def _short(arch: str) -> str:
     return {"causal_decoder": "cd", "nonc_decoder": "nd", "encoder_decoder": "ed"}[arch]
 
@@ -448,6 +464,9 @@ def _train_presets() -> dict[str, Callable[[], TrainConfig]]:
                         ("ed", "encoder_decoder")):
         table[f"{short}_mtf"] = lambda a=arch: _mtf(a)
         table[f"{short}_mtf_tiny"] = lambda a=arch: _mtf_tiny(a)
+    for size in T5_V1_1:
+        for short in ("ed", "cd", "nd"):
+            table[f"{short}_t5_v1_1_{size}_mtf"] = lambda m=f"{short}_t5_v1_1_{size}": _t5_mtf(m)
     return table
 
 

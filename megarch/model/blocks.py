@@ -1,6 +1,8 @@
 """Pre-norm transformer blocks. Each block is self-contained: it holds its own relative position
 bias table (when the model uses T5 biases) and computes everything it needs from the sample
-fields it is given, so a pipeline stage can hold any run of blocks. Given a tensor-parallel
+fields it is given, so a pipeline stage can hold any run of blocks. (``model.rel_bias_shared``,
+Hugging Face T5's layout, is the exception: a stack's first block holds the one table and the
+others read it, :func:`share_rel_bias`; no pipeline then.) Given a tensor-parallel
 group a block holds its rank's share of the heads (and of their bias-table columns) and of the
 feed-forward hidden units.
 
@@ -45,6 +47,22 @@ def _lazy_bias(table: RelativePositionBias | None, positions: torch.Tensor,
     return table.lazy(positions, cache.owner.key_positions if stepping else positions)
 
 
+def _table(block: nn.Module) -> RelativePositionBias | None:
+    """The block's own bias table, else the stack's shared one (``model.rel_bias_shared``)."""
+    if block.rel_bias is not None:
+        return block.rel_bias
+    return block.shared_rel_bias[0] if block.shared_rel_bias else None
+
+
+def share_rel_bias(blocks: list[nn.Module]) -> None:
+    """Make every block read the first block's bias table (``model.rel_bias_shared``): the
+    others drop their own, so the table is one parameter, in the first block's state, whose
+    gradient sums over the layers. The reference is kept in a tuple, not as a submodule."""
+    for block in blocks[1:]:
+        block.rel_bias = None
+        block.shared_rel_bias = (blocks[0].rel_bias,)
+
+
 class SelfAttentionBlock(nn.Module):
     """Self-attention + GEGLU: the decoder-only layer (CD and ND) and the encoder layer.
 
@@ -52,6 +70,9 @@ class SelfAttentionBlock(nn.Module):
     causal, prefix and bidirectional masks. ``bidirectional_buckets`` picks the relative
     position bucketing (see megarch.model.position).
     """
+
+    shared_rel_bias: tuple = ()
+    """(the first block's table,) when the stack shares one (:func:`share_rel_bias`)."""
 
     def __init__(self, cfg: ModelConfig, bidirectional_buckets: bool, n_heads: int | None = None,
                  tp_group: Group = None):
@@ -77,7 +98,7 @@ class SelfAttentionBlock(nn.Module):
     ) -> torch.Tensor:
         """x: [batch, len, d_model]; positions, segment_ids: [batch, len]; ``cache``: this
         layer's keys/values for incremental decoding (megarch.model.cache)."""
-        bias = _lazy_bias(self.rel_bias, positions, cache)
+        bias = _lazy_bias(_table(self), positions, cache)
         h = self.attn(self.attn_norm(x), mode, positions=positions, segment_ids=segment_ids,
                       prefix_len=prefix_len, bias=bias, cache=cache)
         x = x + self.dropout(h)
@@ -86,6 +107,9 @@ class SelfAttentionBlock(nn.Module):
 
 class CrossAttentionBlock(nn.Module):
     """The encoder-decoder's decoder layer: causal self-attention, cross-attention, GEGLU."""
+
+    shared_rel_bias: tuple = ()
+    """(the first block's table,) when the stack shares one (:func:`share_rel_bias`)."""
 
     def __init__(self, cfg: ModelConfig, n_heads: int | None = None, tp_group: Group = None):
         super().__init__()
@@ -112,7 +136,7 @@ class CrossAttentionBlock(nn.Module):
     ) -> torch.Tensor:
         """x: [batch, dec_len, d_model]; encoder_out: [batch, enc_len, d_model]; ``cache``:
         this layer's self- and cross-attention keys/values (megarch.model.cache)."""
-        bias = _lazy_bias(self.rel_bias, positions, cache)
+        bias = _lazy_bias(_table(self), positions, cache)
         h = self.attn(self.attn_norm(x), MaskMode.CAUSAL, positions=positions,
                       segment_ids=segment_ids, bias=bias, cache=cache)
         x = x + self.dropout(h)

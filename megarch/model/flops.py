@@ -47,12 +47,14 @@ def config_parameter_count(cfg: ModelConfig) -> int:
     """Parameters of the model ``cfg`` describes, in closed form (no model is built)."""
     d, a, f = cfg.d_model, cfg.n_heads * cfg.kv_dim, cfg.d_ff
     bias_table = cfg.rel_buckets * cfg.n_heads if cfg.position == "t5_relative" else 0
-    self_block = 4 * d * a + 3 * d * f + 2 * d + bias_table  # attention, GEGLU, 2 norms, bias
+    shared = bias_table if cfg.rel_bias_shared else 0  # one table per stack, not per layer
+    per_layer_bias = 0 if cfg.rel_bias_shared else bias_table
+    self_block = 4 * d * a + 3 * d * f + 2 * d + per_layer_bias  # attention, GEGLU, 2 norms
     total = cfg.vocab_size * d + (0 if cfg.tie_embeddings else cfg.vocab_size * d)
-    total += cfg.n_layers * self_block + d  # layers and the final (encoder) norm
+    total += cfg.n_layers * self_block + d + shared  # layers and the final (encoder) norm
     if cfg.is_encoder_decoder:
         cross_block = self_block + 4 * d * a + d  # + cross-attention and its norm
-        total += cfg.decoder_layers * cross_block + d
+        total += cfg.decoder_layers * cross_block + d + shared
     return total
 
 

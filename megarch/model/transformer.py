@@ -53,7 +53,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megarch.config.model import ModelConfig
 from megarch.model.attention import MaskMode
-from megarch.model.blocks import CrossAttentionBlock, SelfAttentionBlock
+from megarch.model.blocks import CrossAttentionBlock, SelfAttentionBlock, share_rel_bias
 from megarch.model.cache import KVCache, LayerCache
 from megarch.model.layers import RMSNorm
 from megarch.model.position import RelativePositionBias
@@ -201,6 +201,8 @@ class DecoderLM(_LanguageModel):
             SelfAttentionBlock(cfg, cfg.decoder_rel_bidirectional, tp_group=self.tp_group)
             for _ in range(cfg.n_layers)
         )
+        if cfg.rel_bias_shared:
+            share_rel_bias(self.blocks)
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mark_sequence_parallel()
 
@@ -251,6 +253,9 @@ class EncoderDecoderLM(_LanguageModel):
         self.decoder_blocks = nn.ModuleList(
             CrossAttentionBlock(cfg, tp_group=self.tp_group) for _ in range(cfg.decoder_layers)
         )
+        if cfg.rel_bias_shared:
+            share_rel_bias(self.encoder_blocks)
+            share_rel_bias(self.decoder_blocks)
         self.decoder_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mark_sequence_parallel()
 
