@@ -50,8 +50,7 @@ def _batches(cfg, args: argparse.Namespace) -> list[dict]:
 
 
 def _build(cfg, layout: str, contexts: dict):
-    from megarch.model import build_model
-    from megarch.parallel.pipeline import build_stage
+    from megarch.model import build_model, build_stage
 
     torch.manual_seed(0)
     if layout == "PP2":

@@ -9,7 +9,7 @@
 What is counted, for the pipeline rank with the largest total:
 
 - parameters: the tensor-parallel shard (vocab, heads, d_ff split by tp; norms replicated) of
-  the blocks the trainer gives the rank (megarch.parallel.pipeline.pipeline_layout: the union
+  the blocks the trainer gives the rank (megarch.model.pipeline_layout: the union
   of its model chunks; encoder blocks on the first ``encoder_stages`` virtual stages) and the
   embedding copies it holds (first stage, an encoder-decoder's first decoder stage, the last
   stage when tied);
@@ -76,8 +76,8 @@ def block_parameters(cfg: ModelConfig, kind: str, tp: int = 1) -> int:
 
 
 def _layout(cfg: ModelConfig, pp: int, virtual_stages: int, encoder_stages: int):
-    """The trainer's split of the blocks (megarch.parallel.pipeline.pipeline_layout)."""
-    from megarch.parallel.pipeline import pipeline_layout
+    """The trainer's split of the blocks (megarch.model.pipeline_layout)."""
+    from megarch.model import pipeline_layout
 
     return pipeline_layout(cfg, pp, virtual_stages, encoder_stages)
 
@@ -89,7 +89,7 @@ def _chunk_kind(cfg: ModelConfig, layout, virtual: int) -> str:
 def stage_parameters(cfg: ModelConfig, tp: int = 1, pp: int = 1, virtual_stages: int = 1,
                      encoder_stages: int = 0) -> list[int]:
     """Parameters of each pipeline rank (the union of its model chunks) on one TP rank, as
-    megarch.parallel.pipeline builds the stages: the same block split and embedding copies
+    megarch.model.build_stage builds the stages: the same block split and embedding copies
     (the first stage, an encoder-decoder's first decoder stage, the last stage when tied)."""
     d, embedding = cfg.d_model, cfg.vocab_size * cfg.d_model // tp
     if pp == 1:
@@ -97,7 +97,7 @@ def stage_parameters(cfg: ModelConfig, tp: int = 1, pp: int = 1, virtual_stages:
         if cfg.is_encoder_decoder:
             count += cfg.decoder_layers * block_parameters(cfg, "cross", tp) + d
         return [count - (embedding if cfg.tie_embeddings else 0)]
-    from megarch.parallel.pipeline import DecoderStage
+    from megarch.model import embedding_ranks
 
     layout = _layout(cfg, pp, virtual_stages, encoder_stages)
     counts = [0] * pp
@@ -108,7 +108,7 @@ def stage_parameters(cfg: ModelConfig, tp: int = 1, pp: int = 1, virtual_stages:
             counts[rank] += d  # the encoder's final norm
     last = layout.rank_of(layout.n_virtual - 1)
     counts[last] += d + (0 if cfg.tie_embeddings else embedding)  # final norm, output layer
-    for rank in DecoderStage.embedding_ranks(layout, cfg):
+    for rank in embedding_ranks(layout, cfg):
         counts[rank] += embedding
     return counts
 
@@ -293,7 +293,7 @@ def chunk_activation_bytes(cfg: ModelConfig, layout, virtual: int, enc_len: int,
                            micro: int, tp: int = 1, bf16: bool = False, flash: bool = False,
                            cuda: bool = True) -> dict[str, float]:
     """Bytes one micro-batch keeps, until its backward, in virtual stage ``virtual`` of a
-    pipeline ``layout`` (megarch.parallel.pipeline.PipelineLayout), by part as
+    pipeline ``layout`` (megarch.model.PipelineLayout), by part as
     :func:`activation_bytes` (no sequence parallelism: stages refuse it), plus ``carried``:
     what the schedule holds for the backward beyond the saved tensors: the chunk's output
     (float32 [micro, len, d_model], all but the last virtual stage) and, on an
@@ -398,7 +398,7 @@ def estimate_config(cfg: TrainConfig, tp: int, pp: int, dp: int, zero1: bool,
         if sp:
             raise ValueError("--sp with pp > 1: the pipeline stages do not support sequence "
                              "parallelism; drop --sp or use pp 1")
-        from megarch.parallel.pipeline import DecoderStage
+        from megarch.model import embedding_ranks
 
         layout = _layout(model, pp, virtual_stages, encoder_stages)
         counts = stage_parameters(model, tp, pp, virtual_stages, encoder_stages)
@@ -409,7 +409,7 @@ def estimate_config(cfg: TrainConfig, tp: int, pp: int, dp: int, zero1: bool,
         grad = logit_bytes(model, run.micro_batch, dec_len, tp)  # the logits' fp32 gradient
         transient = [c["recompute"] + (grad if c["logits"] else 0.0) for c in chunks]
         n_micro = max(1, run.global_batch // (run.micro_batch * dp))
-        tables = set(DecoderStage.embedding_ranks(layout, model))
+        tables = set(embedding_ranks(layout, model))
         tables.add(layout.rank_of(layout.n_virtual - 1))  # the output layer
         for r in range(pp):
             blocks = sum(len(layout.layers[layout.virtual(r, c)]) for c in range(virtual_stages))

@@ -29,9 +29,8 @@ from tqdm import tqdm
 
 from megarch.atomic import atomic_dir
 from megarch.config.train import TrainConfig
-from megarch.model import build_model
+from megarch.model import build_model, build_stage, pipeline_layout
 from megarch.parallel.context import ParallelContext
-from megarch.parallel.pipeline import build_stage, pipeline_layout
 from megarch.parallel.reshard import optimizer_group_names
 from megarch.parallel.tensor_parallel import partition_dims
 from megarch.training.checkpoint import (

@@ -169,7 +169,8 @@ def to_hf(checkpoint: str, out: str, max_shard_bytes: int = 5 * 10**9,
           tokenizer: str | None = None, with_tokenizer: bool = True) -> str:
     """Export megarch checkpoint (or run directory) ``checkpoint`` to HF directory ``out``."""
     from megarch.config.train import config_from_json
-    from megarch.training.checkpoint import CONFIG_FILE, load_model
+    from megarch.training.checkpoint import CONFIG_FILE
+    from megarch.training.resume import load_model
 
     _check_out(out)
     path = _resolve(checkpoint)

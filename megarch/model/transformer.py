@@ -47,6 +47,7 @@ import logging
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -57,8 +58,10 @@ from megarch.model.blocks import CrossAttentionBlock, SelfAttentionBlock, share_
 from megarch.model.cache import KVCache, LayerCache
 from megarch.model.layers import RMSNorm
 from megarch.model.position import RelativePositionBias
-from megarch.parallel.collectives import enter_tp, exit_tp
+from megarch.model.stages import PipelineLayout, embedding_ranks, pipeline_layout, whole_model
+from megarch.parallel.collectives import all_reduce_tensors, enter_tp, exit_tp
 from megarch.parallel.context import ParallelContext
+from megarch.parallel.pipeline import embedding_group
 from megarch.parallel.rng import TensorParallelDropout, global_draw
 from megarch.parallel.tensor_parallel import partition_dims, set_partition_dim, shard_tensor
 
@@ -80,21 +83,83 @@ def _float32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x.float(), weight.float())
 
 
-class _LanguageModel(nn.Module):
-    """What both models share: the embedding, the output projection, init, checkpointing."""
+class Blocks(nn.ModuleDict):
+    """The blocks a model (or pipeline stage) holds, by their global index: ``blocks[3]`` and
+    ``blocks["3"]`` are block 3, iteration yields the blocks in index order. The parameter
+    names are those of a list of all the blocks (``blocks.3.attn.q.weight``), so a stage's
+    state dict is a slice of the whole model's."""
 
-    def __init__(self, cfg: ModelConfig, ctx: ParallelContext | None = None):
+    def __getitem__(self, key: int | str) -> nn.Module:
+        return super().__getitem__(str(key))
+
+    def __iter__(self):
+        return iter(self.values())
+
+
+class _LanguageModel(nn.Module):
+    """What both models share: the layout they hold a part of, the embedding, the output
+    projection, init, checkpointing, the embedding copies of a pipeline."""
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext | None = None,
+                 layout: PipelineLayout | None = None):
         super().__init__()
         self.cfg = cfg
         self.ctx = ctx or ParallelContext.single()
+        self.layout = layout or whole_model(cfg)
+        if self.layout.pp > 1 and self.ctx.sequence_parallel:
+            raise ValueError("sequence parallelism with pipeline stages is not yet supported: "
+                             "set parallel.sequence_parallel false or parallel.pp 1")
+        self.pp_rank = self.ctx.pp_rank if self.layout.pp > 1 else 0
+        self.chunks = self.layout.chunks(self.pp_rank)
+        """The virtual stages this module holds (``[0]`` for the whole model)."""
+        self.virtual_stages = self.layout.virtual_stages
+        self.last_virtual = self.layout.n_virtual - 1
+        self.first, self.last = 0 in self.chunks, self.last_virtual in self.chunks
         self.tp_group = self.ctx.tp_group if self.ctx.tp > 1 else None
         self.sequence_parallel = self.ctx.sequence_parallel and self.tp_group is not None
         vocab = cfg.vocab_size // self.ctx.tp  # this rank's rows (vocab-parallel)
         self.vocab_start = self.ctx.tp_rank * vocab
-        self.embed = set_partition_dim(nn.Embedding(vocab, cfg.d_model), "weight", 0)
-        self.lm_head = None if cfg.tie_embeddings else set_partition_dim(
-            nn.Linear(cfg.d_model, vocab, bias=False), "weight", 0)  # vocab-parallel rows
+        self.embed = None
+        if self.pp_rank in embedding_ranks(self.layout, cfg):
+            self.embed = set_partition_dim(nn.Embedding(vocab, cfg.d_model), "weight", 0)
+        self.lm_head = None
+        if not cfg.tie_embeddings and self.last:
+            self.lm_head = set_partition_dim(nn.Linear(cfg.d_model, vocab, bias=False),
+                                             "weight", 0)  # vocab-parallel rows
         self.dropout = TensorParallelDropout(cfg.dropout, self.tp_group)  # split under SP
+        self.embed_group: dist.ProcessGroup | None = None
+        """The ranks holding a copy of the embedding (a pipeline's; set by build_stage)."""
+
+    @property
+    def is_whole(self) -> bool:
+        """True when this module is the whole model (not one pipeline stage of it)."""
+        return self.layout.n_virtual == 1
+
+    def _require_whole(self, what: str) -> None:
+        if not self.is_whole:
+            raise RuntimeError(f"{what} runs the whole model; this is pipeline stage "
+                               f"{self.pp_rank} of {self.layout.pp}: run it through "
+                               "megarch.parallel.pipeline_schedules (stage.run_stage)")
+
+    def input_shapes(self, virtual: int, batch: dict) -> list[tuple[int, ...]]:
+        """Shapes of the tensors virtual stage ``virtual`` receives for ``batch``."""
+        raise NotImplementedError
+
+    @property
+    def duplicated_parameters(self) -> frozenset[str]:
+        """Names whose gradient another stage also holds (the embedding copies but rank 0's):
+        skip them when summing gradient norms over the pipeline."""
+        if self.embed is not None and self.pp_rank != 0:
+            return frozenset({"embed.weight"})
+        return frozenset()
+
+    def reduce_tied_embedding_grads(self) -> None:
+        """Sum the embedding gradients over the ranks holding a copy of the table (nothing
+        for the whole model)."""
+        if self.embed_group is not None and self.embed is not None:
+            if self.embed.weight.grad is None:
+                self.embed.weight.grad = torch.zeros_like(self.embed.weight)
+            all_reduce_tensors([self.embed.weight.grad], self.embed_group)
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Embeddings [batch, len, d_model] of ``tokens`` [batch, len] (vocab-parallel: each rank
@@ -129,6 +194,7 @@ class _LanguageModel(nn.Module):
         tokens' positions (defaults filled in)."""
         if cache is None:
             return [None] * n_layers, _default_positions(tokens, positions)
+        self._require_whole("incremental decoding (a KVCache)")
         if self.sequence_parallel:
             raise ValueError("incremental decoding (a KVCache) does not run under sequence "
                              "parallelism: set parallel.sequence_parallel false to generate")
@@ -190,20 +256,26 @@ def init_parameters(model: nn.Module, std: float, tp: int = 1, tp_rank: int = 0,
 
 
 class DecoderLM(_LanguageModel):
-    """Decoder-only LM: the causal decoder (CAUSAL mask) and the non-causal one (PREFIX mask)."""
+    """Decoder-only LM: the causal decoder (CAUSAL mask) and the non-causal one (PREFIX mask).
 
-    def __init__(self, cfg: ModelConfig, ctx: ParallelContext | None = None):
-        super().__init__(cfg, ctx)
+    With a ``layout`` (megarch.model.stages) it holds only its pipeline rank's blocks (and the
+    embedding / final norm and head where its stages need them); :meth:`run_stage` runs one of
+    its model chunks, and :meth:`forward` is that same code on the whole model.
+    """
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext | None = None,
+                 layout: PipelineLayout | None = None):
         if cfg.is_encoder_decoder:
             raise ValueError("DecoderLM needs arch causal_decoder or nonc_decoder")
+        super().__init__(cfg, ctx, layout)
         self.mask_mode = MaskMode.CAUSAL if cfg.arch == "causal_decoder" else MaskMode.PREFIX
-        self.blocks = nn.ModuleList(
-            SelfAttentionBlock(cfg, cfg.decoder_rel_bidirectional, tp_group=self.tp_group)
-            for _ in range(cfg.n_layers)
-        )
-        if cfg.rel_bias_shared:
-            share_rel_bias(self.blocks)
-        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.blocks = Blocks({
+            str(i): SelfAttentionBlock(cfg, cfg.decoder_rel_bidirectional, tp_group=self.tp_group)
+            for k in self.chunks for i in self.layout.layers[k]
+        })
+        if cfg.rel_bias_shared:  # the whole model only (a pipeline refuses the option)
+            share_rel_bias(list(self.blocks))
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if self.last else None
         self.mark_sequence_parallel()
 
     def forward(
@@ -223,41 +295,101 @@ class DecoderLM(_LanguageModel):
         (megarch.model.cache): the first pass is the prefill, later ones feed new tokens at
         their ``positions`` (required then; ``segment_ids`` and ``prefix_len`` unused).
         """
-        layer_caches, positions = self.cache_layers(cache, len(self.blocks), tokens, positions,
-                                                    segment_ids)
+        self._require_whole("DecoderLM.forward")
+        batch = {"tokens": tokens, "positions": positions, "segment_ids": segment_ids,
+                 "prefix_len": prefix_len}
+        return self.run_stage(batch, cache=cache)
+
+    def input_shapes(self, virtual: int, batch: dict) -> list[tuple[int, ...]]:
+        """The hidden state [batch, len, d_model] (nothing for virtual stage 0)."""
+        return [(*batch["tokens"].shape, self.cfg.d_model)] if virtual > 0 else []
+
+    def run_stage(self, batch: dict, inputs: tuple[torch.Tensor, ...] = (), chunk: int = 0,
+                  cache: KVCache | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Model chunk ``chunk`` on ``batch`` (the sample fields): from ``batch["tokens"]``
+        (virtual stage 0) or ``inputs = (hidden,)``. Returns ``(hidden,)``, or on the last
+        stage the logits."""
+        virtual = self.chunks[chunk]
+        tokens = batch["tokens"]
+        layers = self.layout.layers[virtual]
+        layer_caches, positions = self.cache_layers(cache, len(layers), tokens,
+                                                    batch.get("positions"),
+                                                    batch.get("segment_ids"))
+        segment_ids = batch.get("segment_ids")
         prefix = None
         if self.mask_mode == MaskMode.PREFIX:
-            prefix = prefix_len if prefix_len is not None else tokens.new_zeros(tokens.shape[0])
-        x = self.dropout(self.embed_tokens(tokens))  # [batch, len, d_model]
-        for block, layer_cache in zip(self.blocks, layer_caches, strict=True):
-            if layer_cache is None:  # the training path, unchanged
-                x = self.run_block(block, x, self.mask_mode, positions, segment_ids, prefix)
+            prefix = batch.get("prefix_len")
+            prefix = prefix if prefix is not None else tokens.new_zeros(tokens.shape[0])
+        x = self.dropout(self.embed_tokens(tokens)) if virtual == 0 else inputs[0]
+        for i, layer_cache in zip(layers, layer_caches, strict=True):
+            if layer_cache is None:  # the training path
+                x = self.run_block(self.blocks[i], x, self.mask_mode, positions, segment_ids,
+                                   prefix)
             else:
-                x = block(x, self.mask_mode, positions, segment_ids, prefix, layer_cache)
-        return self.logits(self.dropout(self.final_norm(x)))  # [batch, len, vocab]
+                x = self.blocks[i](x, self.mask_mode, positions, segment_ids, prefix,
+                                   layer_cache)
+        if virtual == self.last_virtual:
+            return self.logits(self.dropout(self.final_norm(x)))  # [batch, len, vocab]
+        return (x,)  # [batch, len, d_model]
 
 
 class EncoderDecoderLM(_LanguageModel):
     """T5-style encoder-decoder: bidirectional encoder, causal decoder with cross-attention,
-    one embedding shared by the encoder, the decoder and (tied) the output."""
+    one embedding shared by the encoder, the decoder and (tied) the output.
 
-    def __init__(self, cfg: ModelConfig, ctx: ParallelContext | None = None):
-        super().__init__(cfg, ctx)
+    With a ``layout`` it holds only its pipeline rank's blocks (see :class:`DecoderLM`);
+    :meth:`encode`, :meth:`decode` and :meth:`forward` run the whole model through the same
+    block loops as :meth:`run_stage`.
+    """
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext | None = None,
+                 layout: PipelineLayout | None = None):
         if not cfg.is_encoder_decoder:
             raise ValueError("EncoderDecoderLM needs arch encoder_decoder")
-        self.encoder_blocks = nn.ModuleList(
-            SelfAttentionBlock(cfg, bidirectional_buckets=True, tp_group=self.tp_group)
-            for _ in range(cfg.n_layers)
-        )
-        self.encoder_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.decoder_blocks = nn.ModuleList(
-            CrossAttentionBlock(cfg, tp_group=self.tp_group) for _ in range(cfg.decoder_layers)
-        )
-        if cfg.rel_bias_shared:
-            share_rel_bias(self.encoder_blocks)
-            share_rel_bias(self.decoder_blocks)
-        self.decoder_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        super().__init__(cfg, ctx, layout)
+        layout = self.layout
+        self.encoder_blocks = Blocks({
+            str(i): SelfAttentionBlock(cfg, bidirectional_buckets=True, tp_group=self.tp_group)
+            for k in self.chunks for i in layout.encoder_layers(k)
+        })
+        holds_norm = layout.encoder_stages - 1 in self.chunks
+        self.encoder_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if holds_norm else None
+        self.decoder_blocks = Blocks({
+            str(i): CrossAttentionBlock(cfg, tp_group=self.tp_group)
+            for k in self.chunks for i in layout.decoder_layers(k)
+        })
+        if cfg.rel_bias_shared:  # the whole model only (a pipeline refuses the option)
+            share_rel_bias(list(self.encoder_blocks))
+            share_rel_bias(list(self.decoder_blocks))
+        self.decoder_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if self.last else None
         self.mark_sequence_parallel()
+
+    def _encoder(self, x: torch.Tensor, layers: range, positions: torch.Tensor,
+                 segment_ids: torch.Tensor | None) -> torch.Tensor:
+        for i in layers:
+            x = self.run_block(self.encoder_blocks[i], x, MaskMode.BIDIRECTIONAL, positions,
+                               segment_ids)
+        return x
+
+    def _decoder(self, x: torch.Tensor, layers: range, batch: dict, encoder_out: torch.Tensor,
+                 cache: KVCache | None = None) -> torch.Tensor:
+        tokens = batch["decoder_tokens"]
+        layer_caches, positions = self.cache_layers(cache, len(layers), tokens,
+                                                    batch.get("decoder_positions"),
+                                                    batch.get("decoder_segment_ids"))
+        segment_ids = batch.get("decoder_segment_ids")
+        encoder_segment_ids = batch.get("encoder_segment_ids")
+        if x is None:  # the first decoder stage embeds the decoder tokens
+            x = self.dropout(self.embed_tokens(tokens))  # [batch, dec_len, d_model]
+        for i, layer_cache in zip(layers, layer_caches, strict=True):
+            block = self.decoder_blocks[i]
+            if layer_cache is None:  # the training path
+                x = self.run_block(block, x, positions, segment_ids, encoder_out,
+                                   encoder_segment_ids)
+            else:
+                x = block(x, positions, segment_ids, encoder_out, encoder_segment_ids,
+                          layer_cache)
+        return x
 
     def encode(
         self,
@@ -266,10 +398,10 @@ class EncoderDecoderLM(_LanguageModel):
         encoder_segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Encoder output [batch, enc_len, d_model] (after the final norm and dropout)."""
+        self._require_whole("EncoderDecoderLM.encode")
         positions = _default_positions(encoder_tokens, encoder_positions)
         x = self.dropout(self.embed_tokens(encoder_tokens))  # [batch, enc_len, d_model]
-        for block in self.encoder_blocks:
-            x = self.run_block(block, x, MaskMode.BIDIRECTIONAL, positions, encoder_segment_ids)
+        x = self._encoder(x, self.layout.encoder_layers(0), positions, encoder_segment_ids)
         return self.dropout(self.encoder_norm(x))
 
     def decode(
@@ -287,17 +419,11 @@ class EncoderDecoderLM(_LanguageModel):
         (it also caches the cross-attention keys/values of ``encoder_out``), later ones feed
         new decoder tokens at their ``decoder_positions`` (required then).
         """
-        layer_caches, positions = self.cache_layers(cache, len(self.decoder_blocks),
-                                                    decoder_tokens, decoder_positions,
-                                                    decoder_segment_ids)
-        x = self.dropout(self.embed_tokens(decoder_tokens))  # [batch, dec_len, d_model]
-        for block, layer_cache in zip(self.decoder_blocks, layer_caches, strict=True):
-            if layer_cache is None:  # the training path, unchanged
-                x = self.run_block(block, x, positions, decoder_segment_ids, encoder_out,
-                                   encoder_segment_ids)
-            else:
-                x = block(x, positions, decoder_segment_ids, encoder_out, encoder_segment_ids,
-                          layer_cache)
+        self._require_whole("EncoderDecoderLM.decode")
+        batch = {"decoder_tokens": decoder_tokens, "decoder_positions": decoder_positions,
+                 "decoder_segment_ids": decoder_segment_ids,
+                 "encoder_segment_ids": encoder_segment_ids}
+        x = self._decoder(None, self.layout.decoder_layers(0), batch, encoder_out, cache)
         return self.logits(self.dropout(self.decoder_norm(x)))  # [batch, dec_len, vocab]
 
     def forward(
@@ -312,36 +438,101 @@ class EncoderDecoderLM(_LanguageModel):
         decoder_loss_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Decoder logits [batch, dec_len, vocab] (float32); labels/loss mask are unused."""
-        encoder_out = self.encode(encoder_tokens, encoder_positions, encoder_segment_ids)
-        return self.decode(decoder_tokens, encoder_out, decoder_positions, decoder_segment_ids,
-                           encoder_segment_ids)
+        self._require_whole("EncoderDecoderLM.forward")
+        batch = {"encoder_tokens": encoder_tokens, "encoder_positions": encoder_positions,
+                 "encoder_segment_ids": encoder_segment_ids, "decoder_tokens": decoder_tokens,
+                 "decoder_positions": decoder_positions,
+                 "decoder_segment_ids": decoder_segment_ids}
+        return self.run_stage(batch)
+
+    def input_shapes(self, virtual: int, batch: dict) -> list[tuple[int, ...]]:
+        """Encoder stages: the encoder hidden state [batch, enc_len, d_model] (nothing for
+        virtual stage 0); the first decoder stage: the encoder output of that shape; later
+        decoder stages: the decoder hidden state [batch, dec_len, d_model] and the encoder
+        output."""
+        d = self.cfg.d_model
+        encoder = (*batch["encoder_tokens"].shape, d)
+        if virtual == 0:
+            return []
+        if virtual <= self.layout.encoder_stages:
+            return [encoder]
+        return [(*batch["decoder_tokens"].shape, d), encoder]
+
+    def run_stage(self, batch: dict, inputs: tuple[torch.Tensor, ...] = (),
+                  chunk: int = 0) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Model chunk ``chunk`` on ``batch`` given ``inputs`` (see :meth:`input_shapes`).
+        Returns ``(encoder hidden,)``, ``(encoder output,)`` (last encoder stage),
+        ``(decoder hidden, encoder output)``, or on the last stage the logits."""
+        virtual, layout = self.chunks[chunk], self.layout
+        encoder_layers, decoder_layers = layout.encoder_layers(virtual), \
+            layout.decoder_layers(virtual)
+        x = None
+        if len(encoder_layers):
+            tokens = batch["encoder_tokens"]
+            positions = _default_positions(tokens, batch.get("encoder_positions"))
+            x = self.dropout(self.embed_tokens(tokens)) if virtual == 0 else inputs[0]
+            x = self._encoder(x, encoder_layers, positions, batch.get("encoder_segment_ids"))
+            if virtual == layout.encoder_stages - 1:
+                x = self.dropout(self.encoder_norm(x))  # the encoder output
+            if not len(decoder_layers):
+                return (x,)  # [batch, enc_len, d_model]
+            encoder_out, x = x, None  # the whole model goes on to its decoder
+        elif virtual == layout.first_decoder:
+            encoder_out = inputs[0]
+        else:
+            x, encoder_out = inputs
+        x = self._decoder(x, decoder_layers, batch, encoder_out)
+        if virtual == self.last_virtual:
+            return self.logits(self.dropout(self.decoder_norm(x)))  # [batch, dec_len, vocab]
+        return x, encoder_out  # the encoder output passes on (its gradient comes back)
 
 
 def build_model(
     cfg: ModelConfig, device: torch.device | str | None = None,
     ctx: ParallelContext | None = None, seed: int | None = None,
 ) -> DecoderLM | EncoderDecoderLM:
-    """The model for ``cfg.arch``, initialised on ``device`` (default CPU); with a tensor-parallel
-    ``ctx``, this rank's shard (see the module docstring). The same ``seed`` gives the same
-    weights at every layout (None: drawn from the global RNG, so ``torch.manual_seed`` decides).
+    """The whole model for ``cfg.arch``, initialised on ``device`` (default CPU); with a
+    tensor-parallel ``ctx``, this rank's shard (see the module docstring). The same ``seed``
+    gives the same weights at every layout (None: drawn from the global RNG, so
+    ``torch.manual_seed`` decides).
 
     ``device="meta"`` returns an uninitialised model that allocates no memory (for parameter
     counts, or to materialise later with ``model.to_empty(device=...)`` then
     ``model.init_weights()``).
     """
+    return _build(cfg, device, ctx or ParallelContext.single(), whole_model(cfg), seed)
+
+
+def build_stage(cfg: ModelConfig, ctx: ParallelContext, device: torch.device | str = "cpu",
+                *, virtual_stages: int = 1, encoder_stages: int = 0,
+                seed: int | None = None) -> DecoderLM | EncoderDecoderLM:
+    """This rank's pipeline stage of the model (megarch.model.stages: its blocks of every
+    model chunk, the embedding, norms and head where its stages need them), built from the
+    model's own classes with the weights the whole model of ``seed`` has; with ``ctx.pp`` 1
+    it is the whole model. Under ``torch.distributed`` (``ctx.pp_group`` set) it is
+    collective: the ranks holding an embedding copy form its group. ``virtual_stages`` and
+    ``encoder_stages`` are the :class:`~megarch.config.train.ParallelConfig` fields."""
+    layout = pipeline_layout(cfg, ctx.pp, virtual_stages, encoder_stages)
+    model = _build(cfg, device, ctx, layout, seed)
+    if ctx.pp_group is not None and ctx.pp > 1:
+        model.embed_group = embedding_group(ctx, embedding_ranks(layout, cfg))
+    return model
+
+
+def _build(cfg: ModelConfig, device: torch.device | str | None, ctx: ParallelContext,
+           layout: PipelineLayout, seed: int | None) -> DecoderLM | EncoderDecoderLM:
     cfg.validate()
-    ctx = ctx or ParallelContext.single()
     check_tp_divisible(cfg, ctx.tp)
     device = torch.device(device if device is not None else "cpu")
     cls = EncoderDecoderLM if cfg.is_encoder_decoder else DecoderLM
     with torch.device("meta"):
-        model = cls(cfg, ctx)
+        model = cls(cfg, ctx, layout)
     if device.type != "meta":
         model.to_empty(device=device)
         model.init_weights(seed)
     n_params = sum(p.numel() for p in model.parameters())
-    logger.info("built %s: %.4gM parameters on %s (tp rank %d/%d)", cfg.arch, n_params / 1e6,
-                device, ctx.tp_rank, ctx.tp)
+    logger.info("built %s: %.4gM parameters on %s (tp rank %d/%d, pp rank %d/%d)", cfg.arch,
+                n_params / 1e6, device, ctx.tp_rank, ctx.tp, model.pp_rank, layout.pp)
     return model
 
 

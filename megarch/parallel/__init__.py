@@ -14,8 +14,8 @@ Modules and their public API:
 - rng: :class:`TensorParallelDropout`, :func:`split_dropout` (per-TP-rank masks where
   activations are split, the global stream where replicated), :func:`dropout_seed`
 - data_parallel: ``all_reduce_grads``, ``sum_over``, ``any_over``, ``zero1``
-- pipeline: ``DecoderStage``, ``EncoderDecoderStage``, ``build_stage``, ``stage_layers``
-  (stage modules with the single-process parameter names)
+- pipeline: ``embedding_group`` (the stages themselves are the model's:
+  ``megarch.model.build_stage``)
 - pipeline_schedules: ``one_f_one_b``, ``interleaved_one_f_one_b``, ``forward_only``
 - reshard: ``merge_tp_model`` / ``split_tp_model``, ``merge_tp_optimizer`` /
   ``split_tp_optimizer``

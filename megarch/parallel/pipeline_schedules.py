@@ -1,5 +1,6 @@
 """Pipeline schedules over explicit point-to-point transfers: 1F1B, interleaved 1F1B and
-forward only, for the stages of :mod:`megarch.parallel.pipeline`.
+forward only, for the stages the model builds (megarch.model.stages; a one-stage pipeline is
+the whole model, so these also run the single-process step).
 
 A schedule is, for every pipeline rank, an ordered list of operations (:class:`Op`): the
 forward or the backward pass of one micro-batch through one of the rank's model chunks.
@@ -29,13 +30,16 @@ import contextlib
 import functools
 from collections import defaultdict
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
-if TYPE_CHECKING:
-    from megarch.parallel.pipeline import _Stage
+Stage = nn.Module
+"""A pipeline stage: a model module with ``ctx``, ``layout``, ``virtual_stages``,
+``run_stage(batch, inputs, chunk)``, ``input_shapes(virtual, batch)`` and
+``reduce_tied_embedding_grads()`` (megarch.model's DecoderLM / EncoderDecoderLM)."""
 
 
 class Op(NamedTuple):
@@ -172,7 +176,7 @@ def _p2p(ops: list[tuple[str, torch.Tensor, int, int]]) -> None:
 LossFn = Callable[[torch.Tensor, dict], dict]
 
 
-def _run(stage: _Stage, micro_batches: list[dict], loss_fn: LossFn, kind: str, train: bool,
+def _run(stage: Stage, micro_batches: list[dict], loss_fn: LossFn, kind: str, train: bool,
          autocast_dtype: torch.dtype | None) -> list[dict]:
     """Run ``kind``'s timetable on this rank (see the module docstring)."""
     ctx, layout = stage.ctx, stage.layout
@@ -193,7 +197,7 @@ def _run(stage: _Stage, micro_batches: list[dict], loss_fn: LossFn, kind: str, t
         if train:
             inputs = tuple(x.requires_grad_() for x in inputs)
         with autocast():  # the forward only (the loss and the backward outside)
-            out = stage(batch, inputs, op.chunk)
+            out = stage.run_stage(batch, inputs, op.chunk)
         if k == layout.n_virtual - 1:
             results[op.micro] = loss_fn(out, batch)
             out, outgoing = (results[op.micro]["loss"],), None
@@ -232,7 +236,7 @@ def _run(stage: _Stage, micro_batches: list[dict], loss_fn: LossFn, kind: str, t
     return [results[m] for m in sorted(results)]
 
 
-def one_f_one_b(stage: _Stage, micro_batches: list[dict], loss_fn: LossFn,
+def one_f_one_b(stage: Stage, micro_batches: list[dict], loss_fn: LossFn,
                 autocast_dtype: torch.dtype | None = None) -> list[dict]:
     """Forward and backward ``micro_batches`` through the pipeline in 1F1B order (one model
     chunk per rank). Every rank of the pipeline calls it with the same micro-batches.
@@ -250,7 +254,7 @@ def one_f_one_b(stage: _Stage, micro_batches: list[dict], loss_fn: LossFn,
     return _run(stage, micro_batches, loss_fn, "1f1b", True, autocast_dtype)
 
 
-def interleaved_one_f_one_b(stage: _Stage, micro_batches: list[dict], loss_fn: LossFn,
+def interleaved_one_f_one_b(stage: Stage, micro_batches: list[dict], loss_fn: LossFn,
                             autocast_dtype: torch.dtype | None = None) -> list[dict]:
     """As :func:`one_f_one_b`, in interleaved 1F1B order over the stage's model chunks; the
     number of micro-batches must be a multiple of ``pp``."""
@@ -258,7 +262,7 @@ def interleaved_one_f_one_b(stage: _Stage, micro_batches: list[dict], loss_fn: L
 
 
 @torch.no_grad()
-def forward_only(stage: _Stage, micro_batches: list[dict], loss_fn: LossFn,
+def forward_only(stage: Stage, micro_batches: list[dict], loss_fn: LossFn,
                  autocast_dtype: torch.dtype | None = None) -> list[dict]:
     """Forward ``micro_batches`` through the pipeline without gradients (evaluation); returns
     the ``loss_fn(logits, batch)`` results on the last stage, [] elsewhere."""

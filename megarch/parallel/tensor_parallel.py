@@ -148,10 +148,12 @@ def _reduce_sum(x: torch.Tensor, group: Group) -> torch.Tensor:
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float, group: Group, stage_group: Group = None,
-                   skip: frozenset[str] = frozenset()) -> float:
+                   skip: frozenset[str] = frozenset(), norm: float | None = None) -> float:
     """Global gradient norm (see :func:`grad_norm_sq`) before clipping; clips to ``max_norm``
-    when it is > 0 and the norm is finite. Every rank returns, and applies, the same norm."""
-    norm = math.sqrt(float(grad_norm_sq(model, group, stage_group, skip)))
+    when it is > 0 and the norm is finite. Every rank returns, and applies, the same norm.
+    ``norm``: the norm already computed (no second reduction)."""
+    if norm is None:
+        norm = math.sqrt(float(grad_norm_sq(model, group, stage_group, skip)))
     if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
         coef = max_norm / (norm + 1e-6)
         for param in model.parameters():

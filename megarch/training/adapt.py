@@ -43,12 +43,11 @@ from megarch.data.indexed_dataset import IndexedDataset
 from megarch.training.checkpoint import (
     TrainState,
     find_latest,
-    load_checkpoint,
     read_lineage,
     read_state,
 )
 from megarch.training.loop import Trainer
-from megarch.training.resume import SavedCheckpoint
+from megarch.training.resume import SavedCheckpoint, load_checkpoint
 
 log = logging.getLogger(__name__)
 

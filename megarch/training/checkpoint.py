@@ -329,36 +329,3 @@ def read_lineage(path: str) -> dict | None:
             return json.load(f)
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{file} cannot be read ({err}): {DAMAGED}") from None
-
-
-def load_model(path: str, device: torch.device | str = "cpu"):
-    """``(model, config)`` of checkpoint ``path`` of any layout: the single-process model its
-    ``config.json`` describes (``parallel.tp = pp = 1`` in the returned config), with its
-    weights, in eval mode (for evaluation and conversion; no optimizer, no RNG)."""
-    from megarch.model import build_model
-    from megarch.training.resume import SavedCheckpoint
-
-    saved = SavedCheckpoint(path)
-    cfg = saved.config()
-    cfg.parallel.tp = cfg.parallel.pp = 1
-    cfg.parallel.sequence_parallel = False
-    model = build_model(cfg.model, device)
-    from megarch.parallel.tensor_parallel import partition_dims
-
-    model.load_state_dict(saved.model_state(partition_dims(model), 0, 1))
-    return model.eval(), cfg
-
-
-def load_checkpoint(
-    path: str,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
-    restore_rng: bool = True,
-    ctx: ParallelContext | None = None,
-) -> TrainState:
-    """Load checkpoint ``path`` (any TP/PP layout) into ``model`` (this rank's shard or stage
-    under ``ctx``; default a single process), ``optimizer`` and the RNGs; return its
-    :class:`TrainState`. See :func:`megarch.training.resume.load_into`."""
-    from megarch.training.resume import load_into
-
-    return load_into(path, model, optimizer, ctx or ParallelContext.single(), restore_rng)

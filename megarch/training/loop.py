@@ -16,6 +16,9 @@ optimisation as one process with the same global batch. Tensor-parallel ranks ho
 model (vocab-parallel loss); pipeline stages (every architecture; an encoder-decoder's encoder
 output travels with the decoder's hidden states) hold runs of layers and run each global
 batch's micro-batches in 1F1B or interleaved 1F1B order (megarch.parallel.pipeline_schedules).
+Every layout takes the same path: the model is always built as this rank's stage
+(megarch.model.build_stage; with ``pp`` 1 the whole model) and run by the same schedules, and
+the gradient norm is always the TP- and pipeline-reduced one (one process: no reduction).
 Only global rank 0 writes metrics and tensorboard. Checkpoints (megarch.training.checkpoint) are
 one directory per step for the whole job, ``out_dir/checkpoints/step_N``: data-parallel rank 0
 of each tensor-parallel rank and stage writes its shard files into it (every rank its RNG
@@ -33,7 +36,6 @@ Usage::
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import random
@@ -48,21 +50,17 @@ from megarch.config.train import TrainConfig
 from megarch.data.datasets import build_dataset
 from megarch.data.loader import make_loader
 from megarch.data.tokenizers import load_tokenizer
-from megarch.model import build_model, lm_loss, model_flops_per_token
+from megarch.model import build_stage, lm_loss, model_flops_per_token
 from megarch.parallel.context import ParallelContext
 from megarch.parallel.data_parallel import all_reduce_grads, any_over, sum_over, zero1
-from megarch.parallel.pipeline import (
-    build_stage,
-    forward_only,
-    interleaved_one_f_one_b,
-    one_f_one_b,
-)
+from megarch.parallel.pipeline import forward_only, interleaved_one_f_one_b, one_f_one_b
 from megarch.parallel.rng import dropout_seed
 from megarch.parallel.tensor_parallel import clip_grad_norm, reduce_sequence_parallel_grads
 from megarch.training.checkpoint import TrainState, is_own_checkpoint
 from megarch.training.logging import MetricsWriter
 from megarch.training.optim import build_optimizer, lr_at, set_lr
-from megarch.training.resume import SHAPE_FIELDS, check_shapes, resume_trainer, save_trainer
+from megarch.training.resume import SHAPE_FIELDS, check_shapes
+from megarch.training.run_checkpoints import resume_trainer, save_trainer
 from megarch.training.runtime import (
     batch_tokens,
     build_context,
@@ -161,12 +159,9 @@ class Trainer:
         self.peak = device_peak_flops(cfg, self.device)
 
     def _build_model(self) -> torch.nn.Module:
-        """The whole model, its tensor-parallel shard, or this pipeline stage's layers."""
-        seed = self.cfg.run.seed
-        if self.ctx.pp == 1:
-            return build_model(self.cfg.model, self.device, self.ctx, seed=seed)
+        """This rank's stage (its tensor-parallel shard): the whole model when ``pp`` is 1."""
         parallel = self.cfg.parallel
-        return build_stage(self.cfg.model, self.ctx, self.device, seed=seed,
+        return build_stage(self.cfg.model, self.ctx, self.device, seed=self.cfg.run.seed,
                            virtual_stages=parallel.virtual_stages,
                            encoder_stages=parallel.encoder_stages)
 
@@ -194,27 +189,18 @@ class Trainer:
         gathered, one shard set per TP rank and stage, published when complete)."""
         return save_trainer(self)
 
-    save = save_all
-    """The same collective save (kept for callers of the single-process name)."""
-
-    def compute_loss(self, batch: dict, num_tokens: float) -> dict[str, torch.Tensor]:
-        """Forward one micro-batch; its loss sums divided by the global batch's ``num_tokens``."""
-        ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast
-               else contextlib.nullcontext())
-        with ctx:
-            logits = self.model(**batch)
-        return self.loss_of(logits, batch, num_tokens)
-
     def loss_of(self, logits: torch.Tensor, batch: dict, num_tokens: float) -> dict:
-        """The loss dict of ``logits`` (this rank's vocab shard under TP) for ``batch``."""
+        """The loss dict of ``logits`` (this rank's vocab shard under TP) for ``batch``, its
+        sums divided by the global batch's ``num_tokens``."""
         labels, mask = loss_fields(batch)
         return lm_loss(logits, labels, mask, self.cfg.model.z_loss, num_tokens=num_tokens,
                        tp_group=self.tp_group)
 
-    def _pipeline_totals(self, batches: list[dict], num_tokens: float, train: bool) -> list:
-        """(loss, ce, z_loss) summed over ``batches`` run through the pipeline (1F1B, or
-        interleaved 1F1B with virtual stages, when ``train``: gradients accumulate), the same on
-        every stage."""
+    def run_micro_batches(self, batches: list[dict], num_tokens: float, train: bool) -> list:
+        """(loss, ce, z_loss) summed over ``batches`` run through this rank's stage by the
+        pipeline schedule (1F1B, or interleaved 1F1B with virtual stages, when ``train``:
+        gradients accumulate; one stage: forward and backward micro-batch by micro-batch), the
+        same on every stage."""
         def loss_fn(logits, batch):
             return self.loss_of(logits, batch, num_tokens)
 
@@ -252,15 +238,9 @@ class Trainer:
         local_tokens = float(sum(loss_fields(b)[1].sum().item() for b in batches))
         num_tokens = sum_over([local_tokens], self.ctx.dp_group)[0]  # of the global batch
         self.optimizer.zero_grad(set_to_none=True)
-        totals = {"loss": 0.0, "ce": 0.0, "z_loss": 0.0}
-        if self.ctx.pp > 1:
-            totals = dict(zip(totals, self._pipeline_totals(batches, max(num_tokens, 1.0), True),
-                              strict=True))
-        for batch in batches if self.ctx.pp == 1 else ():
-            out = self.compute_loss(batch, max(num_tokens, 1.0))
-            out["loss"].backward()
-            for key in totals:
-                totals[key] = totals[key] + out[key].detach()
+        totals = dict(zip(("loss", "ce", "z_loss"),
+                          self.run_micro_batches(batches, max(num_tokens, 1.0), True),
+                          strict=True))
         if self.ctx.sequence_parallel:  # the norms saw this rank's chunk of the sequence
             reduce_sequence_parallel_grads(self.model, self.tp_group)
         all_reduce_grads(self.model, self.ctx.dp_group, self.cfg.parallel.grad_bucket_mb)
@@ -284,20 +264,12 @@ class Trainer:
 
     def _clip_and_step(self, step: int, loss: float, lr: float) -> float:
         """Check, clip and apply the gradients; returns the pre-clip norm (inf/nan if skipped)."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        sharded = self.ctx.tp > 1 or self.ctx.pp > 1
-        skip = getattr(self.model, "duplicated_parameters", frozenset())
-        if sharded:  # the norm is reduced over the TP and pipeline groups
-            norm = clip_grad_norm(self.model, 0.0, self.tp_group, self.ctx.pp_group, skip)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params]).item()
+        skip = self.model.duplicated_parameters  # counted on another stage
+        norm = clip_grad_norm(self.model, 0.0, self.tp_group, self.ctx.pp_group, skip)
         if np.isfinite(loss) and np.isfinite(norm):
-            if self.cfg.optim.clip_grad > 0 and sharded:
+            if self.cfg.optim.clip_grad > 0:
                 clip_grad_norm(self.model, self.cfg.optim.clip_grad, self.tp_group,
-                               self.ctx.pp_group, skip)
-            elif self.cfg.optim.clip_grad > 0:
-                torch.nn.utils.clip_grads_with_norm_(params, self.cfg.optim.clip_grad,
-                                                     torch.tensor(norm))
+                               self.ctx.pp_group, skip, norm=norm)
             set_lr(self.optimizer, lr)
             self.optimizer.step()
             return norm
@@ -326,11 +298,7 @@ class Trainer:
                 break
             batch = {k: v.to(self.device) for k, v in batch.items()}
             count = float(loss_fields(batch)[1].sum().item())
-            if self.ctx.pp > 1:
-                loss, ce, _ = self._pipeline_totals([batch], max(count, 1.0), train=False)
-            else:
-                out = self.compute_loss(batch, max(count, 1.0))
-                loss, ce = out["loss"].item(), out["ce"].item()
+            loss, ce, _ = self.run_micro_batches([batch], max(count, 1.0), train=False)
             sums += torch.tensor([loss, ce], dtype=torch.float64) * count
             tokens += count
         self.model.train()

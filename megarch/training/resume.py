@@ -1,12 +1,14 @@
-"""Reading a checkpoint back at any TP/PP layout, and the Trainer's save / resume.
+"""Reading a checkpoint back at any TP/PP layout (the Trainer's resume and save are
+megarch.training.run_checkpoints; writing is megarch.training.checkpoint).
 
 A checkpoint (megarch.training.checkpoint) records its layout in ``config.json``
 (``parallel.tp`` x ``parallel.pp``) and holds one model / optimizer / RNG file per (TP rank,
 stage). :class:`SavedCheckpoint` reads it lazily: the model files are safetensors read tensor
 by tensor, the optimizer files ``torch.load(mmap=True, weights_only=True)`` (never a pickle of
 objects), so a rank reads only the bytes of the tensors it needs. Each file is checked against
-the checkpoint's manifest (size, checksum) before it is read; :func:`resume_trainer` checks the
-whole checkpoint first, and with ``run.resume=auto`` falls back to the newest intact one.
+the checkpoint's manifest (size, checksum) before it is read; the Trainer's resume
+(megarch.training.run_checkpoints) checks the whole checkpoint first, and with
+``run.resume=auto`` falls back to the newest intact one.
 
 - Same layout (same ``tp`` x ``pp`` and the saved shard of this rank has exactly this model's
   names and shapes, so e.g. other virtual or encoder stages count as another layout): this
@@ -28,14 +30,12 @@ import json
 import logging
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 import torch
 
 from megarch.config.overrides import ConfigError
 from megarch.config.train import TrainConfig, config_from_json
 from megarch.parallel.context import ParallelContext
-from megarch.parallel.data_parallel import any_over
 from megarch.parallel.reshard import (
     optimizer_group_names,
     optimizer_param_names,
@@ -52,27 +52,18 @@ from megarch.training.checkpoint import (
     STATE_FILE,
     CheckpointError,
     TrainState,
-    checkpoint_dir,
-    find_latest,
-    is_own_checkpoint,
-    list_checkpoints,
     read_state,
     rng_file,
-    save_checkpoint,
     set_rng_state,
     shard_file,
 )
 from megarch.training.checkpoint_files import (
     TensorFile,
-    damage,
     read_manifest,
     read_rng_file,
     size_problem,
     verify_file,
 )
-
-if TYPE_CHECKING:
-    from megarch.training.loop import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -369,101 +360,29 @@ def check_shapes(path: str, model_cfg) -> None:
         raise ConfigError(f"checkpoint {path} does not fit this model: {'; '.join(differ)}")
 
 
-def _problem(path: str, ctx: ParallelContext) -> str | None:
-    """What is wrong with checkpoint ``path``, the same answer on every rank: each rank
-    checksums its share of the files (one read of the checkpoint in all), sizes and the
-    manifest everywhere. An older format raises (on every rank)."""
-    mine = damage(path, ctx.rank, ctx.world_size)
-    if not any_over(mine is not None, ctx.world_group):
-        return None
-    return mine or "a file failed its checksum on another rank (its log names the file)"
+def load_model(path: str, device: torch.device | str = "cpu"):
+    """``(model, config)`` of checkpoint ``path`` of any layout: the single-process model its
+    ``config.json`` describes (``parallel.tp = pp = 1`` in the returned config), with its
+    weights, in eval mode (for evaluation and conversion; no optimizer, no RNG)."""
+    from megarch.model import build_model
+
+    saved = SavedCheckpoint(path)
+    cfg = saved.config()
+    cfg.parallel.tp = cfg.parallel.pp = 1
+    cfg.parallel.sequence_parallel = False
+    model = build_model(cfg.model, device)
+    model.load_state_dict(saved.model_state(partition_dims(model), 0, 1))
+    return model.eval(), cfg
 
 
-def _set_aside(path: str) -> str:
-    """Rename damaged checkpoint ``path`` out of the ``step_N`` names (kept, never pruned:
-    its bytes may be worth a look), so the run's history continues from an intact step."""
-    aside, n = path + ".damaged", 1
-    while os.path.exists(aside):
-        n += 1
-        aside = f"{path}.damaged{n}"
-    os.rename(path, aside)
-    return aside
-
-
-def _newest_intact(out_dir: str, ctx: ParallelContext) -> str | None:
-    """run.resume=auto: the newest checkpoint of ``out_dir`` that verifies; each damaged newer
-    one is reported (which file, what is wrong) and set aside. None without checkpoints;
-    refused when every one is damaged."""
-    damaged: list[tuple[str, str]] = []
-    for _, path in reversed(list_checkpoints(out_dir)):
-        problem = _problem(path, ctx)
-        if problem is None:
-            for bad, reason in damaged:
-                log.warning("run.resume=auto: checkpoint %s is damaged (%s); resuming from the "
-                            "previous complete one, %s", bad, reason, path)
-                if ctx.is_main:
-                    log.warning("moved the damaged checkpoint to %s", _set_aside(bad))
-            ctx.barrier()
-            return path
-        damaged.append((path, problem))
-    if damaged:
-        raise CheckpointError(
-            f"run.resume=auto: every checkpoint in {checkpoint_dir(out_dir)} is damaged, the "
-            f"newest: {damaged[0][1]}; restore one, or start afresh in another run.out_dir")
-    return None
-
-
-def resume_trainer(trainer: Trainer) -> None:
-    """:meth:`Trainer.resume`: load the checkpoint ``run.resume`` names (auto: the newest
-    intact one in out_dir, if any; a run's out_dir: its newest), whatever its layout. The
-    checkpoint is verified first (manifest sizes and checksums, state.json's fields): a
-    damaged one named explicitly is refused, naming the file."""
-    run, ctx = trainer.cfg.run, trainer.ctx
-    if run.resume == "none":
-        existing = find_latest(run.out_dir)
-        if existing is not None:
-            raise ConfigError(
-                f"run.resume=none but run.out_dir={run.out_dir!r} already holds checkpoints "
-                f"({existing}): choose another run.out_dir, delete them, or resume (auto)"
-            )
-        return
-    if run.resume == "auto":
-        path = _newest_intact(run.out_dir, ctx)
-        if path is None:
-            return
-    else:
-        path = run.resume
-        if not os.path.isfile(os.path.join(path, STATE_FILE)):  # a run's out_dir: its newest
-            path = find_latest(path) or path
-        if not os.path.isfile(os.path.join(path, STATE_FILE)):
-            raise ConfigError(f"run.resume={path!r}: no such checkpoint (a step_* directory "
-                              f"holding {STATE_FILE}, or a run's out_dir with one)")
-        problem = _problem(path, ctx)
-        if problem is not None:
-            raise CheckpointError(f"run.resume={path}: {problem}: {DAMAGED}")
-    state = read_state(path)
-    newer = [p for step, p in list_checkpoints(run.out_dir) if step > state.step]
-    if is_own_checkpoint(path, run.out_dir) and newer:
-        raise ConfigError(
-            f"run.resume={path!r} is older than this run.out_dir's newest checkpoint "
-            f"{newer[-1]}: continuing here would interleave two histories (keep_last and "
-            "resume auto would mix them); resume into another run.out_dir, or delete the "
-            "newer checkpoints")
-    check_shapes(path, trainer.cfg.model)
-    try:
-        trainer.state = load_into(SavedCheckpoint(path, verified=True), trainer.model,
-                                  trainer.optimizer, ctx)
-    except CheckpointError as err:
-        raise CheckpointError(f"run.resume: {err}") from None
-    trainer.checkpoint = path
-    log.info("resuming from %s at step %d (%d samples consumed)", path, trainer.state.step,
-             trainer.state.consumed_samples)
-
-
-def save_trainer(trainer: Trainer) -> str:
-    """:meth:`Trainer.save_all`: the collective checkpoint of the trainer's current state."""
-    cfg = trainer.cfg
-    trainer.checkpoint = save_checkpoint(cfg.run.out_dir, trainer.state, trainer.model,
-                                         trainer.optimizer, cfg.to_json(), cfg.run.keep_last,
-                                         trainer.lineage_record(), trainer.ctx)
-    return trainer.checkpoint
+def load_checkpoint(
+    path: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    restore_rng: bool = True,
+    ctx: ParallelContext | None = None,
+) -> TrainState:
+    """Load checkpoint ``path`` (any TP/PP layout) into ``model`` (this rank's shard or stage
+    under ``ctx``; default a single process), ``optimizer`` and the RNGs; return its
+    :class:`TrainState`. See :func:`megarch.training.resume.load_into`."""
+    return load_into(path, model, optimizer, ctx or ParallelContext.single(), restore_rng)

@@ -13,8 +13,9 @@ from megarch.config.train import get_train_preset
 from megarch.convert import from_hf
 from megarch.convert.cli import main
 from megarch.model import build_model
-from megarch.training.checkpoint import TrainState, find_latest, load_model, save_checkpoint
+from megarch.training.checkpoint import TrainState, find_latest, save_checkpoint
 from megarch.training.optim import build_optimizer
+from megarch.training.resume import load_model
 from tests.convert.helpers import hf_config, hf_model, write_hf_dir
 
 

@@ -127,7 +127,7 @@ def test_a_rank_killed_mid_save_leaves_no_complete_step(tmp_path):
 def _auto_with_one_rank_seeing_damage(rank: int, world: int, out_dir: str) -> tuple:
     """A TP2 job saving steps 1 and 2, then a byte of step 2 flipped in a file only rank 1
     checksums (the ranks share the reads): both ranks must pick step 1, alike."""
-    from megarch.training.resume import _newest_intact
+    from megarch.training.run_checkpoints import _newest_intact
 
     ctx = ParallelContext.build(tp=2)
     model = torch.nn.Linear(4, 4)

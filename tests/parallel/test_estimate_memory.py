@@ -22,10 +22,9 @@ import torch
 
 from megarch.config.model import ModelConfig
 from megarch.config.presets import tiny_model
-from megarch.model import build_model, lm_loss
+from megarch.model import PipelineLayout, build_model, build_stage, lm_loss, pipeline_layout
 from megarch.parallel import partition_dims
 from megarch.parallel.context import ParallelContext
-from megarch.parallel.pipeline import PipelineLayout, build_stage, pipeline_layout
 from megarch.parallel.spawn import spawn
 from tools.estimate_memory import (
     activation_bytes,
@@ -118,7 +117,7 @@ def _chunk_forward(stage, batch: dict, chunk: int):
         gen = torch.Generator().manual_seed(virtual)
         inputs = tuple(torch.randn(shape, generator=gen).requires_grad_()
                        for shape in stage.input_shapes(virtual, batch))
-        out = stage(batch, inputs, chunk)
+        out = stage.run_stage(batch, inputs, chunk)
         if virtual == stage.last_virtual:
             labels = batch.get("labels", batch.get("decoder_labels"))
             mask = batch.get("loss_mask", batch.get("decoder_loss_mask"))

@@ -7,12 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from megarch.model import build_model
+from megarch.model import build_model, build_stage
 from megarch.model.layers import RMSNorm
 from megarch.model.position import RelativePositionBias
 from megarch.model.transformer import init_parameters
 from megarch.parallel.context import ParallelContext
-from megarch.parallel.pipeline import build_stage
 from megarch.parallel.spawn import spawn
 from megarch.parallel.tensor_parallel import (
     gather_full_state_dict,

@@ -14,15 +14,9 @@ import torch
 
 from megarch.config.overrides import ConfigError
 from megarch.config.train import ParallelConfig, TrainConfig
-from megarch.model import build_model, lm_loss
+from megarch.model import build_model, build_stage, lm_loss, pipeline_layout, stage_layers
 from megarch.parallel import ParallelContext, clip_grad_norm
-from megarch.parallel.pipeline import (
-    build_stage,
-    interleaved_one_f_one_b,
-    one_f_one_b,
-    pipeline_layout,
-    stage_layers,
-)
+from megarch.parallel.pipeline import interleaved_one_f_one_b, one_f_one_b
 from megarch.parallel.pipeline_schedules import (
     forward_order,
     interleaved_order,

@@ -21,8 +21,6 @@ from megarch.training.checkpoint import (
     TrainState,
     find_latest,
     list_checkpoints,
-    load_checkpoint,
-    load_model,
     read_lineage,
     read_state,
     rng_state,
@@ -36,7 +34,7 @@ from megarch.training.checkpoint_files import (
     write_manifest,
 )
 from megarch.training.optim import build_optimizer
-from megarch.training.resume import SavedCheckpoint, saved_layout
+from megarch.training.resume import SavedCheckpoint, load_checkpoint, load_model, saved_layout
 from tools.reshard_checkpoint import main as tool_main
 from tools.reshard_checkpoint import reshard
 

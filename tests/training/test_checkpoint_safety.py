@@ -36,8 +36,6 @@ from megarch.training.checkpoint import (
     CheckpointError,
     find_latest,
     list_checkpoints,
-    load_checkpoint,
-    load_model,
     read_state,
     rng_state,
     step_path,
@@ -49,7 +47,7 @@ from megarch.training.checkpoint_files import (
     write_manifest,
 )
 from megarch.training.optim import build_optimizer
-from megarch.training.resume import SavedCheckpoint
+from megarch.training.resume import SavedCheckpoint, load_checkpoint, load_model
 from tests.training.helpers import REPO, fast_args, fast_config
 from tools.migrate_checkpoint import main as migrate_main
 from tools.reshard_checkpoint import reshard

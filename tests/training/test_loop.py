@@ -57,8 +57,8 @@ class _NaNAtStep(Trainer):
 
     nan_step = 3
 
-    def compute_loss(self, batch, num_tokens):
-        out = super().compute_loss(batch, num_tokens)
+    def loss_of(self, logits, batch, num_tokens):
+        out = super().loss_of(logits, batch, num_tokens)
         if self.state.step + 1 == self.nan_step:
             if not hasattr(self, "before"):
                 self.before = {k: v.clone() for k, v in self.model.state_dict().items()}
