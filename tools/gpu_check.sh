@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The prepared GPU check (one lent GPU, at most 5 minutes: the three timeouts add up to 300 s):
-# compiled kernel tests on the GPU, the attention benchmark table, and a short bf16 training run
+# The prepared GPU check (one lent GPU, at most 5 minutes: the timeouts add up to 300 s):
+# compiled kernel tests on the GPU, the attention benchmark table, the checkpoint stall
+# (synchronous vs asynchronous save), and a short bf16 training run
 # of a ~1B-parameter causal decoder on this one GPU with its MFU. Runs from the repository root
 # on a machine with torch + triton (no install needed: PYTHONPATH is the checkout; nothing here
 # imports megatron-core). Writes logs and tables under $OUT (default benchmarks/gpu/).
@@ -24,8 +25,14 @@ timeout 100 $PY -m pytest tests/kernels tests/eval/test_eval_gpu.py tests/parall
 
 echo "== attention benchmark (bf16, causal + prefix, fwd and fwd+bwd, vs SDPA and FlexAttention)"
 # 16k tokens per batch, width 2048; rows reach the CSV case by case (a timeout keeps them).
-timeout 110 $PY -m kernels.bench --seq-lens 1024 4096 8192 --head-dims 64 128 \
+timeout 90 $PY -m kernels.bench --seq-lens 1024 4096 8192 --head-dims 64 128 \
   --csv "$OUT/attention.csv" 2>&1 | tee "$OUT/bench_attention.txt"
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+
+echo "== checkpoint stall: synchronous vs asynchronous save of a 0.3B model + AdamW on CUDA"
+timeout 20 $PY tools/bench_checkpoint.py --device cuda --trials 2 --model.d_model 1024 \
+  --model.d_ff 4096 --model.n_layers 24 --model.n_heads 16 --model.head_dim 64 2>&1 \
+  | tee "$OUT/bench_checkpoint.txt"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
 # ~1.0B parameters: 20 layers of d_model 2048, 32 heads x 64, GEGLU d_ff 5120 (48M each) and the

@@ -35,6 +35,15 @@ is complete for every rank or for none. A job killed mid-write leaves only the t
 directory, which :func:`find_latest` ignores and the next save removes. Multi-node jobs need
 ``out_dir`` on a filesystem every node shares (each rank writes its own files there).
 
+Asynchronous saves (``run.async_save``, :func:`start_checkpoint`): at the step every rank
+copies what it writes (model and optimizer tensors, RNG states) to host memory, after the
+same collectives as a synchronous save (ZeRO-1 consolidation, the existence check), and a
+background thread writes the files; each rank then leaves a ``ready-RANK`` marker, and the main
+rank's thread, once every rank's marker is there, writes the manifest and the JSON files and
+renames the directory into place. No collective runs off the main thread. The trainer waits
+for a save in flight before it starts the next one, at SIGTERM and at the end of training, so
+at most one is in flight and a crash mid-write leaves the previous checkpoint the newest.
+
 Checkpoints of older megarch versions held pickled ``model.pt`` / ``rng.pt`` files and no
 manifest; they are refused (:mod:`megarch.training.checkpoint_files`, which holds the formats
 and the checks) with the command that converts them (``tools/migrate_checkpoint.py``), never
@@ -50,6 +59,8 @@ import random
 import re
 import shutil
 import signal
+import threading
+import time
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -190,16 +201,46 @@ def optimizer_record(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
 def write_shard(directory: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                 ctx: ParallelContext, step: int) -> None:
     """Write this rank's model, optimizer and RNG files of a step into ``directory``."""
+    _write_snapshot(directory, model.state_dict(), optimizer_record(model, optimizer),
+                    rng_state(), ctx, step)
+
+
+def _write_snapshot(directory: str, model_state: dict, optimizer: dict, rng: dict,
+                    ctx: ParallelContext, step: int) -> None:
     def name(kind: str) -> str:
         return os.path.join(directory, shard_file(kind, ctx.tp_rank, ctx.pp_rank, ctx.tp, ctx.pp))
 
-    save_model_file(model.state_dict(), name("model"))
+    save_model_file(model_state, name("model"))
     _record_sum(name("model"))
     _maybe_die_mid_write(step)
-    torch.save(optimizer_record(model, optimizer), name("optimizer"))
+    torch.save(optimizer, name("optimizer"))
     _record_sum(name("optimizer"))
-    save_rng_file(rng_state(), name("rng"))
+    save_rng_file(rng, name("rng"))
     _record_sum(name("rng"))
+
+
+def _host_copy(value):
+    """``value`` with every tensor copied to host memory (containers rebuilt); device tensors
+    go to pinned memory without blocking, then one synchronisation."""
+    on_device = []
+
+    def copy(item):
+        if torch.is_tensor(item):
+            if item.device.type == "cpu":
+                return item.detach().clone()
+            out = torch.empty(item.shape, dtype=item.dtype, pin_memory=True)
+            on_device.append(item.device)
+            return out.copy_(item.detach(), non_blocking=True)
+        if isinstance(item, dict):
+            return {k: copy(v) for k, v in item.items()}
+        if isinstance(item, list | tuple):
+            return type(item)(copy(v) for v in item)
+        return item
+
+    out = copy(value)
+    for device in set(on_device):
+        torch.cuda.synchronize(device)
+    return out
 
 
 def _write_json(path: str, text: str) -> None:
@@ -248,22 +289,126 @@ def save_checkpoint(
         _record_sum(file)
     ctx.barrier()  # every shard is on disk (a rank that died raises here on the others)
     if ctx.is_main:
-        texts = {CONFIG_FILE: config_json}
-        if lineage is not None:
-            texts[LINEAGE_FILE] = json.dumps(lineage, indent=2)
-        texts[STATE_FILE] = json.dumps(asdict(state), indent=2)
-        write_manifest(tmp, _collect_sums(tmp), texts)
-        # state.json last: its presence marks the directory complete (besides the rename)
-        for name, text in texts.items():
-            _write_json(os.path.join(tmp, name), text)
-        os.rename(tmp, path)
-        log.info("saved checkpoint %s", path)
-        if keep_last:  # the older ones only: never this step, nor a newer one
-            older = [p for step, p in list_checkpoints(out_dir) if step < state.step]
-            for old in older[: max(0, len(older) - (keep_last - 1))]:
-                _remove_checkpoint(old)
+        _publish(tmp, path, _texts(config_json, lineage, state), out_dir, state.step,
+                 keep_last)
     ctx.barrier()
     return path
+
+
+def _texts(config_json: str, lineage: dict | None, state: TrainState) -> dict[str, str]:
+    """The JSON files of a checkpoint, state.json last (its presence marks it complete)."""
+    texts = {CONFIG_FILE: config_json}
+    if lineage is not None:
+        texts[LINEAGE_FILE] = json.dumps(lineage, indent=2)
+    texts[STATE_FILE] = json.dumps(asdict(state), indent=2)
+    return texts
+
+
+def _publish(tmp: str, path: str, texts: dict[str, str], out_dir: str, step: int,
+             keep_last: int) -> None:
+    """The main rank's end of a save: the manifest of the ranks' files, the JSON files, the
+    rename into place, then pruning to ``keep_last`` (the older ones only)."""
+    write_manifest(tmp, _collect_sums(tmp), texts)
+    for name, text in texts.items():
+        _write_json(os.path.join(tmp, name), text)
+    os.rename(tmp, path)
+    log.info("saved checkpoint %s", path)
+    if keep_last:  # never this step, nor a newer one
+        older = [p for s, p in list_checkpoints(out_dir) if s < step]
+        for old in older[: max(0, len(older) - (keep_last - 1))]:
+            _remove_checkpoint(old)
+
+
+class PendingSave:
+    """A checkpoint being written in the background (:func:`start_checkpoint`)."""
+
+    def __init__(self, path: str, work, name: str):
+        self.path = path
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(work,), name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self, work) -> None:
+        try:
+            work()
+        except BaseException as err:  # noqa: BLE001 - raised again by wait() on the main thread
+            self._error = err
+
+    def wait(self) -> str:
+        """Block until this rank's part (the main rank: the publish too) is done; raise what
+        went wrong in the background."""
+        self._thread.join()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise CheckpointError(f"the background save of {self.path} failed: {error}") \
+                from error
+        return self.path
+
+
+def start_checkpoint(
+    out_dir: str,
+    state: TrainState,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config_json: str,
+    keep_last: int = 0,
+    lineage: dict | None = None,
+    ctx: ParallelContext | None = None,
+) -> PendingSave | str:
+    """:func:`save_checkpoint` with the file writes in the background (see the module
+    docstring): collective like it, returns once this rank's state is copied to host memory,
+    as a :class:`PendingSave` (the path, when the step already has a checkpoint). Call
+    ``wait()`` on it before the next save and before exiting."""
+    ctx = ctx or ParallelContext.single()
+    path = step_path(out_dir, state.step)
+    if any_over(ctx.is_main and os.path.isfile(os.path.join(path, STATE_FILE)),
+                ctx.world_group):
+        return path
+    if hasattr(optimizer, "consolidate_state_dict"):  # ZeRO-1: gather the shards
+        optimizer.consolidate_state_dict(to=0)
+    tmp = path + TEMPORARY_SUFFIX
+    if ctx.is_main:
+        os.makedirs(checkpoint_dir(out_dir), exist_ok=True)
+        _remove_stale_temporaries(out_dir)
+        os.makedirs(tmp)
+    ctx.barrier()
+    rng, step = rng_state(), state.step
+    snapshot = None
+    if ctx.dp_rank == 0:
+        snapshot = (_host_copy(model.state_dict()),
+                    _host_copy(optimizer_record(model, optimizer)))
+    texts = _texts(config_json, lineage, state)
+
+    def write() -> None:
+        if snapshot is not None:
+            _write_snapshot(tmp, *snapshot, rng, ctx, step)
+        else:  # its own dropout stream
+            file = os.path.join(tmp, rng_file(ctx.tp_rank, ctx.pp_rank, ctx.dp_rank, ctx.tp,
+                                              ctx.pp))
+            save_rng_file(rng, file)
+            _record_sum(file)
+        _write_json(os.path.join(tmp, f"ready-{ctx.rank}"), "")
+        if ctx.is_main:
+            _publish_when_ready(tmp, path, texts, ctx, out_dir, step, keep_last)
+
+    return PendingSave(path, write, f"megarch-save-{step}")
+
+
+def _publish_when_ready(tmp: str, path: str, texts: dict[str, str], ctx: ParallelContext,
+                        out_dir: str, step: int, keep_last: int) -> None:
+    """The main rank's background publish: once every rank's ``ready-RANK`` marker is in
+    ``tmp`` (waiting at most ``ctx.timeout_s``), the manifest, the JSON files and the rename."""
+    markers = [os.path.join(tmp, f"ready-{r}") for r in range(ctx.world_size)]
+    deadline = time.monotonic() + ctx.timeout_s
+    while not all(os.path.exists(m) for m in markers):
+        if time.monotonic() > deadline:
+            missing = [r for r, m in enumerate(markers) if not os.path.exists(m)]
+            raise CheckpointError(f"ranks {missing} did not finish writing {tmp} within "
+                                  f"parallel.timeout_s {ctx.timeout_s:g}; not published")
+        time.sleep(0.02)
+    for marker in markers:
+        os.remove(marker)
+    _publish(tmp, path, texts, out_dir, step, keep_last)
 
 
 def _remove_checkpoint(path: str) -> None:

@@ -60,7 +60,7 @@ from megarch.training.checkpoint import TrainState, is_own_checkpoint
 from megarch.training.logging import MetricsWriter
 from megarch.training.optim import build_optimizer, lr_at, set_lr
 from megarch.training.resume import SHAPE_FIELDS, check_shapes
-from megarch.training.run_checkpoints import resume_trainer, save_trainer
+from megarch.training.run_checkpoints import resume_trainer, save_trainer, wait_for_save
 from megarch.training.runtime import (
     batch_tokens,
     build_context,
@@ -149,6 +149,7 @@ class Trainer:
             self.optimizer = zero1(self.optimizer, self.ctx.dp_group)
         self.state = TrainState()
         self.checkpoint: str | None = None
+        self.pending_save = None  # a checkpoint being written in the background
         self.train_data = build_dataset(cfg.data, self.tokenizer, "train",
                                         cfg.run.steps * cfg.run.global_batch)
         self.valid_data = None
@@ -186,7 +187,8 @@ class Trainer:
 
     def save_all(self) -> str:
         """Collective checkpoint of the current state: every rank calls it (ZeRO-1 state
-        gathered, one shard set per TP rank and stage, published when complete)."""
+        gathered, one shard set per TP rank and stage, published when complete; with
+        ``run.async_save`` written in the background, complete after ``wait_for_save``)."""
         return save_trainer(self)
 
     def loss_of(self, logits: torch.Tensor, batch: dict, num_tokens: float) -> dict:
@@ -354,7 +356,10 @@ class Trainer:
             if not stopped and run.eval_batches:
                 valid = self._eval(metrics)
         finally:
-            metrics.close()
+            try:  # a save in flight completes before the run ends (SIGTERM included)
+                wait_for_save(self)
+            finally:
+                metrics.close()
         return TrainResult(self.state, final_loss, valid[0] if valid else None, self.checkpoint,
                            run.out_dir, metrics.tb_dir, stopped)
 

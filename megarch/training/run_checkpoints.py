@@ -17,12 +17,14 @@ from megarch.training.checkpoint import (
     DAMAGED,
     STATE_FILE,
     CheckpointError,
+    PendingSave,
     checkpoint_dir,
     find_latest,
     is_own_checkpoint,
     list_checkpoints,
     read_state,
     save_checkpoint,
+    start_checkpoint,
 )
 from megarch.training.checkpoint_files import damage
 from megarch.training.resume import SavedCheckpoint, check_shapes, load_into
@@ -122,9 +124,30 @@ def resume_trainer(trainer) -> None:
 
 
 def save_trainer(trainer) -> str:
-    """:meth:`Trainer.save_all`: the collective checkpoint of the trainer's current state."""
+    """:meth:`Trainer.save_all`: the collective checkpoint of the trainer's current state;
+    with ``run.async_save`` its files are written in the background (after the previous
+    background save, if any, is done: :func:`wait_for_save`)."""
     cfg = trainer.cfg
-    trainer.checkpoint = save_checkpoint(cfg.run.out_dir, trainer.state, trainer.model,
-                                         trainer.optimizer, cfg.to_json(), cfg.run.keep_last,
-                                         trainer.lineage_record(), trainer.ctx)
+    args = (cfg.run.out_dir, trainer.state, trainer.model, trainer.optimizer, cfg.to_json(),
+            cfg.run.keep_last, trainer.lineage_record(), trainer.ctx)
+    background = cfg.run.async_save == "true" or (
+        cfg.run.async_save == "auto" and trainer.device.type == "cuda")
+    if not background:
+        trainer.checkpoint = save_checkpoint(*args)
+        return trainer.checkpoint
+    wait_for_save(trainer)  # at most one save in flight
+    pending = start_checkpoint(*args)
+    if isinstance(pending, PendingSave):
+        trainer.pending_save = pending
+        trainer.checkpoint = pending.path
+    else:  # the step already had a checkpoint
+        trainer.checkpoint = pending
     return trainer.checkpoint
+
+
+def wait_for_save(trainer) -> None:
+    """Block until the trainer's background save (if any) is written (and, on the main rank,
+    published); raise what went wrong in it."""
+    pending, trainer.pending_save = getattr(trainer, "pending_save", None), None
+    if pending is not None:
+        pending.wait()
