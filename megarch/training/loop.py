@@ -118,13 +118,13 @@ class Trainer:
     """One training run of a :class:`TrainConfig` (see the module docstring)."""
 
     def __init__(self, cfg: TrainConfig, ctx: ParallelContext | None = None):
-        cfg.validate()
+        cfg.validate()  # a bad config is refused before any process group or corpus is built
         self.ctx = ctx or build_context(cfg)
         if self.ctx.is_main:
             ensure_embedded_corpus(cfg)
         self.ctx.barrier()
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
-        cfg.validate(tokenizer_vocab=self.tokenizer.vocab_size)
+        cfg.validate(tokenizer_vocab=self.tokenizer.vocab_size)  # now against the tokenizer
         self.cfg = cfg
         self.device = resolve_device(cfg.run.device)
         self.autocast = cfg.run.precision == "bf16" and self.device.type == "cuda"
