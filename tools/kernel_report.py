@@ -37,6 +37,7 @@ if str(REPO) not in sys.path:  # run as a script from a checkout
 import torch  # noqa: E402
 
 from kernels import flash_attention as fa  # noqa: E402
+from kernels.flash_attention import backward, forward, launcher  # noqa: E402
 
 KERNELS = ("fwd", "bwd_dkdv", "bwd_dq")
 _TUNER_NAMES = {"fwd": "fwd", "bwd_dkdv": "dkdv", "bwd_dq": "dq"}  # names in the kernel file
@@ -145,7 +146,7 @@ def _compile_args(fn, variant: Variant):
         BIAS_RANGE=fa.bias_range(32, 128) if variant.has_bias else 0,
         HEAD_DIM=variant.head_dim, BLOCK_D=max(16, 1 << (variant.head_dim - 1).bit_length()),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        DOT_PRECISION=fa._dot_precision(TORCH_DTYPES[variant.dtype]),
+        DOT_PRECISION=launcher._dot_precision(TORCH_DTYPES[variant.dtype]),
     )
     signature, attrs = {}, {}
     aligned = [["tt.divisibility", 16]]
@@ -161,7 +162,7 @@ def _compile_args(fn, variant: Variant):
             attrs[(index,)] = aligned
         elif arg in ("scale", "dropout_p"):
             signature[arg] = "fp32"
-        elif arg == "seed":  # always int64 (fa._kernel_seed)
+        elif arg == "seed":  # always int64 (dropout._kernel_seed)
             signature[arg] = "i64"
         else:
             signature[arg] = "i32"
@@ -178,8 +179,8 @@ def compile_variant(variant: Variant, arch: int):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn = {"fwd": fa._fwd_kernel, "bwd_dkdv": fa._bwd_dkdv_kernel,
-          "bwd_dq": fa._bwd_dq_kernel}[variant.kernel]
+    fn = {"fwd": forward._fwd_kernel, "bwd_dkdv": backward._bwd_dkdv_kernel,
+          "bwd_dq": backward._bwd_dq_kernel}[variant.kernel]
     if not isinstance(fn, triton.runtime.JITFunction):
         raise RuntimeError("kernels were imported under TRITON_INTERPRET=1; run without it")
     signature, constexprs, attrs, options = _compile_args(fn, variant)

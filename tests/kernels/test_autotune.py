@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import kernels.flash_attention as fa
-from kernels.flash_attention import PREFIX, BlockConfig
+from kernels.flash_attention import PREFIX, BlockConfig, autotune
 from tests.kernels.test_flash_attention import (  # noqa: F401 - the autouse NaN-buffer fixture
     _poisoned_outputs,
     check_against_float64,
@@ -38,9 +38,9 @@ class ScriptedTimer:
 def tuner(monkeypatch):
     """A fresh autotuner that the launcher uses as if on a GPU, with no forced config."""
     monkeypatch.delenv(fa.CONFIG_ENV, raising=False)
-    monkeypatch.setattr(fa, "_tuning_available", lambda device: True)
-    fresh = fa._Autotuner(timer=ScriptedTimer([5.0]))
-    monkeypatch.setattr(fa, "_AUTOTUNER", fresh)
+    monkeypatch.setattr(autotune, "_tuning_available", lambda device: True)
+    fresh = autotune._Autotuner(timer=ScriptedTimer([5.0]))
+    monkeypatch.setattr(autotune, "_AUTOTUNER", fresh)
     return fresh
 
 
@@ -56,7 +56,7 @@ def test_tuning_picks_the_fastest_candidate_and_results_are_exact(tuner):
     check_against_float64(PREFIX, dtype, q, k, v, kwargs, fwd=None, bwd=None)
     assert tuner.timer.calls == 6  # 2 candidates x 3 kernels, each timed once
     for kernel in fa.KERNELS:
-        key = fa._tuning_key(kernel, q, 40, PREFIX, True, True)
+        key = autotune._tuning_key(kernel, q, 40, PREFIX, True, True)
         assert tuner.cache[key] == candidates[kernel][1] != candidates[kernel][0]
     chosen = fa.selected_block_configs(q, 40, PREFIX, has_segments=True, has_bias=True)
     assert chosen == {kernel: configs[1] for kernel, configs in candidates.items()}
@@ -107,7 +107,7 @@ def test_no_tuning_without_a_gpu(monkeypatch):
     def fail(fn):
         raise AssertionError("timed without a GPU")
 
-    monkeypatch.setattr(fa, "_AUTOTUNER", fa._Autotuner(timer=fail))
+    monkeypatch.setattr(autotune, "_AUTOTUNER", autotune._Autotuner(timer=fail))
     q = torch.zeros(1, 2, 40, 64, dtype=torch.float16)
     fwd, bwd = fa.default_block_configs(64, torch.float16)
     assert fa.selected_block_configs(q, 40, PREFIX) == {"fwd": fwd, "dkdv": bwd, "dq": bwd}
@@ -175,7 +175,7 @@ def test_every_candidate_every_mode(mode, head_dim, dtype):
 def test_gpu_autotuning(monkeypatch, mode):
     """Real tuning on a GPU: every kernel gets a candidate, results match float64."""
     monkeypatch.delenv(fa.CONFIG_ENV, raising=False)
-    monkeypatch.setattr(fa, "_AUTOTUNER", fa._Autotuner())
+    monkeypatch.setattr(autotune, "_AUTOTUNER", autotune._Autotuner())
     dtype, head_dim = torch.bfloat16, 64
     q, k, v, kwargs = make_case(mode, dtype, 700, head_dim=head_dim, segments=False,
                                 bias=mode == fa.PREFIX, seed=40 + mode, device="cuda")
@@ -183,4 +183,4 @@ def test_gpu_autotuning(monkeypatch, mode):
     chosen = fa.selected_block_configs(q, 700, mode, has_bias=mode == fa.PREFIX)
     for kernel in fa.KERNELS:
         assert chosen[kernel] in fa.candidate_block_configs(kernel, head_dim, dtype)
-    assert len(fa._AUTOTUNER.cache) == 3
+    assert len(autotune._AUTOTUNER.cache) == 3
