@@ -10,7 +10,15 @@ import triton.language as tl
 
 from .bias import _distance_index
 from .dropout import _dropout_keep
-from .masks import _key_range, _load_col_info, _load_row_info, _query_range, _tile_visible
+from .masks import (
+    _head_offset,
+    _key_range,
+    _load_col_info,
+    _load_row_info,
+    _program_ids,
+    _query_range,
+    _tile_visible,
+)
 from .modes import _LOG2E
 
 
@@ -32,23 +40,22 @@ def _bwd_dkdv_kernel(
 
     DK / DV are contiguous [batch, heads, k_len, head_dim].
     """
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
+    pid_n, pid_bh, b, h = _program_ids(k_len, n_heads, BLOCK_N)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM
     n_valid = offs_n < k_len
     nd_mask = n_valid[:, None] & d_valid[None, :]
-    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn
+    k = tl.load(K + _head_offset(b, h, stride_kb, stride_kh) + offs_n[:, None] * stride_kn
                 + offs_d[None, :] * stride_kd, mask=nd_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn
+    v = tl.load(V + _head_offset(b, h, stride_vb, stride_vh) + offs_n[:, None] * stride_vn
                 + offs_d[None, :] * stride_vd, mask=nd_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
     k_seg, k_pos = _load_col_info(KSEG, KPOS, b, offs_n, k_len, HAS_SEG, HAS_BIAS)
     qk_scale = scale * _LOG2E
-    Q += b * stride_qb + h * stride_qh
-    DO += b * stride_dob + h * stride_doh
+    Q += _head_offset(b, h, stride_qb, stride_qh)
+    DO += _head_offset(b, h, stride_dob, stride_doh)
+    LSE += pid_bh.to(tl.int64) * q_len  # LSE / DELTA: contiguous [batch, heads, q_len]
+    DELTA += pid_bh.to(tl.int64) * q_len
     bias_row = BIAS + h * (2 * BIAS_RANGE + 1)
 
     lo_m, hi_m = _query_range(KSPAN, PREFIX_MAX, b, pid_n, offs_n, q_len, k_len, BLOCK_M,
@@ -63,8 +70,8 @@ def _bwd_dkdv_kernel(
                     mask=md_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
         do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
                      mask=md_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
-        lse = tl.load(LSE + pid_bh * q_len + offs_m, mask=m_valid, other=0.0)
-        delta = tl.load(DELTA + pid_bh * q_len + offs_m, mask=m_valid, other=0.0)
+        lse = tl.load(LSE + offs_m, mask=m_valid, other=0.0)
+        delta = tl.load(DELTA + offs_m, mask=m_valid, other=0.0)
         q_seg, prefix, q_pos = _load_row_info(QSEG, PREFIX, QPOS, b, offs_m, q_len, stride_pb,
                                               stride_pm, MODE, HAS_SEG, HAS_BIAS)
         visible = _tile_visible(offs_m, offs_n, q_len, k_len, q_seg, k_seg, prefix, MODE, HAS_SEG)
@@ -85,7 +92,8 @@ def _bwd_dkdv_kernel(
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
 
-    out_offs = pid_bh * k_len * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    out_offs = (pid_bh.to(tl.int64) * k_len * HEAD_DIM + offs_n[:, None] * HEAD_DIM
+                + offs_d[None, :])
     tl.store(DK + out_offs, (dk * scale).to(DK.dtype.element_ty), mask=nd_mask)
     if HAS_DROPOUT:
         dv = dv * (1.0 / (1.0 - dropout_p))
@@ -110,26 +118,23 @@ def _bwd_dq_kernel(
 
     DQ is contiguous [batch, heads, q_len, head_dim]; DBIAS is fp32 [heads, 2 R + 1].
     """
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
+    pid_m, pid_bh, b, h = _program_ids(q_len, n_heads, BLOCK_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM
     m_valid = offs_m < q_len
     md_mask = m_valid[:, None] & d_valid[None, :]
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
+    q = tl.load(Q + _head_offset(b, h, stride_qb, stride_qh) + offs_m[:, None] * stride_qm
                 + offs_d[None, :] * stride_qd, mask=md_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
+    do = tl.load(DO + _head_offset(b, h, stride_dob, stride_doh) + offs_m[:, None] * stride_dom
                  + offs_d[None, :] * stride_dod, mask=md_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
-    lse = tl.load(LSE + pid_bh * q_len + offs_m, mask=m_valid, other=0.0)
-    delta = tl.load(DELTA + pid_bh * q_len + offs_m, mask=m_valid, other=0.0)
+    lse = tl.load(LSE + pid_bh.to(tl.int64) * q_len + offs_m, mask=m_valid, other=0.0)
+    delta = tl.load(DELTA + pid_bh.to(tl.int64) * q_len + offs_m, mask=m_valid, other=0.0)
     q_seg, prefix, q_pos = _load_row_info(QSEG, PREFIX, QPOS, b, offs_m, q_len, stride_pb,
                                           stride_pm, MODE, HAS_SEG, HAS_BIAS)
     qk_scale = scale * _LOG2E
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
+    K += _head_offset(b, h, stride_kb, stride_kh)
+    V += _head_offset(b, h, stride_vb, stride_vh)
     bias_row = BIAS + h * (2 * BIAS_RANGE + 1)
     dbias_row = DBIAS + h * (2 * BIAS_RANGE + 1)
 
@@ -160,6 +165,7 @@ def _bwd_dq_kernel(
         if HAS_BIAS:
             tl.atomic_add(dbias_row + idx, ds, mask=visible)
 
-    out_offs = pid_bh * q_len * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    out_offs = (pid_bh.to(tl.int64) * q_len * HEAD_DIM + offs_m[:, None] * HEAD_DIM
+                + offs_d[None, :])
     tl.store(DQ + out_offs, (dq * scale).to(DQ.dtype.element_ty), mask=md_mask)
 

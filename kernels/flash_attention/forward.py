@@ -7,7 +7,14 @@ import triton.language as tl
 
 from .bias import _distance_index
 from .dropout import _dropout_keep
-from .masks import _key_range, _load_col_info, _load_row_info, _tile_visible
+from .masks import (
+    _head_offset,
+    _key_range,
+    _load_col_info,
+    _load_row_info,
+    _program_ids,
+    _tile_visible,
+)
 from .modes import _LOG2E
 
 
@@ -26,22 +33,19 @@ def _fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One query block of one (batch, head): online softmax over the visible key blocks."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
+    pid_m, pid_bh, b, h = _program_ids(q_len, n_heads, BLOCK_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM
     m_valid = offs_m < q_len
     md_mask = m_valid[:, None] & d_valid[None, :]
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
+    q = tl.load(Q + _head_offset(b, h, stride_qb, stride_qh) + offs_m[:, None] * stride_qm
                 + offs_d[None, :] * stride_qd, mask=md_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
     q_seg, prefix, q_pos = _load_row_info(QSEG, PREFIX, QPOS, b, offs_m, q_len, stride_pb,
                                           stride_pm, MODE, HAS_SEG, HAS_BIAS)
     qk_scale = scale * _LOG2E
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
+    K += _head_offset(b, h, stride_kb, stride_kh)
+    V += _head_offset(b, h, stride_vb, stride_vh)
     bias_row = BIAS + h * (2 * BIAS_RANGE + 1)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max (log2 units)
@@ -81,7 +85,7 @@ def _fwd_kernel(
     if HAS_DROPOUT:
         acc = acc * (1.0 / (1.0 - dropout_p))
     lse = tl.where(empty, 0.0, m_i + tl.log2(tl.where(empty, 1.0, l_i)))  # log2 units
-    tl.store(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om
+    tl.store(OUT + _head_offset(b, h, stride_ob, stride_oh) + offs_m[:, None] * stride_om
              + offs_d[None, :] * stride_od, acc.to(OUT.dtype.element_ty), mask=md_mask)
-    tl.store(LSE + pid_bh * q_len + offs_m, lse, mask=m_valid)
+    tl.store(LSE + pid_bh.to(tl.int64) * q_len + offs_m, lse, mask=m_valid)
 

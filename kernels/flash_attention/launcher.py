@@ -127,6 +127,20 @@ def _constexprs(q: torch.Tensor, mask: _MaskArgs, config: BlockConfig, has_bias:
                 num_warps=config.num_warps, num_stages=config.num_stages)
 
 
+_MAX_GRID_X = 2**31 - 1  # CUDA's limit on grid axis 0 (axes 1 and 2: 65,535)
+
+
+def _grid(length: int, block: int, batch_heads: int) -> tuple[int]:
+    """The folded launch grid of a kernel over ``cdiv(length, block)`` blocks of each of
+    ``batch_heads`` (batch, head) pairs: one axis (the kernels' ``_program_ids`` unfold it)."""
+    programs = triton.cdiv(length, block) * batch_heads
+    if programs > _MAX_GRID_X:
+        raise ValueError(f"flash_attention: {programs} programs ({batch_heads} batch x heads, "
+                         f"length {length}, blocks of {block}) exceed CUDA's grid limit "
+                         f"{_MAX_GRID_X}; split the batch")
+    return (programs,)
+
+
 def _empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
     """Every output buffer comes from here (tests swap in NaN-filled buffers)."""
     return torch.empty(shape, dtype=dtype, device=device)
@@ -152,7 +166,7 @@ def _forward(q, k, v, bias, mask: _MaskArgs) -> tuple[torch.Tensor, torch.Tensor
     has_bias = bias is not None
 
     def launch(cfg: BlockConfig) -> None:
-        _fwd_kernel[(triton.cdiv(q_len, cfg.block_m), batch * heads)](
+        _fwd_kernel[_grid(q_len, cfg.block_m, batch * heads)](
             q, k, v, out, lse, p(mask.q_seg), p(mask.k_seg), p(mask.q_span), p(mask.prefix),
             p(bias, torch.float32), p(mask.q_pos), p(mask.k_pos),
             *strides, *sizes, **_constexprs(q, mask, cfg, has_bias),
@@ -187,7 +201,7 @@ def _backward(q, k, v, out, lse, do, bias, mask: _MaskArgs):
     has_bias = bias is not None
 
     def launch_dkdv(cfg: BlockConfig) -> None:
-        _bwd_dkdv_kernel[(triton.cdiv(k_len, cfg.block_n), batch * heads)](
+        _bwd_dkdv_kernel[_grid(k_len, cfg.block_n, batch * heads)](
             q, k, v, do, lse, delta, dk, dv, p(mask.q_seg), p(mask.k_seg), p(mask.k_span),
             p(mask.prefix), p(mask.prefix_max), p(bias, torch.float32), p(mask.q_pos),
             p(mask.k_pos), *strides, *sizes, **_constexprs(q, mask, cfg, has_bias),
@@ -196,7 +210,7 @@ def _backward(q, k, v, out, lse, do, bias, mask: _MaskArgs):
     def launch_dq(cfg: BlockConfig) -> None:
         if dbias is not None:
             dbias.zero_()  # accumulated with atomics: every (tuning) launch starts from zero
-        _bwd_dq_kernel[(triton.cdiv(q_len, cfg.block_m), batch * heads)](
+        _bwd_dq_kernel[_grid(q_len, cfg.block_m, batch * heads)](
             q, k, v, do, lse, delta, dq, p(dbias, torch.float32), p(mask.q_seg),
             p(mask.k_seg), p(mask.q_span), p(mask.prefix), p(bias, torch.float32),
             p(mask.q_pos), p(mask.k_pos), *strides, *sizes, **_constexprs(q, mask, cfg, has_bias),

@@ -106,3 +106,24 @@ def _load_col_info(KSEG, KPOS, b, offs_n, k_len, HAS_SEG: tl.constexpr, HAS_BIAS
         k_pos = tl.load(KPOS + b * k_len + offs_n, mask=n_valid, other=0)
     return k_seg, k_pos
 
+
+
+@triton.jit
+def _program_ids(length, n_heads, BLOCK: tl.constexpr):
+    """(block index, batch * heads index, batch, head) of this program on the folded grid.
+
+    The grid is one axis of ``cdiv(length, BLOCK) * batch * heads`` programs (``_grid``), the
+    blocks of one (batch, head) adjacent (they share its K / V in L2): axis 0 allows 2**31 - 1
+    programs where axes 1 and 2 stop at 65,535, so any batch x heads launches.
+    """
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(length, BLOCK)
+    pid_bh = pid // n_blocks
+    return pid % n_blocks, pid_bh, pid_bh // n_heads, pid_bh % n_heads
+
+
+@triton.jit
+def _head_offset(b, h, stride_b, stride_h):
+    """``b * stride_b + h * stride_h`` in int64: the products pass 2**31 elements at GPU-scale
+    shapes (batch x heads >= 2,048 at length 8192, head dim 128), where int32 wraps."""
+    return b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
