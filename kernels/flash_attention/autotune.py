@@ -2,16 +2,21 @@
 
 Our own small autotuner instead of ``triton.autotune``: it times on the call's own tensors
 through a launch closure (the bias gradient must be zeroed before every timed dQ launch), falls
-back to the defaults when memory runs out while timing, and runs nothing under the interpreter
-(where ``triton.autotune`` with several configs fails).
+back to the defaults when memory runs out while timing, runs nothing under the interpreter
+(where ``triton.autotune`` with several configs fails), and keeps its choices on disk keyed by
+GPU model and Triton version (``triton.autotune``'s cache is per process).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
-from dataclasses import dataclass
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import triton
@@ -150,24 +155,119 @@ def _bench_ms(fn) -> float:
     return do_bench(fn, warmup=5, rep=20)
 
 
-class _Autotuner:
-    """The fastest candidate per tuning key, timed on the first call's own tensors, then cached.
+CACHE_ENV = "MEGARCH_AUTOTUNE_CACHE"  # the tuned-tiles file; "off": tune per process only
+_CACHE_VERSION = 1
 
-    A candidate that fails to launch (e.g. too much shared memory on a smaller GPU) is skipped;
-    tiles never change the result beyond rounding, so any candidate is a correct choice.
+
+def autotune_cache_path() -> Path | None:
+    """The on-disk autotune cache: ``$MEGARCH_AUTOTUNE_CACHE`` (e.g. a file in the run
+    directory), else ``$XDG_CACHE_HOME/megarch/autotune.json`` (``~/.cache/...``); None when the
+    variable is ``off``."""
+    setting = os.environ.get(CACHE_ENV, "").strip()
+    if setting.lower() == "off":
+        return None
+    if setting:
+        return Path(setting).expanduser()
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "megarch" / "autotune.json"
+
+
+def _candidate_errors() -> tuple[type[BaseException], ...]:
+    """What a candidate that cannot run raises: too much shared memory / too many registers,
+    or a failed compile (Triton's own, or ptxas). Anything else is a bug and is raised."""
+    from triton.compiler.errors import CompilationError
+    from triton.runtime import errors
+
+    extra = tuple(getattr(errors, name) for name in ("PTXASError",) if hasattr(errors, name))
+    return (errors.OutOfResources, CompilationError, *extra)
+
+
+def _key_text(key: tuple) -> str:
+    return "|".join(map(str, key))
+
+
+class _Autotuner:
+    """The fastest candidate per tuning key, timed on the first call's own tensors, then kept in
+    memory and in an on-disk JSON cache (``autotune_cache_path``), so a resumed run (or another
+    process on the same GPU model and Triton version, both in the key) uses the same tiles.
+
+    A candidate that cannot run (out of resources, compile failure) is skipped; tiles never
+    change the result beyond rounding, so any candidate is a correct choice. A cached choice
+    that is no longer a candidate, or an unreadable cache file, is retuned (the latter with a
+    warning). The file is rewritten through a temporary file and a rename, merged with what
+    other processes wrote meanwhile.
     """
 
-    def __init__(self, timer=_bench_ms):
+    def __init__(self, timer=_bench_ms, cache_path=autotune_cache_path):
         self.timer = timer  # ms of one call of a zero-argument function
+        self.cache_path = cache_path  # () -> Path | None
         self.cache: dict[tuple, BlockConfig] = {}
+
+    def _read_disk(self, path: Path) -> dict[str, dict]:
+        if not path.exists():
+            return {}
+        try:
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict) or data.get("version") != _CACHE_VERSION \
+                    or not isinstance(data.get("entries"), dict):
+                raise ValueError(f"not a version-{_CACHE_VERSION} autotune cache")
+            return data["entries"]
+        except (OSError, ValueError) as error:  # JSONDecodeError is a ValueError
+            warnings.warn(f"flash_attention autotune cache {path} is unreadable ({error}); "
+                          f"retuning (it is rewritten; {CACHE_ENV}=off disables it)",
+                          RuntimeWarning, stacklevel=4)
+            return {}
+
+    def _from_disk(self, key: tuple, candidates: list[BlockConfig]) -> BlockConfig | None:
+        path = self.cache_path()
+        if path is None:
+            return None
+        entry = self._read_disk(path).get(_key_text(key))
+        try:
+            config = BlockConfig(**entry) if isinstance(entry, dict) else None
+        except (TypeError, ValueError):  # a hand-edited or foreign entry: retune
+            config = None
+        return config if config in candidates else None
+
+    def _write_disk(self, key: tuple, config: BlockConfig) -> None:
+        path = self.cache_path()
+        if path is None:
+            return
+        try:
+            entries = self._read_disk(path)
+            entries[_key_text(key)] = asdict(config)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w") as file:
+                    json.dump({"version": _CACHE_VERSION, "entries": entries}, file, indent=1,
+                              sort_keys=True)
+                os.replace(tmp, path)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+        except OSError as error:  # read-only home, full disk: keep the in-memory choice
+            warnings.warn(f"flash_attention autotune: cannot write {path} ({error}); the tiles "
+                          "are tuned again in the next process", RuntimeWarning, stacklevel=4)
+
+    def lookup(self, key: tuple, candidates: list[BlockConfig]) -> BlockConfig | None:
+        """The cached choice (memory, then disk), or None; nothing is timed."""
+        if key not in self.cache:
+            config = self._from_disk(key, candidates)
+            if config is None:
+                return None
+            self.cache[key] = config
+        return self.cache[key]
 
     def choose(self, key: tuple, candidates: list[BlockConfig], launch,
                default: BlockConfig | None = None) -> BlockConfig:
         """The fastest of ``candidates``; ``default``, untimed, when memory runs out while
         timing (the timer flushes the GPU cache through a buffer of its own): an out-of-memory
-        error is not a candidate's failure."""
-        if key in self.cache:
-            return self.cache[key]
+        error is not a candidate's failure (and that choice is not written to disk)."""
+        cached = self.lookup(key, candidates)
+        if cached is not None:
+            return cached
+        skip = _candidate_errors()
         times, errors = {}, []
         for config in candidates:
             try:
@@ -180,7 +280,7 @@ class _Autotuner:
                                "using the default tiles %s", key, default)
                 self.cache[key] = default
                 return default
-            except Exception as error:  # noqa: BLE001 - skip the candidate, keep the others
+            except skip as error:  # this candidate cannot run here: keep the others
                 errors.append(error)
                 logger.debug("flash_attention autotune %s: %s failed: %s", key, config, error)
         if not times:
@@ -188,6 +288,7 @@ class _Autotuner:
                 from errors[0]
         best = min(times, key=times.get)
         self.cache[key] = best
+        self._write_disk(key, best)
         logger.info("flash_attention autotune %s: %s (%.3f ms of %d candidates)", key, best,
                     times[best], len(times))
         return best
@@ -196,10 +297,18 @@ class _Autotuner:
 _AUTOTUNER = _Autotuner()
 
 
+def _device_name(device: torch.device) -> str:
+    """The GPU model in the tuning key (tiles tuned on one model need not suit another)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
 def _tuning_key(kernel: str, q: torch.Tensor, k_len: int, mode: int, has_seg: bool,
                 has_bias: bool, has_dropout: bool = False) -> tuple:
     bucket = _length_bucket(max(q.shape[2], k_len))
-    return kernel, mode, has_seg, has_bias, has_dropout, q.shape[-1], q.dtype, bucket
+    return (kernel, mode, has_seg, has_bias, has_dropout, q.shape[-1], q.dtype, bucket,
+            _device_name(q.device), f"triton {triton.__version__}")
 
 
 def _block_config(kernel: str, explicit: BlockConfig | None, q: torch.Tensor, k_len: int,
@@ -218,9 +327,9 @@ def _block_config(kernel: str, explicit: BlockConfig | None, q: torch.Tensor, k_
     if forced is None or not _tuning_available(q.device):
         return default
     key = _tuning_key(kernel, q, k_len, mode, has_seg, has_bias, has_dropout)
-    if launch is None:
-        return _AUTOTUNER.cache.get(key, default)
     candidates = candidate_block_configs(kernel, q.shape[-1], q.dtype)
+    if launch is None:
+        return _AUTOTUNER.lookup(key, candidates) or default
     return _AUTOTUNER.choose(key, candidates, launch, default)
 
 
