@@ -1,6 +1,14 @@
-"""The backward kernels (FlashAttention-2): dK/dV over key blocks, dQ over query blocks.
+"""The backward kernels (FlashAttention-2): the ``delta`` preprocess, dK/dV over key blocks,
+dQ over query blocks.
 
-Both recompute the probabilities from the forward's log-sum-exp.
+Both main kernels recompute the probabilities from the forward's log-sum-exp. Matmuls per
+(query tile, key tile): dK/dV recomputes S = Q K^T and dP = dO V^T and adds dV += P^T dO and
+dK += dS^T Q (4); dQ recomputes S and dP again and adds dQ += dS K (3): 7, against 5 for
+FlashAttention-2's single kernel, which accumulates dQ with fp32 atomics into a
+[batch, heads, q_len, head_dim] buffer. The split costs 2 / 5 more backward matmul FLOPs and
+buys a deterministic dQ written once in the inputs' dtype, no fp32 dQ buffer and no atomic
+traffic, and each kernel its own tiles (dK/dV long key blocks, dQ long query blocks). Which is
+faster is a GPU measurement (tools/gpu_check.sh); until one says otherwise we keep the split.
 """
 
 from __future__ import annotations
@@ -20,6 +28,30 @@ from .masks import (
     _tile_visible,
 )
 from .modes import _LOG2E
+
+
+@triton.jit
+def _bwd_preprocess_kernel(
+    OUT, DO, DELTA,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    n_heads, q_len,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """``delta = rowsum(dO o O)`` of one query block of one (batch, head), in fp32 (FA2's
+    preprocess: one read of O and dO, no full-size fp32 temporaries). DELTA is contiguous
+    [batch, heads, q_len]."""
+    pid_m, pid_bh, b, h = _program_ids(q_len, n_heads, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_valid = offs_m < q_len
+    md_mask = m_valid[:, None] & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(OUT + _head_offset(b, h, stride_ob, stride_oh) + offs_m[:, None] * stride_om
+                + offs_d[None, :] * stride_od, mask=md_mask, other=0.0)
+    do = tl.load(DO + _head_offset(b, h, stride_dob, stride_doh) + offs_m[:, None] * stride_dom
+                 + offs_d[None, :] * stride_dod, mask=md_mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * q_len + offs_m, delta, mask=m_valid)
 
 
 @triton.jit(do_not_specialize=["seed"])

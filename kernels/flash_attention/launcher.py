@@ -8,7 +8,7 @@ import torch
 import triton
 
 from .autotune import BlockConfig, _block_config
-from .backward import _bwd_dkdv_kernel, _bwd_dq_kernel
+from .backward import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_preprocess_kernel
 from .dropout import _SEED_FLAG
 from .forward import _fwd_kernel
 from .modes import CROSS, PREFIX
@@ -177,6 +177,24 @@ def _forward(q, k, v, bias, mask: _MaskArgs) -> tuple[torch.Tensor, torch.Tensor
     return out, lse
 
 
+def _preprocess_blocks(head_dim: int) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_M) of the delta preprocess: <= 64 fp32 elements per thread of 4 warps."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    return block_d, max(16, min(128, 8192 // block_d))
+
+
+def _delta(out: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
+    """``rowsum(dO o O)``: fp32 [batch, heads, q_len], by the preprocess kernel (any strides)."""
+    batch, heads, q_len, head_dim = out.shape
+    delta = _empty((batch, heads, q_len), torch.float32, out.device)
+    block_d, block_m = _preprocess_blocks(head_dim)
+    _bwd_preprocess_kernel[_grid(q_len, block_m, batch * heads)](
+        out, do, delta, *out.stride(), *do.stride(), heads, q_len,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, num_warps=4,
+    )
+    return delta
+
+
 def _backward(q, k, v, out, lse, do, bias, mask: _MaskArgs):
     """Launch the backward kernels: (dq, dk, dv, dbias or None).
 
@@ -191,7 +209,7 @@ def _backward(q, k, v, out, lse, do, bias, mask: _MaskArgs):
     """
     batch, heads, q_len, _ = q.shape
     k_len = k.shape[2]
-    delta = (do.float() * out.float()).sum(-1).contiguous()  # [batch, heads, q_len]
+    delta = _delta(out, do)  # [batch, heads, q_len] fp32
     dq = _empty(q.shape, q.dtype, q.device)
     dk = _empty(k.shape, k.dtype, k.device)
     dv = _empty(v.shape, v.dtype, v.device)

@@ -89,8 +89,8 @@ def _mask_args(mode: int, batch: int, q_len: int, device) -> launcher._MaskArgs:
 def test_launcher_grid_for_batch_1024_by_64_heads(monkeypatch, mode):
     """Every kernel's grid fits CUDA's limits at batch 1024 x 64 heads (65,536 pairs, which
     grid axis 1 could not take): one axis, below 2**31."""
-    recorders = {name: _Recorder() for name in ("_fwd_kernel", "_bwd_dkdv_kernel",
-                                                "_bwd_dq_kernel")}
+    recorders = {name: _Recorder() for name in ("_fwd_kernel", "_bwd_preprocess_kernel",
+                                                "_bwd_dkdv_kernel", "_bwd_dq_kernel")}
     for name, recorder in recorders.items():
         monkeypatch.setattr(launcher, name, recorder)
     batch, heads, length, head_dim = 1024, 64, 8192, 128
@@ -102,6 +102,8 @@ def test_launcher_grid_for_batch_1024_by_64_heads(monkeypatch, mode):
     launcher._backward(q, k, v, out, lse, torch.empty_like(out), None, mask)
     fwd, bwd = default_block_configs(head_dim, torch.float16)
     want = {"_fwd_kernel": triton.cdiv(length, fwd.block_m),
+            "_bwd_preprocess_kernel": triton.cdiv(length, launcher._preprocess_blocks(
+                head_dim)[1]),
             "_bwd_dkdv_kernel": triton.cdiv(length, bwd.block_n),
             "_bwd_dq_kernel": triton.cdiv(length, bwd.block_m)}
     for name, recorder in recorders.items():
