@@ -16,7 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .bias import _distance_index
+from .bias import _add_bias_grad, _distance_index, _position_run
 from .dropout import _dropout_keep
 from .masks import (
     _head_offset,
@@ -146,7 +146,8 @@ def _bwd_dq_kernel(
     BIAS_RANGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One query block of one (batch, head): dQ, and the bias gradient added atomically.
+    """One query block of one (batch, head): dQ, and the bias gradient added atomically after a
+    reduction inside each tile (``_add_bias_grad``).
 
     DQ is contiguous [batch, heads, q_len, head_dim]; DBIAS is fp32 [heads, 2 R + 1].
     """
@@ -169,6 +170,7 @@ def _bwd_dq_kernel(
     V += _head_offset(b, h, stride_vb, stride_vh)
     bias_row = BIAS + h * (2 * BIAS_RANGE + 1)
     dbias_row = DBIAS + h * (2 * BIAS_RANGE + 1)
+    q_run, q_shift = _position_run(q_pos, offs_m, m_valid)  # for the bias gradient
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo_n, hi_n = _key_range(QSPAN, b, pid_m, offs_m, q_len, k_len, prefix, BLOCK_M, BLOCK_N,
@@ -195,7 +197,8 @@ def _bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
         if HAS_BIAS:
-            tl.atomic_add(dbias_row + idx, ds, mask=visible)
+            _add_bias_grad(dbias_row, ds, idx, visible, q_run, q_shift, k_pos, offs_n, n_valid,
+                           pid_m * BLOCK_M, start_n, BIAS_RANGE, BLOCK_M, BLOCK_N)
 
     out_offs = (pid_bh.to(tl.int64) * q_len * HEAD_DIM + offs_m[:, None] * HEAD_DIM
                 + offs_d[None, :])
