@@ -1,1 +1,1 @@
-"""Triton kernels (each file stands alone: it imports torch and triton, never megarch)."""
+"""Triton kernels (each kernel folder stands alone: it imports torch and triton, never megarch)."""

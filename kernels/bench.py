@@ -11,7 +11,9 @@ The comparisons (each with the same q, k, v, in the same run):
   since a real run builds one per batch.
 - ``packed_t5`` (opt-in, ``--modes packed_t5``): rows packing 4 prefix-LM examples, each with
   the T5 relative bias: the kernel (segment ids, per-query prefix, bias in the kernel) vs
-  FlexAttention with a block mask and a ``score_mod`` adding the same bias. Not a target.
+  FlexAttention with a block mask and a ``score_mod`` adding the same bias, and vs
+  ``kernel_no_bias`` (the same masks without the bias: the fwd_bwd difference is the cost of
+  the bias and of its gradient's reduction). Not a target.
 
 Forward (``fwd``) and forward + backward (``fwd_bwd``) for every sequence length and head dim.
 TFLOP/s come from an explicit count of visible (query, key) pairs (masked work is not counted):
@@ -66,7 +68,7 @@ PACKED_SEGMENTS, T5_BUCKETS, T5_MAX_DISTANCE = 4, 32, 128
 PASSES = ("fwd", "fwd_bwd")
 BASELINES = {"causal": ("sdpa_is_causal", "flex_block_mask"),
              "prefix": ("sdpa_dense_mask", "flex_block_mask"),
-             "packed_t5": ("flex_block_mask",)}
+             "packed_t5": ("flex_block_mask", "kernel_no_bias")}
 BACKWARD_FACTOR = 2.5  # backward FLOPs / forward FLOPs (FlashAttention-2's convention)
 CPU_SMALL = dict(seq_lens=[40, 72], head_dims=[16, 32], batch=1, heads=2, dtype="fp32")
 FIELDS = ("date", "commit", "gpu", "torch", "triton", "mode", "pass", "seq_len", "head_dim",
@@ -248,15 +250,17 @@ def build_impl(impl: str, case: Case, fa, dropout: float = 0.0
                ) -> tuple[Callable, float | None]:
     """(function of (q, k, v) -> out, milliseconds to build its mask, or None without one)."""
     device = case.q.device
-    if impl in ("kernel", "kernel_dropout"):
+    if impl in ("kernel", "kernel_dropout", "kernel_no_bias"):
         mode = fa.CAUSAL if case.mode == "causal" else fa.PREFIX
         kwargs = {"prefix_len": case.prefix_len}
         if impl == "kernel_dropout":
             kwargs.update(dropout_p=dropout, dropout_seed=1234)
         if case.mode == "packed_t5":  # the table gets no gradient: neither does Flex's bias
-            kwargs.update(q_segment_ids=case.segment_ids, rel_bias_table=case.bias_table,
-                          q_positions=case.positions, k_positions=case.positions,
-                          num_buckets=T5_BUCKETS, max_distance=T5_MAX_DISTANCE)
+            kwargs.update(q_segment_ids=case.segment_ids)
+            if impl != "kernel_no_bias":  # (the kernel computes the bias gradient regardless)
+                kwargs.update(rel_bias_table=case.bias_table, q_positions=case.positions,
+                              k_positions=case.positions, num_buckets=T5_BUCKETS,
+                              max_distance=T5_MAX_DISTANCE)
         return (lambda q, k, v: fa.flash_attention(q, k, v, mode, **kwargs)), None
     if impl == "sdpa_is_causal":
         return (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)), None
@@ -407,6 +411,9 @@ def run_case(case: Case, passes: list[str], fa, base_row: dict,
                 result["kernel_speedup"] = f"{ms / kernel_ms[bench_pass]:.4g}"
             if impl == "kernel_dropout":
                 result["note"] = f"dropout p={dropout} (a different function: no diff)"
+            elif impl == "kernel_no_bias":
+                result["note"] = ("the kernel without the T5 bias: kernel ms - this = the "
+                                  "bias's cost (fwd_bwd: its gradient reduction included)")
             elif kernel_out is not None:
                 result["rel_diff_vs_kernel"] = f"{relative_difference(out, kernel_out):.2e}"
             rows.append({**result, "status": "ok", "ms": f"{ms:.6g}",

@@ -37,8 +37,10 @@ if str(REPO) not in sys.path:  # run as a script from a checkout
 import torch  # noqa: E402
 
 from kernels import flash_attention as fa  # noqa: E402
+from kernels.flash_attention import backward, forward, launcher  # noqa: E402
 
 KERNELS = ("fwd", "bwd_dkdv", "bwd_dq")
+PREPROCESS = "bwd_pre"  # the backward's delta preprocess (no mask, bias or tiles to tune)
 _TUNER_NAMES = {"fwd": "fwd", "bwd_dkdv": "dkdv", "bwd_dq": "dq"}  # names in the kernel file
 # Shared memory one block may use (opt-in maximum): A100 163 KiB, H100/H200 227 KiB.
 SHARED_LIMIT = {80: 166912, 90: 232448}
@@ -71,6 +73,8 @@ class Variant:
                 f"d{self.head_dim}{tiles}")
 
     def block_config(self) -> fa.BlockConfig:
+        if self.kernel == PREPROCESS:
+            return fa.BlockConfig(launcher._preprocess_blocks(self.head_dim)[1], 16, 4, 1)
         if self.tiles is not None:
             return fa.BlockConfig(*self.tiles)
         return fa.default_block_config(_TUNER_NAMES[self.kernel], self.head_dim,
@@ -85,14 +89,18 @@ def default_variants() -> list[Variant]:
         Variant("bwd_dq", fa.CROSS, "fp16", 64),
         Variant("fwd", fa.BIDIRECTIONAL, "fp32", 32, has_bias=False),  # 3xTF32 dots
         *(Variant(kernel, fa.PREFIX, "bf16", 128, dropout=True) for kernel in KERNELS),
+        Variant(PREPROCESS, fa.CAUSAL, "bf16", 128, has_seg=False, has_bias=False),
     ]
 
 
 def all_variants(head_dims=(32, 64, 128), dtypes=("fp16", "bf16", "fp32")) -> list[Variant]:
-    """Every kernel x mode x dtype x head dim, with segments and bias (the heaviest case)."""
+    """Every kernel x mode x dtype x head dim, with segments and bias (the heaviest case), and
+    the preprocess per dtype x head dim."""
     return [Variant(kernel, mode, dtype, head_dim)
             for kernel, mode, dtype, head_dim in itertools.product(
-                KERNELS, sorted(fa.MODE_NAMES), dtypes, head_dims)]
+                KERNELS, sorted(fa.MODE_NAMES), dtypes, head_dims)] + [
+        Variant(PREPROCESS, fa.CAUSAL, dtype, head_dim, has_seg=False, has_bias=False)
+        for dtype, head_dim in itertools.product(dtypes, head_dims)]
 
 
 def candidate_variants(head_dims=(32, 64, 128), dtypes=("fp16", "bf16", "fp32"),
@@ -145,8 +153,9 @@ def _compile_args(fn, variant: Variant):
         BIAS_RANGE=fa.bias_range(32, 128) if variant.has_bias else 0,
         HEAD_DIM=variant.head_dim, BLOCK_D=max(16, 1 << (variant.head_dim - 1).bit_length()),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        DOT_PRECISION=fa._dot_precision(TORCH_DTYPES[variant.dtype]),
+        DOT_PRECISION=launcher._dot_precision(TORCH_DTYPES[variant.dtype]),
     )
+    constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
     signature, attrs = {}, {}
     aligned = [["tt.divisibility", 16]]
     for index, arg in enumerate(fn.arg_names):
@@ -161,7 +170,7 @@ def _compile_args(fn, variant: Variant):
             attrs[(index,)] = aligned
         elif arg in ("scale", "dropout_p"):
             signature[arg] = "fp32"
-        elif arg == "seed":  # always int64 (fa._kernel_seed)
+        elif arg == "seed":  # always int64 (dropout._kernel_seed)
             signature[arg] = "i64"
         else:
             signature[arg] = "i32"
@@ -178,8 +187,9 @@ def compile_variant(variant: Variant, arch: int):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn = {"fwd": fa._fwd_kernel, "bwd_dkdv": fa._bwd_dkdv_kernel,
-          "bwd_dq": fa._bwd_dq_kernel}[variant.kernel]
+    fn = {"fwd": forward._fwd_kernel, "bwd_dkdv": backward._bwd_dkdv_kernel,
+          "bwd_dq": backward._bwd_dq_kernel,
+          PREPROCESS: backward._bwd_preprocess_kernel}[variant.kernel]
     if not isinstance(fn, triton.runtime.JITFunction):
         raise RuntimeError("kernels were imported under TRITON_INTERPRET=1; run without it")
     signature, constexprs, attrs, options = _compile_args(fn, variant)

@@ -4,16 +4,21 @@ On a GPU the launcher times every candidate config once per tuning key and keeps
 Here the timer is scripted (the interpreter's timings mean nothing) but every candidate still
 runs, so the tests check the selection and caching logic, that tuning launches leave no trace
 in the results (the bias gradient is accumulated with atomics), and that every candidate
-computes the same attention as the float64 reference.
+computes the same attention as the float64 reference. The on-disk cache (one file per test,
+``tmp_path``) is exercised with scripted timers too.
 """
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from triton.compiler.errors import CompilationError
+from triton.runtime.errors import OutOfResources
 
 import kernels.flash_attention as fa
-from kernels.flash_attention import PREFIX, BlockConfig
+from kernels.flash_attention import PREFIX, BlockConfig, autotune
 from tests.kernels.test_flash_attention import (  # noqa: F401 - the autouse NaN-buffer fixture
     _poisoned_outputs,
     check_against_float64,
@@ -34,13 +39,21 @@ class ScriptedTimer:
         return self.times[(self.calls - 1) % len(self.times)]
 
 
+@pytest.fixture(autouse=True)
+def _cache_file(tmp_path, monkeypatch):
+    """Every tuner of these tests keeps its on-disk cache in the test's own folder."""
+    path = tmp_path / "autotune.json"
+    monkeypatch.setenv(autotune.CACHE_ENV, str(path))
+    return path
+
+
 @pytest.fixture
 def tuner(monkeypatch):
     """A fresh autotuner that the launcher uses as if on a GPU, with no forced config."""
     monkeypatch.delenv(fa.CONFIG_ENV, raising=False)
-    monkeypatch.setattr(fa, "_tuning_available", lambda device: True)
-    fresh = fa._Autotuner(timer=ScriptedTimer([5.0]))
-    monkeypatch.setattr(fa, "_AUTOTUNER", fresh)
+    monkeypatch.setattr(autotune, "_tuning_available", lambda device: True)
+    fresh = autotune._Autotuner(timer=ScriptedTimer([5.0]))
+    monkeypatch.setattr(autotune, "_AUTOTUNER", fresh)
     return fresh
 
 
@@ -56,7 +69,7 @@ def test_tuning_picks_the_fastest_candidate_and_results_are_exact(tuner):
     check_against_float64(PREFIX, dtype, q, k, v, kwargs, fwd=None, bwd=None)
     assert tuner.timer.calls == 6  # 2 candidates x 3 kernels, each timed once
     for kernel in fa.KERNELS:
-        key = fa._tuning_key(kernel, q, 40, PREFIX, True, True)
+        key = autotune._tuning_key(kernel, q, 40, PREFIX, True, True)
         assert tuner.cache[key] == candidates[kernel][1] != candidates[kernel][0]
     chosen = fa.selected_block_configs(q, 40, PREFIX, has_segments=True, has_bias=True)
     assert chosen == {kernel: configs[1] for kernel, configs in candidates.items()}
@@ -77,17 +90,25 @@ def test_failing_candidates_are_skipped(tuner):
     candidates = [BlockConfig(16, 16), BlockConfig(32, 32), BlockConfig(64, 64)]
 
     def launch(config):
-        if config.block_m != 32:
-            raise RuntimeError("out of resources")
+        if config.block_m == 16:
+            raise OutOfResources(232448 + 1024, 232448, "shared memory")
+        if config.block_m == 64:
+            raise CompilationError("kernel.py", None, "ptxas: too many registers")
 
     tuner.timer = ScriptedTimer([1.0])
     assert tuner.choose(("k",), candidates, launch) == BlockConfig(32, 32)
 
     def never(config):
-        raise RuntimeError("out of resources")
+        raise OutOfResources(232448 + 1024, 232448, "shared memory")
 
     with pytest.raises(RuntimeError, match="no tile config could launch"):
         tuner.choose(("other",), candidates, never)
+
+    def bug(config):  # anything but running out of resources / a failed compile is raised
+        raise TypeError("unexpected keyword argument 'BLOCK_Q'")
+
+    with pytest.raises(TypeError, match="BLOCK_Q"):
+        tuner.choose(("bug",), candidates, bug)
 
     # running out of memory while timing is no candidate's fault: the default tiles, untimed
     def out_of_memory(config):
@@ -100,6 +121,71 @@ def test_failing_candidates_are_skipped(tuner):
         tuner.choose(("oom2",), candidates, out_of_memory)
 
 
+CANDIDATES = [BlockConfig(16, 16), BlockConfig(32, 32), BlockConfig(64, 64)]
+
+
+def _never_timed(fn):
+    raise AssertionError("timed although cached")
+
+
+def test_tuned_tiles_persist_on_disk(_cache_file):
+    """A second tuner (a resumed run's process) reads the first one's choice from the file and
+    times nothing; another key is tuned and merged into the same file, written atomically."""
+    first = autotune._Autotuner(timer=ScriptedTimer([5.0, 1.0, 3.0]))
+    key = ("fwd", 1, True, True, False, 64, torch.bfloat16, 1024, "NVIDIA H100", "triton 3.6")
+    assert first.choose(key, CANDIDATES, lambda config: None) == CANDIDATES[1]
+    data = json.loads(_cache_file.read_text())
+    assert data["version"] == 1
+    assert data["entries"] == {autotune._key_text(key): {
+        "block_m": 32, "block_n": 32, "num_warps": 4, "num_stages": 2}}
+    assert sorted(p.name for p in _cache_file.parent.iterdir()) == ["autotune.json"]  # no temp
+
+    resumed = autotune._Autotuner(timer=_never_timed)
+    assert resumed.lookup(key, CANDIDATES) == CANDIDATES[1]
+    assert resumed.choose(key, CANDIDATES, lambda config: None) == CANDIDATES[1]
+
+    other_gpu = (*key[:-2], "NVIDIA A100-SXM4-80GB", key[-1])
+    assert resumed.lookup(other_gpu, CANDIDATES) is None
+    resumed.timer = ScriptedTimer([1.0, 5.0, 5.0])
+    assert resumed.choose(other_gpu, CANDIDATES, lambda config: None) == CANDIDATES[0]
+    assert len(json.loads(_cache_file.read_text())["entries"]) == 2  # merged, not replaced
+    # a cached choice that is no longer a candidate (the candidates changed): retuned
+    resumed.cache.clear()
+    resumed.timer = ScriptedTimer([5.0, 1.0])
+    assert resumed.choose(other_gpu, CANDIDATES[1:], lambda config: None) == CANDIDATES[2]
+
+
+def test_tuning_key_names_the_gpu_and_triton(monkeypatch):
+    q = torch.zeros(1, 2, 40, 64, dtype=torch.float16)
+    monkeypatch.setattr(autotune, "_device_name", lambda device: "NVIDIA H100 80GB HBM3")
+    h100 = autotune._tuning_key("fwd", q, 40, PREFIX, False, False)
+    monkeypatch.setattr(autotune, "_device_name", lambda device: "NVIDIA A100-SXM4-80GB")
+    a100 = autotune._tuning_key("fwd", q, 40, PREFIX, False, False)
+    assert h100 != a100 and h100[:-2] == a100[:-2]
+    assert "NVIDIA H100 80GB HBM3" in h100 and f"triton {autotune.triton.__version__}" in h100
+
+
+@pytest.mark.parametrize("text", ["{not json", '{"version": 99, "entries": {}}', "[]"])
+def test_unreadable_cache_warns_and_retunes(_cache_file, text):
+    _cache_file.write_text(text)
+    tuner = autotune._Autotuner(timer=ScriptedTimer([5.0, 1.0, 5.0]))
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        assert tuner.choose(("k",), CANDIDATES, lambda config: None) == CANDIDATES[1]
+    assert tuner.timer.calls == 3
+    assert autotune._key_text(("k",)) in json.loads(_cache_file.read_text())["entries"]
+
+
+def test_cache_off(_cache_file, monkeypatch):
+    monkeypatch.setenv(autotune.CACHE_ENV, "off")
+    assert autotune.autotune_cache_path() is None
+    tuner = autotune._Autotuner(timer=ScriptedTimer([1.0]))
+    assert tuner.choose(("k",), CANDIDATES, lambda config: None) == CANDIDATES[0]
+    assert not _cache_file.exists()
+    monkeypatch.delenv(autotune.CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", "/somewhere")
+    assert autotune.autotune_cache_path() == autotune.Path("/somewhere/megarch/autotune.json")
+
+
 def test_no_tuning_without_a_gpu(monkeypatch):
     """CPU / interpreter: the fixed defaults, and the timer is never called."""
     monkeypatch.delenv(fa.CONFIG_ENV, raising=False)
@@ -107,7 +193,7 @@ def test_no_tuning_without_a_gpu(monkeypatch):
     def fail(fn):
         raise AssertionError("timed without a GPU")
 
-    monkeypatch.setattr(fa, "_AUTOTUNER", fa._Autotuner(timer=fail))
+    monkeypatch.setattr(autotune, "_AUTOTUNER", autotune._Autotuner(timer=fail))
     q = torch.zeros(1, 2, 40, 64, dtype=torch.float16)
     fwd, bwd = fa.default_block_configs(64, torch.float16)
     assert fa.selected_block_configs(q, 40, PREFIX) == {"fwd": fwd, "dkdv": bwd, "dq": bwd}
@@ -175,7 +261,7 @@ def test_every_candidate_every_mode(mode, head_dim, dtype):
 def test_gpu_autotuning(monkeypatch, mode):
     """Real tuning on a GPU: every kernel gets a candidate, results match float64."""
     monkeypatch.delenv(fa.CONFIG_ENV, raising=False)
-    monkeypatch.setattr(fa, "_AUTOTUNER", fa._Autotuner())
+    monkeypatch.setattr(autotune, "_AUTOTUNER", autotune._Autotuner())
     dtype, head_dim = torch.bfloat16, 64
     q, k, v, kwargs = make_case(mode, dtype, 700, head_dim=head_dim, segments=False,
                                 bias=mode == fa.PREFIX, seed=40 + mode, device="cuda")
@@ -183,4 +269,4 @@ def test_gpu_autotuning(monkeypatch, mode):
     chosen = fa.selected_block_configs(q, 700, mode, has_bias=mode == fa.PREFIX)
     for kernel in fa.KERNELS:
         assert chosen[kernel] in fa.candidate_block_configs(kernel, head_dim, dtype)
-    assert len(fa._AUTOTUNER.cache) == 3
+    assert len(autotune._AUTOTUNER.cache) == 3

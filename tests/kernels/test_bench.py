@@ -227,7 +227,9 @@ def test_packed_t5_rows_count_pairs_and_match_the_reference():
     assert case.segment_ids.unique().tolist() == [1, 2, 3, 4]
     rows = bench.run_case(case, ["fwd"], fa, {"dtype": "fp32"})
     assert [(r["impl"], r["status"]) for r in rows] == [("kernel", "ok"),
-                                                        ("flex_block_mask", "ok")]
+                                                        ("flex_block_mask", "ok"),
+                                                        ("kernel_no_bias", "ok")]
+    assert "without the T5 bias" in rows[2]["note"] and "kernel_speedup" in rows[2]
     mask = fa.attention_mask_ref(fa.PREFIX, 41, 41, q_segment_ids=case.segment_ids,
                                  prefix_len=case.prefix_len)
     assert rows[0]["visible_pairs"] == int(mask.sum())
@@ -240,6 +242,12 @@ def test_packed_t5_rows_count_pairs_and_match_the_reference():
         fn, _ = bench.build_impl(impl, case, fa)
         with torch.no_grad():
             assert bench.relative_difference(fn(case.q, case.k, case.v), ref) < 1e-5, impl
+    # the bias-free row: the same masks, no bias (against the reference without one)
+    ref = fa.flash_attention_ref(case.q.double(), case.k.double(), case.v.double(), fa.PREFIX,
+                                 q_segment_ids=case.segment_ids, prefix_len=case.prefix_len)
+    fn, _ = bench.build_impl("kernel_no_bias", case, fa)
+    with torch.no_grad():
+        assert bench.relative_difference(fn(case.q, case.k, case.v), ref) < 1e-5
 
 
 def test_dropout_rows_time_the_kernel_with_dropout(monkeypatch):

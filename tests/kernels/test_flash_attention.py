@@ -22,6 +22,7 @@ from kernels.flash_attention import (
     BlockConfig,
     flash_attention,
     flash_attention_ref,
+    launcher,
 )
 
 # Relative error ||x - ref|| / ||ref|| allowed per input dtype: the one tolerance table.
@@ -45,7 +46,7 @@ def _poisoned_outputs(monkeypatch):
     def empty(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(fa, "_empty", empty)
+    monkeypatch.setattr(launcher, "_empty", empty)
 
 
 def _segments(gen, batch, length, n_max=3, pad=True):
@@ -211,7 +212,7 @@ def test_segment_spans_bound_every_visible_key():
     """The tile-skipping spans: exact for padding, a superset of same-segment keys otherwise."""
     seg_a = torch.tensor([[1, 1, 2, 2, 2, 0, 0], [3, 1, 1, 99, -4, 2, 0]])
     seg_b = torch.tensor([[1, 2, 2, 1, 0], [0, 1, 3, 3, 2]])  # non-contiguous ids too
-    span = fa._segment_spans(seg_a, seg_b)
+    span = launcher._segment_spans(seg_a, seg_b)
     for b, i in itertools.product(range(2), range(7)):
         same = [j for j in range(5) if seg_b[b, j] == seg_a[b, i] and seg_a[b, i] != 0]
         first, end = span[b, i].tolist()

@@ -1,0 +1,206 @@
+"""The backward kernels (FlashAttention-2): the ``delta`` preprocess, dK/dV over key blocks,
+dQ over query blocks.
+
+Both main kernels recompute the probabilities from the forward's log-sum-exp. Matmuls per
+(query tile, key tile): dK/dV recomputes S = Q K^T and dP = dO V^T and adds dV += P^T dO and
+dK += dS^T Q (4); dQ recomputes S and dP again and adds dQ += dS K (3): 7, against 5 for
+FlashAttention-2's single kernel, which accumulates dQ with fp32 atomics into a
+[batch, heads, q_len, head_dim] buffer. The split costs 2 / 5 more backward matmul FLOPs and
+buys a deterministic dQ written once in the inputs' dtype, no fp32 dQ buffer and no atomic
+traffic, and each kernel its own tiles (dK/dV long key blocks, dQ long query blocks). Which is
+faster is a GPU measurement (tools/gpu_check.sh); until one says otherwise we keep the split.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .bias import _add_bias_grad, _distance_index, _position_run
+from .dropout import _dropout_keep
+from .masks import (
+    _head_offset,
+    _key_range,
+    _load_col_info,
+    _load_row_info,
+    _program_ids,
+    _query_range,
+    _tile_visible,
+)
+from .modes import _LOG2E
+
+
+@triton.jit
+def _bwd_preprocess_kernel(
+    OUT, DO, DELTA,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    n_heads, q_len,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """``delta = rowsum(dO o O)`` of one query block of one (batch, head), in fp32 (FA2's
+    preprocess: one read of O and dO, no full-size fp32 temporaries). DELTA is contiguous
+    [batch, heads, q_len]."""
+    pid_m, pid_bh, b, h = _program_ids(q_len, n_heads, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_valid = offs_m < q_len
+    md_mask = m_valid[:, None] & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(OUT + _head_offset(b, h, stride_ob, stride_oh) + offs_m[:, None] * stride_om
+                + offs_d[None, :] * stride_od, mask=md_mask, other=0.0)
+    do = tl.load(DO + _head_offset(b, h, stride_dob, stride_doh) + offs_m[:, None] * stride_dom
+                 + offs_d[None, :] * stride_dod, mask=md_mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * q_len + offs_m, delta, mask=m_valid)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, QSEG, KSEG, KSPAN, PREFIX, PREFIX_MAX, BIAS, QPOS, KPOS,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_pb, stride_pm,
+    n_heads, q_len, k_len, scale, dropout_p, seed,
+    MODE: tl.constexpr, HAS_SEG: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    BIAS_RANGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One key block of one (batch, head): dK and dV summed over the query blocks that see it.
+
+    DK / DV are contiguous [batch, heads, k_len, head_dim].
+    """
+    pid_n, pid_bh, b, h = _program_ids(k_len, n_heads, BLOCK_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < HEAD_DIM
+    n_valid = offs_n < k_len
+    nd_mask = n_valid[:, None] & d_valid[None, :]
+    k = tl.load(K + _head_offset(b, h, stride_kb, stride_kh) + offs_n[:, None] * stride_kn
+                + offs_d[None, :] * stride_kd, mask=nd_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+    v = tl.load(V + _head_offset(b, h, stride_vb, stride_vh) + offs_n[:, None] * stride_vn
+                + offs_d[None, :] * stride_vd, mask=nd_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+    k_seg, k_pos = _load_col_info(KSEG, KPOS, b, offs_n, k_len, HAS_SEG, HAS_BIAS)
+    qk_scale = scale * _LOG2E
+    Q += _head_offset(b, h, stride_qb, stride_qh)
+    DO += _head_offset(b, h, stride_dob, stride_doh)
+    LSE += pid_bh.to(tl.int64) * q_len  # LSE / DELTA: contiguous [batch, heads, q_len]
+    DELTA += pid_bh.to(tl.int64) * q_len
+    bias_row = BIAS + h * (2 * BIAS_RANGE + 1)
+
+    lo_m, hi_m = _query_range(KSPAN, PREFIX_MAX, b, pid_n, offs_n, q_len, k_len, BLOCK_M,
+                              BLOCK_N, MODE, HAS_SEG)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for block_m in range(lo_m, hi_m, BLOCK_M):
+        offs_m = block_m + tl.arange(0, BLOCK_M)
+        m_valid = offs_m < q_len
+        md_mask = m_valid[:, None] & d_valid[None, :]
+        q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                    mask=md_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
+        do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                     mask=md_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
+        lse = tl.load(LSE + offs_m, mask=m_valid, other=0.0)
+        delta = tl.load(DELTA + offs_m, mask=m_valid, other=0.0)
+        q_seg, prefix, q_pos = _load_row_info(QSEG, PREFIX, QPOS, b, offs_m, q_len, stride_pb,
+                                              stride_pm, MODE, HAS_SEG, HAS_BIAS)
+        visible = _tile_visible(offs_m, offs_n, q_len, k_len, q_seg, k_seg, prefix, MODE, HAS_SEG)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        if HAS_BIAS:
+            idx = _distance_index(q_pos, k_pos, BIAS_RANGE)
+            s += tl.load(bias_row + idx, mask=visible, other=0.0) * _LOG2E
+        p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        if HAS_DROPOUT:  # dV = (P o Z)^T dO, dP = Z o (dO V^T) (the _backward docstring)
+            keep = _dropout_keep(seed, pid_bh, offs_m, pid_n * BLOCK_N, k_len, dropout_p,
+                                 BLOCK_M, BLOCK_N)
+            p_kept = tl.where(keep, p, 0.0)  # 1 / (1 - p) on dV after the loop
+            dv += tl.dot(tl.trans(p_kept.to(do.dtype)), do, input_precision=DOT_PRECISION)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        else:
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+
+    out_offs = (pid_bh.to(tl.int64) * k_len * HEAD_DIM + offs_n[:, None] * HEAD_DIM
+                + offs_d[None, :])
+    tl.store(DK + out_offs, (dk * scale).to(DK.dtype.element_ty), mask=nd_mask)
+    if HAS_DROPOUT:
+        dv = dv * (1.0 / (1.0 - dropout_p))
+    tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=nd_mask)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, DBIAS, QSEG, KSEG, QSPAN, PREFIX, BIAS, QPOS, KPOS,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_pb, stride_pm,
+    n_heads, q_len, k_len, scale, dropout_p, seed,
+    MODE: tl.constexpr, HAS_SEG: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    BIAS_RANGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One query block of one (batch, head): dQ, and the bias gradient added atomically after a
+    reduction inside each tile (``_add_bias_grad``).
+
+    DQ is contiguous [batch, heads, q_len, head_dim]; DBIAS is fp32 [heads, 2 R + 1].
+    """
+    pid_m, pid_bh, b, h = _program_ids(q_len, n_heads, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < HEAD_DIM
+    m_valid = offs_m < q_len
+    md_mask = m_valid[:, None] & d_valid[None, :]
+    q = tl.load(Q + _head_offset(b, h, stride_qb, stride_qh) + offs_m[:, None] * stride_qm
+                + offs_d[None, :] * stride_qd, mask=md_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
+    do = tl.load(DO + _head_offset(b, h, stride_dob, stride_doh) + offs_m[:, None] * stride_dom
+                 + offs_d[None, :] * stride_dod, mask=md_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
+    lse = tl.load(LSE + pid_bh.to(tl.int64) * q_len + offs_m, mask=m_valid, other=0.0)
+    delta = tl.load(DELTA + pid_bh.to(tl.int64) * q_len + offs_m, mask=m_valid, other=0.0)
+    q_seg, prefix, q_pos = _load_row_info(QSEG, PREFIX, QPOS, b, offs_m, q_len, stride_pb,
+                                          stride_pm, MODE, HAS_SEG, HAS_BIAS)
+    qk_scale = scale * _LOG2E
+    K += _head_offset(b, h, stride_kb, stride_kh)
+    V += _head_offset(b, h, stride_vb, stride_vh)
+    bias_row = BIAS + h * (2 * BIAS_RANGE + 1)
+    dbias_row = DBIAS + h * (2 * BIAS_RANGE + 1)
+    q_run, q_shift = _position_run(q_pos, offs_m, m_valid)  # for the bias gradient
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo_n, hi_n = _key_range(QSPAN, b, pid_m, offs_m, q_len, k_len, prefix, BLOCK_M, BLOCK_N,
+                            MODE, HAS_SEG)
+    for start_n in range(lo_n, hi_n, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < k_len
+        k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=n_valid[:, None] & d_valid[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        v_t = tl.load(V + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd,
+                      mask=n_valid[None, :] & d_valid[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
+        k_seg, k_pos = _load_col_info(KSEG, KPOS, b, offs_n, k_len, HAS_SEG, HAS_BIAS)
+        visible = _tile_visible(offs_m, offs_n, q_len, k_len, q_seg, k_seg, prefix, MODE, HAS_SEG)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        if HAS_BIAS:
+            idx = _distance_index(q_pos, k_pos, BIAS_RANGE)
+            s += tl.load(bias_row + idx, mask=visible, other=0.0) * _LOG2E
+        p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        if HAS_DROPOUT:  # dP = Z o (dO V^T) (the _backward docstring)
+            keep = _dropout_keep(seed, pid_bh, offs_m, start_n, k_len, dropout_p, BLOCK_M,
+                                 BLOCK_N)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            _add_bias_grad(dbias_row, ds, idx, visible, q_run, q_shift, k_pos, offs_n, n_valid,
+                           pid_m * BLOCK_M, start_n, BIAS_RANGE, BLOCK_M, BLOCK_N)
+
+    out_offs = (pid_bh.to(tl.int64) * q_len * HEAD_DIM + offs_m[:, None] * HEAD_DIM
+                + offs_d[None, :])
+    tl.store(DQ + out_offs, (dq * scale).to(DQ.dtype.element_ty), mask=md_mask)
+

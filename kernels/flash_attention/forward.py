@@ -1,0 +1,91 @@
+"""The forward kernel: one query block of one (batch, head), online softmax over key blocks."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .bias import _distance_index
+from .dropout import _dropout_keep
+from .masks import (
+    _head_offset,
+    _key_range,
+    _load_col_info,
+    _load_row_info,
+    _program_ids,
+    _tile_visible,
+)
+from .modes import _LOG2E
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _fwd_kernel(
+    Q, K, V, OUT, LSE, QSEG, KSEG, QSPAN, PREFIX, BIAS, QPOS, KPOS,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_pb, stride_pm,
+    n_heads, q_len, k_len, scale, dropout_p, seed,
+    MODE: tl.constexpr, HAS_SEG: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    BIAS_RANGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One query block of one (batch, head): online softmax over the visible key blocks."""
+    pid_m, pid_bh, b, h = _program_ids(q_len, n_heads, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < HEAD_DIM
+    m_valid = offs_m < q_len
+    md_mask = m_valid[:, None] & d_valid[None, :]
+    q = tl.load(Q + _head_offset(b, h, stride_qb, stride_qh) + offs_m[:, None] * stride_qm
+                + offs_d[None, :] * stride_qd, mask=md_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
+    q_seg, prefix, q_pos = _load_row_info(QSEG, PREFIX, QPOS, b, offs_m, q_len, stride_pb,
+                                          stride_pm, MODE, HAS_SEG, HAS_BIAS)
+    qk_scale = scale * _LOG2E
+    K += _head_offset(b, h, stride_kb, stride_kh)
+    V += _head_offset(b, h, stride_vb, stride_vh)
+    bias_row = BIAS + h * (2 * BIAS_RANGE + 1)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max (log2 units)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo_n, hi_n = _key_range(QSPAN, b, pid_m, offs_m, q_len, k_len, prefix, BLOCK_M, BLOCK_N,
+                            MODE, HAS_SEG)
+    for start_n in range(lo_n, hi_n, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < k_len
+        kv_mask = n_valid[None, :] & d_valid[:, None]
+        k_t = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                      mask=kv_mask, other=0.0)  # [BLOCK_D, BLOCK_N]
+        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=n_valid[:, None] & d_valid[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        k_seg, k_pos = _load_col_info(KSEG, KPOS, b, offs_n, k_len, HAS_SEG, HAS_BIAS)
+        visible = _tile_visible(offs_m, offs_n, q_len, k_len, q_seg, k_seg, prefix, MODE, HAS_SEG)
+        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        if HAS_BIAS:
+            idx = _distance_index(q_pos, k_pos, BIAS_RANGE)
+            s += tl.load(bias_row + idx, mask=visible, other=0.0) * _LOG2E
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)  # the undropped softmax's normaliser
+        if HAS_DROPOUT:  # 1 / (1 - p) after the loop
+            keep = _dropout_keep(seed, pid_bh, offs_m, start_n, k_len, dropout_p, BLOCK_M,
+                                 BLOCK_N)
+            p = tl.where(keep, p, 0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if HAS_DROPOUT:
+        acc = acc * (1.0 / (1.0 - dropout_p))
+    lse = tl.where(empty, 0.0, m_i + tl.log2(tl.where(empty, 1.0, l_i)))  # log2 units
+    tl.store(OUT + _head_offset(b, h, stride_ob, stride_oh) + offs_m[:, None] * stride_om
+             + offs_d[None, :] * stride_od, acc.to(OUT.dtype.element_ty), mask=md_mask)
+    tl.store(LSE + pid_bh.to(tl.int64) * q_len + offs_m, lse, mask=m_valid)
+
