@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from megarch.data.errors import DataError
+from megarch.data.errors import DataError, make_output_dir
 from megarch.data.indexed_dataset import (
     IndexedDatasetWriter,
     best_dtype,
@@ -457,7 +457,7 @@ def preprocess(
         raise ValueError(f"dtype must be an integer type for token ids, got {dtype}")
     dtype_code(dtype)
     outputs = {key: output_prefix_for_key(output_prefix, key) for key in keys}
-    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
+    make_output_dir(os.path.dirname(os.path.abspath(output_prefix)), "--output")
     summary = PreprocessSummary(files, outputs, str(dtype), tokens=dict.fromkeys(keys, 0))
     writers: dict[str, IndexedDatasetWriter] = {}
     try:

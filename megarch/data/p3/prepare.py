@@ -59,7 +59,7 @@ from typing import Any
 from tqdm import tqdm
 
 from megarch.atomic import atomic_file
-from megarch.data.errors import DataError
+from megarch.data.errors import DataError, make_output_dir
 from megarch.data.p3.tables import EVAL_SUITES, EXCLUDED, MIXTURES, SCORE_EVAL, match_folders
 from megarch.data.p3.tfrecord import read_examples
 from megarch.data.preprocess import pool_start_method
@@ -416,7 +416,7 @@ def prepare_p3(p3_dir: str, out_dir: str, mixture: str | None = "t0_train",
     if not folders:
         raise DataError(f"{data_dir}: no P3 task folders; download bigscience/P3 (its data/ "
                         "folder) and pass it with --p3-dir")
-    os.makedirs(out_dir, exist_ok=True)
+    make_output_dir(out_dir, "--out")
     report: dict[str, Any] = {"p3_dir": data_dir, "mixture": mixture, "eval": eval_suite,
                               "train_split": train_split, "eval_split": eval_split,
                               "mtf": {}, "tasks": {}, "missing": [], "skipped_prompts": []}
