@@ -446,9 +446,9 @@ def preprocess(
     files = resolve_inputs(inputs)
     keys = tuple(json_keys)
     if not keys or len(set(keys)) < len(keys):
-        raise ValueError(f"json_keys must be distinct and non-empty, got {list(json_keys)}")
+        raise DataError(f"--json-keys {' '.join(json_keys)}: give distinct, non-empty keys")
     if workers < 1 or chunk_size < 1:
-        raise ValueError(f"workers and chunk_size must be >= 1, got {workers}, {chunk_size}")
+        raise DataError(f"--workers {workers} (chunk size {chunk_size}): must be >= 1")
     from megarch.data.tokenizers import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_spec)

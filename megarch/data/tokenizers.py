@@ -493,6 +493,11 @@ def _jsonl_texts(paths: Sequence[str], key: str, progress: bool) -> Iterator[str
                         continue
                     try:
                         record = json.loads(line)
+                    except UnicodeDecodeError as e:
+                        raise DataError(
+                            f"{path}:{lineno}: not valid UTF-8 (byte 0x{line[e.start]:02x}); "
+                            "re-encode the file as UTF-8"
+                        ) from None
                     except json.JSONDecodeError as e:
                         raise DataError(
                             f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one "
