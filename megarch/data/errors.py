@@ -41,6 +41,21 @@ def make_output_dir(directory: str, option: str = "--output") -> str:
     return directory
 
 
+def check_output_dir(directory: str, option: str) -> None:
+    """Raise the :class:`DataError` :func:`make_output_dir` would, without creating anything:
+    for a command that creates ``directory`` later and must fail early, leaving nothing."""
+    directory = os.path.abspath(directory)
+    blocker = _existing_ancestor(directory)
+    if not os.path.isdir(blocker):
+        raise DataError(
+            f"{option}: cannot create directory {directory}: {blocker} is a file, not a "
+            "directory; give an output path in a directory you can write"
+        )
+    if not os.access(blocker, os.W_OK | os.X_OK):
+        raise DataError(f"{option}: directory {blocker} is not writable; give an output path "
+                        "in a directory you can write")
+
+
 def _existing_ancestor(path: str) -> str:
     """The longest prefix of ``path`` that exists (at worst the filesystem root)."""
     while not os.path.exists(path) and os.path.dirname(path) != path:

@@ -60,6 +60,7 @@ def ws(tmp_path_factory):
     write("task_nonutf8.jsonl", b'{"prompts": ["\xff"], "choices": ["a", "b"], "label": 0}\n')
     write("task_nochoices.jsonl", json.dumps({"prompts": ["x"], "label": 0}) + "\n")
     write("task_empty.jsonl", "")
+    write("good_task.jsonl", json.dumps(TASK) + "\n")
     write("task_badjson.jsonl", '{"prompts": ["x"], \n')
     assert data_main(["preprocess", "--input", str(root / "good.jsonl"), "--output",
                       str(root / "ds"), "--tokenizer", "bytes", "--workers", "1", "-q"]) == 0
@@ -205,6 +206,8 @@ CASES = [
     ("train-truncated-data", train_main,
      lambda w: [*_train(w), "--data.paths", str(w / "truncbin")],
      "{ws}/truncbin_text_document.bin"),
+    ("train-unwritable-out-dir", train_main,
+     lambda w: [*_train(w), "--run.out_dir", str(w / "afile" / "run")], "{ws}/afile is a file"),
     ("train-data-too-short", train_main,
      lambda w: [*_train(w), "--data.seq_len", "4096"], "fewer than one row"),
     ("eval-label-out-of-range", eval_main, lambda w: _eval(w, "task_label.jsonl"),
@@ -223,6 +226,9 @@ CASES = [
      "{ws}/task_badjson.jsonl:1: not valid JSON"),
     ("eval-task-missing", eval_main, lambda w: _eval(w, "nothere.jsonl"),
      "task file {ws}/nothere.jsonl not found"),
+    ("eval-unwritable-output", eval_main,
+     lambda w: [*_eval(w, "good_task.jsonl"), "--output", str(w / "afile" / "r.json")],
+     "--output: cannot create directory {ws}/afile"),
     ("eval-batch-size-0", eval_main,
      lambda w: _eval(w, "task_nochoices.jsonl")[:4] + ["--batch-size", "0"], "--batch-size 0"),
     ("study-unknown-pair", study_main, lambda w: ["--pairs", "cd_flx", "--dry-run"],
