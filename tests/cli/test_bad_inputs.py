@@ -24,6 +24,7 @@ from megarch.cli.data import main as data_main
 from megarch.eval.cli import main as eval_main
 from megarch.study.cli import main as study_main
 from megarch.train import main as train_main
+from tests.data.p3_writer import prompted, write_task_folder
 from tools.bench_crc import main as bench_crc_main
 from tools.bench_parallel import main as bench_parallel_main
 from tools.estimate_memory import main as estimate_main
@@ -61,6 +62,14 @@ def ws(tmp_path_factory):
     write("task_nochoices.jsonl", json.dumps({"prompts": ["x"], "label": 0}) + "\n")
     write("task_empty.jsonl", "")
     write("good_task.jsonl", json.dumps(TASK) + "\n")
+    folder = write_task_folder(str(root / "P3corrupt" / "data"), "glue_mrpc_same_thing", "train",
+                               [prompted(f"Same? {i}", "yes") for i in range(5)])
+    shard = os.path.join(folder, "train.tfrecord-00000-of-00001")
+    with open(shard, "r+b") as f:
+        raw = bytearray(f.read())
+        raw[-8] ^= 1  # a data byte of the last record
+        f.seek(0)
+        f.write(raw)
     write("task_badjson.jsonl", '{"prompts": ["x"], \n')
     assert data_main(["preprocess", "--input", str(root / "good.jsonl"), "--output",
                       str(root / "ds"), "--tokenizer", "bytes", "--workers", "1", "-q"]) == 0
@@ -177,6 +186,11 @@ CASES = [
     ("p3-missing-download", data_main,
      lambda w: ["p3", "--p3-dir", str(w / "P3"), "--out", str(w / "p3"), "-q"],
      "--p3-dir {ws}/P3: not a directory"),
+    ("p3-corrupt-tfrecord", data_main,
+     lambda w: ["p3", "--p3-dir", str(w / "P3corrupt"), "--out", str(w / "p3"), "--eval", "none",
+                "--workers", "1", "-q"],
+     "{ws}/P3corrupt/data/glue_mrpc_same_thing/train.tfrecord-00000-of-00001: record 4: data "
+     "CRC mismatch"),
     ("p3-workers-0", data_main,
      lambda w: ["p3", "--p3-dir", str(w), "--out", str(w / "p3"), "--workers", "0", "-q"],
      "argument --workers: must be >= 1"),
