@@ -56,9 +56,10 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megarch", "megarch.*", "kernels", "kernels.*"]),
     install_requires=[
-        # No torch pin: a CUDA build of torch on a cluster pins its own triton.
-        "torch>=2.4",
-        "megatron-core>=0.16",
+        # No upper pin: a CUDA build of torch on a cluster pins its own triton. 2.6 is the
+        # oldest with every API megarch calls (torch.nn.utils.get_total_norm and
+        # clip_grads_with_norm_, in the training loop; README "Install" lists the others).
+        "torch>=2.6",
         "triton>=3.2; platform_system == 'Linux'",
         "numpy>=1.24",
         "tensorboard>=2.14",
@@ -67,9 +68,16 @@ setup(
         "tqdm>=4.60",
         "safetensors>=0.4",  # checkpoint weights and RNG states (megarch.training.checkpoint)
         "matplotlib>=3.7",  # the study report's plots
+        "google-crc32c>=1.5",  # TFRecord CRCs (megarch/data/p3/tfrecord.py keeps a fallback)
+        "safetensors>=0.4",
     ],
     extras_require={
-        "dev": ["pytest>=8", "ruff>=0.5"],
+        # What the test suite needs beyond megarch itself (the HF bridge's tests use
+        # transformers); `.ci/run` installs dev, lm-eval and megatron.
+        "dev": ["pytest>=8", "ruff>=0.5", "transformers>=4.40"],
+        # megatron-core: only the interop tests (megatron-core reads our .bin/.idx and we read
+        # its) and the baseline of tools/bench_data.py; megarch itself never imports it.
+        "megatron": ["megatron-core>=0.16"],
         # The lm-evaluation-harness adapter (megarch-lm-eval); megarch imports without it.
         "lm-eval": ["lm-eval>=0.4.13,<0.5"],
     },

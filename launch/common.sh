@@ -1,9 +1,11 @@
 # Shared by the launch scripts (sourced, not run): defaults and the dry-run runner.
 #
 # Environment (all optional):
-#   GPUS_PER_NODE  processes per node (default: the GPUs nvidia-smi lists, else 1)
+#   GPUS_PER_NODE  processes per node (default: the GPUs nvidia-smi lists, else 1); set it
+#                  where no GPU is visible (a login node) to the compute nodes' GPU count
 #   NNODES         nodes (default 1)
-#   MASTER_ADDR    rendezvous host (default 127.0.0.1)
+#   MASTER_ADDR    rendezvous host (default 127.0.0.1; NNODES > 1 needs a host every node
+#                  reaches, e.g. the first node's name)
 #   MASTER_PORT    rendezvous port (default 29500)
 #   PRESET         megarch-train preset (default cd_flm_tiny)
 #   TP, PP         tensor / pipeline-parallel sizes (default 1); DP is the rest
@@ -37,13 +39,19 @@ load_recipe() {
     [[ -n "${!key:-}" ]] || printf -v "${key}" '%s' "${value}"
   done < "${file}"
 }
+# Where GPUS_PER_NODE came from: env, recipe, nvidia-smi or none (no GPU visible: 1).
+GPUS_FROM=env
+[[ -n "${GPUS_PER_NODE:-}" ]] || GPUS_FROM=recipe
 [[ -z "${RECIPE:-}" ]] || load_recipe
-
 if [[ -z "${GPUS_PER_NODE:-}" ]]; then
   GPUS_PER_NODE=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)
-  [[ "${GPUS_PER_NODE}" -ge 1 ]] || GPUS_PER_NODE=1
+  GPUS_FROM=nvidia-smi
+  [[ "${GPUS_PER_NODE}" -ge 1 ]] || { GPUS_PER_NODE=1; GPUS_FROM=none; }
 fi
 NNODES=${NNODES:-1}
+# Where MASTER_ADDR came from, for check_layout's message (the SLURM script sets its own).
+[[ -n "${MASTER_ADDR:-}" ]] || MASTER_FROM=default
+MASTER_FROM=${MASTER_FROM:-env}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 PRESET=${PRESET:-cd_flm_tiny}
@@ -63,6 +71,53 @@ train_args() {
   [[ -z "${ZERO1:-}" ]] || recipe+=(--parallel.zero1 "${ZERO1}")
   TRAIN_ARGS=(-m megarch.train --preset "${PRESET}" --parallel.tp "${TP}" --parallel.pp "${PP}"
               "${recipe[@]}" "${extra[@]}" "$@")
+}
+
+launch_error() {
+  echo "$(basename "$0"): error: $*" >&2
+  exit 2
+}
+
+# Refuse, before torchrun starts (and in a dry run), a layout that cannot run: sizes that are
+# not positive integers, NNODES x GPUS_PER_NODE processes that TP x PP does not divide, and
+# several nodes meeting at a loopback MASTER_ADDR.
+check_layout() {
+  local name value world model where origin
+  for name in NNODES GPUS_PER_NODE TP PP; do
+    value=${!name}
+    [[ "${value}" =~ ^[1-9][0-9]*$ ]] ||
+      launch_error "${name}=${value}: must be a positive integer"
+  done
+  world=$((NNODES * GPUS_PER_NODE))
+  model=$((TP * PP))
+  if (( world % model != 0 )); then
+    where=""
+    [[ -z "${RECIPE:-}" ]] || where=" (the layout of launch/recipes/${RECIPE}.env)"
+    local msg="NNODES x GPUS_PER_NODE = ${NNODES} x ${GPUS_PER_NODE} = ${world} processes is"
+    msg+=" not a multiple of TP x PP = ${TP} x ${PP} = ${model}${where}: change NNODES,"
+    msg+=" GPUS_PER_NODE, TP or PP"
+    if [[ "${GPUS_FROM}" == none ]]; then
+      msg+="; no GPU is visible here, so GPUS_PER_NODE defaulted to 1: on a login node set it"
+      msg+=" to the GPUs of each compute node, e.g. GPUS_PER_NODE=8"
+    fi
+    launch_error "${msg}"
+  fi
+  if (( NNODES > 1 )) && [[ "${MASTER_ADDR}" =~ ^(127\.|localhost$|::1$|0\.0\.0\.0$) ]]; then
+    case "${MASTER_FROM}" in
+      default) origin=" (the default)" ;;
+      slurm-fallback) origin=" (scontrol could not read the allocation's first node)" ;;
+      *) origin="" ;;
+    esac
+    launch_error "NNODES=${NNODES} with MASTER_ADDR=${MASTER_ADDR}${origin}: every node" \
+      "would wait for its own loopback; set MASTER_ADDR to a host all nodes reach (the" \
+      "first node's hostname, e.g. MASTER_ADDR=node001)"
+  fi
+  if [[ "${GPUS_FROM}" == none ]]; then
+    echo "$(basename "$0"): note: no GPU is visible here (nvidia-smi lists none), so" \
+      "GPUS_PER_NODE=1 (one CPU process per node); on a login node, set GPUS_PER_NODE to" \
+      "the GPUs of each compute node (e.g. GPUS_PER_NODE=8)" >&2
+  fi
+  return 0
 }
 
 # Run "$@", or print it (shell-quoted, one line) when DRY_RUN=1.

@@ -10,7 +10,10 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=launch/common.sh
 source "${HERE}/common.sh"
+[[ "${NNODES}" == 1 ]] ||
+  launch_error "NNODES=${NNODES}: this script runs one node; use launch/torchrun_multi_node.sh"
 train_args "$@"
+check_layout
 run_or_print "${PYTHON}" -m torch.distributed.run \
   --nnodes 1 --nproc-per-node "${GPUS_PER_NODE}" \
   --master-addr "${MASTER_ADDR}" --master-port "${MASTER_PORT}" \

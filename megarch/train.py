@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(logging.WARNING if args.quiet else logging.INFO)
     try:
         cfg = _load_config(args, overrides)
+        from megarch.data.errors import check_output_dir
+
+        check_output_dir(cfg.run.out_dir, "--run.out_dir")  # before any data or model is built
         from megarch.training.adapt import StagedTrainer
         from megarch.training.loop import NonFiniteError
 

@@ -8,6 +8,8 @@ Prints, side by side in one run on the embedded corpus (repeated to a useful siz
    SentencePiece tokenizer (the baseline), and the 2-worker / 1-worker scaling;
 2. samples/s and tokens/s for each sample builder, in one process (so per core).
 
+The baseline needs megatron-core, the ``megatron`` extra: ``pip install -e ".[megatron]"``.
+
 Usage: python tools/bench_data.py [--dir /tmp/megarch-bench] [--repeat 8] [--samples 3000]
        [--trials 3]
 """
@@ -149,6 +151,13 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=3, help="preprocessing runs, best kept")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # its apex / Transformer Engine notices
+            import megatron.core.datasets.indexed_dataset  # noqa: F401
+    except ImportError:
+        parser.exit(2, "bench_data.py: error: the baseline needs megatron-core, which is not "
+                    "installed: pip install -e '.[megatron]' (or pip install megatron-core)\n")
     torch_threads = os.environ.get("OMP_NUM_THREADS", "default")
     try:
         big, model, prompted = prepare(args.dir, args.repeat)

@@ -142,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per trial")
     parser.add_argument("--trials", type=int, default=3)
     args, overrides = parser.parse_known_args(argv)
+    for name, low in (("seq_len", 2), ("micro_batch", 1), ("micro", 1), ("steps", 1),
+                      ("warmup", 0), ("trials", 1)):
+        if getattr(args, name) < low:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= {low}")
     from megarch.config.overrides import ConfigError
     from megarch.parallel.spawn import spawn
 

@@ -588,6 +588,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write-recipes", action="store_true",
                         help="choose and write launch/recipes/<pair>.env (choose_layout)")
     args, overrides = parser.parse_known_args(argv)
+    for name in ("tp", "pp", "dp", "virtual_stages", "nodes", "encoder_stages"):
+        low = 0 if name == "encoder_stages" else 1
+        if getattr(args, name) < low:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= {low}")
     if args.write_recipes:
         print("\n".join(write_recipes()))
     if args.recipes or args.write_recipes:
@@ -599,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
         result = estimate(overrides, args.preset, args.tp, args.pp, args.dp, args.zero1,
                           args.sp, args.virtual_stages, args.encoder_stages)
     except ValueError as error:  # a layout the trainer would refuse: its message says why
-        print(f"estimate_memory: {error}", file=sys.stderr)
+        print(f"estimate_memory: error: {error}", file=sys.stderr)
         return 2
     print(f"{args.preset}: tp={args.tp} pp={args.pp} dp={args.dp} zero1={args.zero1} "
           f"sp={args.sp} virtual_stages={args.virtual_stages} "

@@ -25,6 +25,21 @@ DEMO_OBJECTIVES = (
 )
 
 
+def _at_least(low: int):
+    """An argparse type: an integer >= ``low`` (argparse names the option in its message)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
 def _corpus(args: argparse.Namespace) -> None:
     from megarch.data.corpus import build_stdlib_corpus
 
@@ -126,14 +141,15 @@ def _parser() -> argparse.ArgumentParser:
 
     p = add("corpus", help="write the embedded corpus (stdlib docstrings) as jsonl")
     p.add_argument("--output", default="data/stdlib.jsonl")
-    p.add_argument("--min-chars", type=int, default=200, help="shortest docstring kept")
-    p.add_argument("--max-docs", type=int, default=None)
+    p.add_argument("--min-chars", type=_at_least(0), default=200, help="shortest docstring kept")
+    p.add_argument("--max-docs", type=_at_least(1), default=None)
     p.set_defaults(run=_corpus)
 
     p = add("train-tokenizer", help="train a T5-style SentencePiece model")
     p.add_argument("--input", nargs="+", required=True, help="jsonl files")
     p.add_argument("--output", required=True, help="model prefix (writes PREFIX.model)")
-    p.add_argument("--vocab-size", type=int, default=8000, help="including the 100 sentinels")
+    p.add_argument("--vocab-size", type=_at_least(1), default=8000,
+                   help="including the 100 sentinels")
     p.add_argument("--key", default="text", help="json key holding the text")
     p.add_argument("--model-type", default="unigram", choices=["unigram", "bpe"])
     p.set_defaults(run=_train_tokenizer)
@@ -144,7 +160,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, help="'bytes', a .model, or a tokenizer.json")
     p.add_argument("--json-keys", nargs="+", default=["text"],
                    help="keys to store, e.g. 'text' or 'inputs targets' for prompted data")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--workers", type=_at_least(1), default=os.cpu_count() or 1)
     p.add_argument("--no-eos", action="store_true", help="do not append EOS to each document")
     p.add_argument("--skip-bad-lines", action="store_true",
                    help="skip and count malformed lines instead of stopping")
@@ -163,8 +179,8 @@ def _parser() -> argparse.ArgumentParser:
         "--data.paths data/stdlib --data.tokenizer data/stdlib_sp.model --data.objective mlm",
     )
     p.add_argument("--split", default="train", choices=["train", "valid", "test"])
-    p.add_argument("--start", type=int, default=0, help="first sample index")
-    p.add_argument("--count", type=int, default=2, help="how many samples")
+    p.add_argument("--start", type=_at_least(0), default=0, help="first sample index")
+    p.add_argument("--count", type=_at_least(1), default=2, help="how many samples")
     p.add_argument("--json", action="store_true", help="one JSON object per sample")
     p.set_defaults(run=_inspect, takes_overrides=True)
 
@@ -179,15 +195,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", default="t0_eval", choices=["t0_eval", "none"])
     p.add_argument("--train-split", default="train")
     p.add_argument("--eval-split", default="validation")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--workers", type=_at_least(1), default=os.cpu_count() or 1)
     p.add_argument("--no-crc", action="store_true", help="skip TFRecord CRC checks (faster)")
     p.set_defaults(run=_p3)
 
     p = add("demo", help="corpus -> tokenizer -> dataset -> samples, end to end")
     p.add_argument("--dir", default="data", help="where to write (reused when present)")
-    p.add_argument("--vocab-size", type=int, default=8000)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--vocab-size", type=_at_least(1), default=8000)
+    p.add_argument("--seq-len", type=_at_least(2), default=128)
+    p.add_argument("--workers", type=_at_least(1), default=os.cpu_count() or 1)
     p.set_defaults(run=_demo)
     return parser
 

@@ -28,9 +28,12 @@ def _parse_scalar(text: str, kind: Any, name: str) -> Any:
         raise ConfigError(f"--{name}: expected true or false, got {text!r}")
     if kind in (int, float, str):
         try:
-            return kind(text)
+            value = kind(text)
         except ValueError:
             raise ConfigError(f"--{name}: expected {kind.__name__}, got {text!r}") from None
+        if kind is float and value != value:
+            raise ConfigError(f"--{name}: NaN is not a value; give a number")
+        return value
     raise ConfigError(f"--{name}: fields of type {kind} cannot be set from the command line")
 
 

@@ -84,8 +84,8 @@ class OptimConfig:
             raise ConfigError(f"optim.name={self.name!r}: use one of {OPTIMIZERS}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"optim.schedule={self.schedule!r}: use one of {SCHEDULES}")
-        if self.lr <= 0:
-            raise ConfigError(f"optim.lr={self.lr}: must be > 0")
+        if not self.lr > 0 or self.lr == float("inf"):  # NaN from a --config fails too
+            raise ConfigError(f"optim.lr={self.lr}: must be a finite number > 0")
         if self.warmup_steps < 0 or self.decay_steps < 0:
             raise ConfigError("optim.warmup_steps and optim.decay_steps must be >= 0")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -501,8 +501,13 @@ def load_train_config(
         try:
             with open(config_file, encoding="utf-8") as f:
                 values = json.load(f)
-        except (OSError, json.JSONDecodeError) as err:
-            raise ConfigError(f"--config {config_file}: {err}") from None
+        except OSError as err:
+            raise ConfigError(f"--config {config_file}: {err.strerror}") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"--config {config_file}: not valid UTF-8 (byte {err.start}); save "
+                              "it as UTF-8 JSON") from None
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"--config {config_file}: not valid JSON ({err})") from None
         if not isinstance(values, dict):
             raise ConfigError(f"--config {config_file}: expected a JSON object of sections")
         apply_dict(config, values)

@@ -34,7 +34,7 @@ import sysconfig
 from collections.abc import Iterator
 
 from megarch.atomic import atomic_file
-from megarch.data.errors import DataError
+from megarch.data.errors import DataError, make_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def build_stdlib_corpus(
     seen: set[str] = set()
     docs = chars = files = 0
     out_dir = os.path.dirname(os.path.abspath(output_path))
-    os.makedirs(out_dir, exist_ok=True)
+    make_output_dir(out_dir, "--output")
     with atomic_file(output_path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as out:
         bar = tqdm(rel_paths, desc="stdlib docstrings", unit="file", disable=not progress)
         for rel_path in bar:

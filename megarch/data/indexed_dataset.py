@@ -35,7 +35,7 @@ from types import TracebackType
 import numpy as np
 
 from megarch.atomic import temporary_name
-from megarch.data.errors import DataError
+from megarch.data.errors import DataError, make_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -508,6 +508,7 @@ def merge_datasets(input_prefixes: Sequence[str], output_prefix: str) -> Indexed
     if not input_prefixes:
         raise ValueError("merge_datasets needs at least one input prefix")
     first = IndexedDataset(input_prefixes[0])
+    make_output_dir(os.path.dirname(os.path.abspath(output_prefix)), "--output")
     with IndexedDatasetWriter(output_prefix, first.dtype) as writer:
         for prefix in input_prefixes:
             dataset = IndexedDataset(prefix)

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from megarch.atomic import atomic_dir
+from megarch.data.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ class TokenRows:
         doc_lengths = np.asarray(dataset.document_lengths)[doc_ids]
         epoch_tokens = int(doc_lengths.sum())
         if epoch_tokens < row_len:
-            raise ValueError(
+            raise DataError(
                 f"{fingerprint}: the split has {epoch_tokens} tokens, fewer than one row of "
                 f"{row_len}: use more data, a larger split share, or a shorter data.seq_len"
             )

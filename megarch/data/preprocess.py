@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from megarch.data.errors import DataError
+from megarch.data.errors import DataError, make_output_dir
 from megarch.data.indexed_dataset import (
     IndexedDatasetWriter,
     best_dtype,
@@ -446,9 +446,9 @@ def preprocess(
     files = resolve_inputs(inputs)
     keys = tuple(json_keys)
     if not keys or len(set(keys)) < len(keys):
-        raise ValueError(f"json_keys must be distinct and non-empty, got {list(json_keys)}")
+        raise DataError(f"--json-keys {' '.join(json_keys)}: give distinct, non-empty keys")
     if workers < 1 or chunk_size < 1:
-        raise ValueError(f"workers and chunk_size must be >= 1, got {workers}, {chunk_size}")
+        raise DataError(f"--workers {workers} (chunk size {chunk_size}): must be >= 1")
     from megarch.data.tokenizers import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_spec)
@@ -457,7 +457,7 @@ def preprocess(
         raise ValueError(f"dtype must be an integer type for token ids, got {dtype}")
     dtype_code(dtype)
     outputs = {key: output_prefix_for_key(output_prefix, key) for key in keys}
-    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
+    make_output_dir(os.path.dirname(os.path.abspath(output_prefix)), "--output")
     summary = PreprocessSummary(files, outputs, str(dtype), tokens=dict.fromkeys(keys, 0))
     writers: dict[str, IndexedDatasetWriter] = {}
     try:

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from megarch.atomic import atomic_file, temporary_name
-from megarch.data.errors import DataError
+from megarch.data.errors import DataError, make_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -493,6 +493,11 @@ def _jsonl_texts(paths: Sequence[str], key: str, progress: bool) -> Iterator[str
                         continue
                     try:
                         record = json.loads(line)
+                    except UnicodeDecodeError as e:
+                        raise DataError(
+                            f"{path}:{lineno}: not valid UTF-8 (byte 0x{line[e.start]:02x}); "
+                            "re-encode the file as UTF-8"
+                        ) from None
                     except json.JSONDecodeError as e:
                         raise DataError(
                             f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one "
@@ -612,7 +617,7 @@ def train_sentencepiece(
         raise DataError("no training input given; pass one or more jsonl files")
     if output_prefix.endswith(".model"):
         output_prefix = output_prefix[: -len(".model")]
-    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
+    make_output_dir(os.path.dirname(os.path.abspath(output_prefix)), "--output")
     tmp_prefix = temporary_name(output_prefix)
     try:
         n_sentences = _run_trainer(

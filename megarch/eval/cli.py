@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from megarch.eval.loading import EvalError
@@ -59,6 +60,7 @@ def _device(name: str) -> str:
 def run(args: argparse.Namespace) -> dict:
     """Evaluate as ``args`` say; return the results dict (see :func:`aggregate`)."""
     from megarch.atomic import atomic_file
+    from megarch.data.errors import check_output_dir, make_output_dir
     from megarch.eval.aggregate import aggregate, format_table
     from megarch.eval.loading import load_for_eval
     from megarch.eval.rank_classification import RankOptions, rank_classify
@@ -70,6 +72,8 @@ def run(args: argparse.Namespace) -> dict:
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise EvalError(f"two task files share a name ({names}); rename one")
+    if args.output:  # before the model is loaded and evaluated; created when writing
+        check_output_dir(os.path.dirname(os.path.abspath(args.output)), "--output")
     model, cfg, tokenizer = load_for_eval(args.checkpoint, _device(args.device), args.tokenizer)
     options = RankOptions.for_run(
         cfg, prompt_eos=args.prompt_eos, choice_eos=args.choice_eos,
@@ -91,6 +95,7 @@ def run(args: argparse.Namespace) -> dict:
     }
     print(format_table(results))
     if args.output:
+        make_output_dir(os.path.dirname(os.path.abspath(args.output)), "--output")
         with atomic_file(args.output) as tmp, open(tmp, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=2)
         print(f"wrote {args.output}")

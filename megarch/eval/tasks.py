@@ -160,11 +160,16 @@ def load_task(path: str, name: str | None = None) -> Task:
     if not os.path.isfile(path):
         raise DataError(f"task file {path} not found; pass a .jsonl file ({FORMAT_HINT})")
     examples: list[Example] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{where}: not valid UTF-8 (byte 0x{raw[err.start]:02x}); "
+                                "re-encode the file as UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:

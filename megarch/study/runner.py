@@ -160,6 +160,8 @@ def plan_study(spec: StudySpec) -> list[RunPlan]:
         args = ["--preset", pair + suffix, *data,
                 *_stage_overrides(spec, spec.steps, out, spec.steps)]
         plans.append(RunPlan(pair, "pretrain", *_PAIRS[pair], args, out))
+    for plan in plans:  # a bad --section.field fails here, before any run (or a dry run)
+        load_train_config(plan.args[1], None, plan.args[2:])
     by_name = {p.name: p for p in plans}
     for kind in spec.adapt:
         source, adaptation = by_name[ADAPT_SOURCE[kind]], ADAPTATIONS[kind]
@@ -227,6 +229,9 @@ def run_study(spec: StudySpec) -> dict[str, Any]:
     if spec.scale != "tiny":
         raise ConfigError("a full-scale study runs on a cluster: use --dry-run for its commands")
     plans = plan_study(spec)
+    from megarch.data.errors import make_output_dir
+
+    make_output_dir(spec.out_dir, "--out")  # before the data is built and any run starts
     tasks = prepare_data(spec)
     rows = []
     for index, plan in enumerate(plans, 1):

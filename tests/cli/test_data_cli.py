@@ -68,3 +68,35 @@ def test_errors_name_the_problem(tmp_path, capsys):
     code = main(["preprocess", "--input", str(tmp_path / "*.jsonl"), "--output",
                  str(tmp_path / "o"), "--tokenizer", "bytes", "-q"])
     assert code == 2 and "*.jsonl" in capsys.readouterr().err
+
+
+def test_preprocess_creates_missing_output_directories(tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "hello"}\n', encoding="utf-8")
+    out = tmp_path / "new" / "deeper" / "name"
+    assert main(["preprocess", "--input", str(src), "--output", str(out),
+                 "--tokenizer", "bytes", "--workers", "1", "-q"]) == 0
+    assert (tmp_path / "new" / "deeper" / "name_text_document.bin").stat().st_size == 12  # 6 x u16
+
+
+def test_preprocess_output_below_a_file_is_one_clear_error(tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "hello"}\n', encoding="utf-8")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code = main(["preprocess", "--input", str(src), "--output", str(blocker / "sub" / "name"),
+                 "--tokenizer", "bytes", "--workers", "1", "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert f"{blocker} is a file, not a directory" in err and "--output" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "in.jsonl"]
+
+
+def test_package_exports_the_entry_points():
+    import megarch.data
+    from megarch.data import datasets, loader
+
+    assert megarch.data.build_dataset is datasets.build_dataset
+    assert megarch.data.make_loader is loader.make_loader
+    with pytest.raises(AttributeError, match="no_such"):
+        megarch.data.no_such  # noqa: B018

@@ -37,6 +37,45 @@ def test_crc32c_matches_the_check_value_and_a_bitwise_reference():
         assert crc32c(data) == crc32c_bitwise(data), n
 
 
+def test_google_crc32c_and_the_numpy_fallback_agree():
+    from megarch.data.p3 import tfrecord
+
+    assert tfrecord.CRC_BACKEND == "google-crc32c"  # installed with megarch (setup.py)
+    rng = random.Random(1)
+    chunks = [rng.randbytes(n) for n in (0, 3, 4, 63, 64, 256, 257, 4000, 70000)]
+    chunks += [rng.randbytes(rng.randint(0, 3000)) for _ in range(200)]
+    expected = [crc32c_bitwise(c) for c in chunks[:9]]
+    assert tfrecord.crc32c_many(chunks)[:9] == expected
+    assert tfrecord.crc32c_many(chunks) == tfrecord.crc32c_many_numpy(chunks)
+    assert [tfrecord.crc32c(c) for c in chunks] == [tfrecord.crc32c_numpy(c) for c in chunks]
+
+
+def test_reader_without_google_crc32c_checks_the_same(tmp_path, monkeypatch):
+    """The fallback path as it runs where the wheel is missing: good files read alike, a
+    corrupt record is still caught."""
+    from megarch.data.p3 import tfrecord
+
+    path = str(tmp_path / "x.tfrecord")
+    records = [encode_example({"text": [f"record {i}" * (i % 50)]}) for i in range(300)]
+    write_tfrecord(path, records)
+    fast = list(read_records(path))
+    monkeypatch.setattr(tfrecord, "_google_crc32c", None)
+    assert list(read_records(path)) == fast == records
+    raw = bytearray(open(path, "rb").read())
+    raw[-10] ^= 1  # a data byte of the last record
+    open(path, "wb").write(bytes(raw))
+    with pytest.raises(DataError, match="record 299: data CRC mismatch"):
+        list(read_records(path))
+
+
+def test_bench_crc_prints_the_ratio(capsys):
+    from tools.bench_crc import main as bench_main
+
+    assert bench_main(["--records", "64", "--trials", "1", "--python-records", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "google-crc32c (C)" in out and "megarch numpy fallback" in out and "x\n" in out
+
+
 @pytest.mark.parametrize("packed", [True, False])
 def test_features_round_trip(tmp_path, packed):
     path = str(tmp_path / "x.tfrecord")

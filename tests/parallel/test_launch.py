@@ -157,3 +157,88 @@ def test_recipe_errors_and_environment_precedence(tmp_path):
     bad.write_text("PRESET=cd_flm\nTP=2\nSEQ=3\n")
     with pytest.raises(ValueError, match="bad.env:3"):
         read_recipe(str(bad))
+
+
+def _fake_tools(tmp_path, gpus: int = 0, hosts: tuple[str, ...] | None = None) -> dict:
+    """PATH with an ``nvidia-smi`` listing ``gpus`` GPUs (none: it fails, as on a login node)
+    and, when ``hosts`` is given, an ``scontrol show hostnames`` printing them."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    smi = bin_dir / "nvidia-smi"
+    lines = "".join(f"echo 'GPU {i}: NVIDIA A100-SXM4-80GB (UUID: x)'\n" for i in range(gpus))
+    smi.write_text("#!/bin/sh\n" + (lines or "exit 9\n"))
+    smi.chmod(0o755)
+    if hosts is not None:
+        scontrol = bin_dir / "scontrol"
+        scontrol.write_text("#!/bin/sh\n" + "".join(f"echo {h}\n" for h in hosts))
+        scontrol.chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+def test_readme_dry_run_on_a_login_node_is_refused_saying_how_to_set_gpus(tmp_path):
+    """The README's line without GPUS_PER_NODE on a machine without GPUs: 4 x 1 processes for
+    TP4 x PP2 is refused before anything runs, naming GPUS_PER_NODE."""
+    env = {**_fake_tools(tmp_path), "DRY_RUN": "1", "NNODES": "4", "TP": "4", "PP": "2",
+           "PRESET": "cd_flm", "MASTER_ADDR": "node001", "PYTHON": "py"}
+    out = _run(MULTI, env)
+    assert out.returncode == 2 and out.stdout == ""
+    assert "4 x 1 = 4 processes is not a multiple of TP x PP = 4 x 2 = 8" in out.stderr
+    assert "no GPU is visible here" in out.stderr and "GPUS_PER_NODE=8" in out.stderr
+    out = _run(MULTI, {**env, "GPUS_PER_NODE": "8"})
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    words = shlex.split(out.stdout)
+    assert words[words.index("--nproc-per-node") + 1] == "8"
+
+
+def test_gpus_per_node_comes_from_nvidia_smi_and_a_gpu_less_default_is_noted(tmp_path):
+    env = {"DRY_RUN": "1", "TP": "2", "PYTHON": "py"}
+    out = _run(SINGLE, {**env, **_fake_tools(tmp_path, gpus=4)})
+    words = shlex.split(out.stdout)
+    assert out.returncode == 0 and words[words.index("--nproc-per-node") + 1] == "4"
+    out = _run(SINGLE, {**env, **_fake_tools(tmp_path / "none"), "TP": "1"})
+    assert out.returncode == 0 and "note: no GPU is visible" in out.stderr
+    out = _run(SINGLE, {**env, **_fake_tools(tmp_path / "none")})  # TP2 on one process
+    assert out.returncode == 2
+    assert "1 x 1 = 1 processes is not a multiple of TP x PP = 2 x 1 = 2" in out.stderr
+
+
+@pytest.mark.parametrize("addr", ["", "127.0.0.1", "localhost"])
+def test_several_nodes_at_a_loopback_master_addr_are_refused(tmp_path, addr):
+    env = {**_fake_tools(tmp_path), "DRY_RUN": "1", "NNODES": "2", "GPUS_PER_NODE": "8",
+           "PYTHON": "py"}
+    if addr:
+        env["MASTER_ADDR"] = addr
+    out = _run(MULTI, env)
+    assert out.returncode == 2 and out.stdout == ""
+    assert f"NNODES=2 with MASTER_ADDR={addr or '127.0.0.1'}" in out.stderr
+    assert ("(the default)" in out.stderr) == (not addr) and "MASTER_ADDR=node001" in out.stderr
+    one = _run(MULTI, {**env, "NNODES": "1"})  # one node may use loopback
+    assert one.returncode == 0, one.stderr
+
+
+def test_bad_sizes_and_single_node_with_several_nodes_are_refused(tmp_path):
+    base = {**_fake_tools(tmp_path), "DRY_RUN": "1", "GPUS_PER_NODE": "8", "PYTHON": "py"}
+    for name, value in (("TP", "0"), ("PP", "two"), ("GPUS_PER_NODE", "-1"), ("NNODES", "1.5")):
+        out = _run(MULTI, {**base, "MASTER_ADDR": "n1", name: value})
+        assert out.returncode == 2 and f"{name}={value}: must be a positive integer" in out.stderr
+    out = _run(SINGLE, {**base, "NNODES": "2"})
+    assert out.returncode == 2 and "torchrun_multi_node.sh" in out.stderr
+    out = _run(MULTI, {**base, "RECIPE": "ed_plm", "GPUS_PER_NODE": "2", "MASTER_ADDR": "n1"})
+    assert out.returncode == 2
+    assert "TP x PP = 4 x 1 = 4 (the layout of launch/recipes/ed_plm.env)" in out.stderr
+
+
+def test_slurm_takes_master_addr_and_gpus_from_the_allocation(tmp_path):
+    env = {"DRY_RUN": "1", "SLURM_JOB_NODELIST": "gpu[001-002]", "SLURM_NNODES": "2",
+           "SLURM_GPUS_PER_NODE": "a100:8", "TP": "4", "PP": "2", "PYTHON": "py"}
+    out = _run(SLURM, {**env, **_fake_tools(tmp_path, hosts=("gpu001", "gpu002"))})
+    assert out.returncode == 0, out.stderr
+    words = shlex.split(out.stdout)
+    assert words[words.index("--rdzv-endpoint") + 1] == "gpu001:29500"
+    assert words[words.index("--nproc-per-node") + 1] == "8"
+    # no scontrol (not on the cluster): loopback, refused for two nodes
+    out = _run(SLURM, {**env, **_fake_tools(tmp_path / "bare")})
+    assert out.returncode == 2 and "scontrol could not read" in out.stderr
+    out = _run(SLURM, {**env, **_fake_tools(tmp_path / "few", hosts=("n1", "n2")),
+                       "SLURM_GPUS_PER_NODE": "2"})  # 2 x 2 for TP4 x PP2
+    assert out.returncode == 2 and "2 x 2 = 4 processes" in out.stderr

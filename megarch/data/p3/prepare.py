@@ -59,7 +59,7 @@ from typing import Any
 from tqdm import tqdm
 
 from megarch.atomic import atomic_file
-from megarch.data.errors import DataError
+from megarch.data.errors import DataError, make_output_dir
 from megarch.data.p3.tables import EVAL_SUITES, EXCLUDED, MIXTURES, SCORE_EVAL, match_folders
 from megarch.data.p3.tfrecord import read_examples
 from megarch.data.preprocess import pool_start_method
@@ -310,7 +310,12 @@ def _prepare_train(data_dir: str, folders: list[str], mixture: str, out_dir: str
             units.append((os.path.join(data_dir, folder), split,
                           os.path.join(parts_dir, f"{folder}.jsonl"), verify))
             owners.append((dataset, folder))
-    results = _run_units(convert_train_folder, units, workers, f"{mixture} ({split})", progress)
+    try:
+        results = _run_units(convert_train_folder, units, workers, f"{mixture} ({split})",
+                             progress)
+    except BaseException:  # a corrupt file: no partial conversions left behind
+        shutil.rmtree(parts_dir, ignore_errors=True)
+        raise
     by_dataset: dict[str, list[tuple[str, dict, str]]] = {}
     for (dataset, folder), unit, result in zip(owners, units, results, strict=True):
         by_dataset.setdefault(dataset, []).append((folder, result, unit[2]))
@@ -416,7 +421,27 @@ def prepare_p3(p3_dir: str, out_dir: str, mixture: str | None = "t0_train",
     if not folders:
         raise DataError(f"{data_dir}: no P3 task folders; download bigscience/P3 (its data/ "
                         "folder) and pass it with --p3-dir")
-    os.makedirs(out_dir, exist_ok=True)
+    created = not os.path.exists(out_dir)
+    make_output_dir(out_dir, "--out")
+    try:
+        return _prepare_into(data_dir, folders, out_dir, mixture, eval_suite, train_split,
+                             eval_split, workers, verify, progress)
+    except BaseException:
+        _remove_empty_dirs(out_dir, remove_top=created)
+        raise
+
+
+def _remove_empty_dirs(top: str, remove_top: bool) -> None:
+    """Remove the empty directories under ``top`` (and ``top`` itself when asked and empty)."""
+    for folder, _, _ in sorted(os.walk(top), key=lambda entry: -len(entry[0])):
+        if (folder != top or remove_top) and not os.listdir(folder):
+            os.rmdir(folder)
+
+
+def _prepare_into(data_dir: str, folders: list[str], out_dir: str, mixture: str | None,
+                  eval_suite: str | None, train_split: str, eval_split: str, workers: int,
+                  verify: bool, progress: bool) -> dict[str, Any]:
+    """:func:`prepare_p3` once its inputs are checked and ``out_dir`` exists."""
     report: dict[str, Any] = {"p3_dir": data_dir, "mixture": mixture, "eval": eval_suite,
                               "train_split": train_split, "eval_split": eval_split,
                               "mtf": {}, "tasks": {}, "missing": [], "skipped_prompts": []}

@@ -23,6 +23,12 @@ ints), decoding only the features asked for (P3's token-id features are long var
 that preprocessing never needs). Every CRC is checked; a truncated or corrupt record, or a
 record that is not an Example, raises :class:`~megarch.data.errors.DataError` naming the file
 and the record index.
+
+CRC32C comes from ``google-crc32c`` (a dependency: its C extension uses the CPU's CRC32
+instruction where there is one). The numpy implementation below is kept as the fallback for a
+platform without that wheel, where ``google_crc32c`` would otherwise fall back to a per-byte
+Python loop about 25 times slower than ours; :data:`CRC_BACKEND` says which one runs.
+``python tools/bench_crc.py`` measures the three.
 """
 
 from __future__ import annotations
@@ -33,6 +39,15 @@ from collections.abc import Container, Iterator
 import numpy as np
 
 from megarch.data.errors import DataError
+
+try:
+    import google_crc32c as _google_crc32c
+except ImportError:  # no wheel for this platform: the numpy fallback below
+    _google_crc32c = None
+if _google_crc32c is not None and getattr(_google_crc32c, "implementation", "c") != "c":
+    _google_crc32c = None  # its pure-Python fallback: slower than ours
+CRC_BACKEND = "google-crc32c" if _google_crc32c is not None else "numpy"
+"""Which CRC32C implementation :func:`crc32c` and :func:`crc32c_many` use."""
 
 _POLY = 0x82F63B78
 _MASK_DELTA = 0xA282EAD8
@@ -119,8 +134,8 @@ def _crc32c_same_blocks(chunks: list[bytes], blocks: int) -> np.ndarray:
     return crcs[:, 0] ^ np.uint32(0xFFFFFFFF)
 
 
-def crc32c_many(chunks: list[bytes]) -> list[int]:
-    """The CRC32C (Castagnoli) of each of ``chunks``, vectorised with numpy.
+def crc32c_many_numpy(chunks: list[bytes]) -> list[int]:
+    """The CRC32C (Castagnoli) of each of ``chunks``, vectorised with numpy (the fallback).
 
     With a zero initial register the CRC is linear in the message and blind to leading zero
     bytes. So each message (its first 4 bytes xor-ed with the 0xFFFFFFFF initial value) is
@@ -143,9 +158,25 @@ def crc32c_many(chunks: list[bytes]) -> list[int]:
     return out
 
 
+def crc32c_numpy(data: bytes) -> int:
+    """The CRC32C (Castagnoli) of ``data`` without google-crc32c (see
+    :func:`crc32c_many_numpy`)."""
+    return _crc32c_small(data) if len(data) < 64 else crc32c_many_numpy([data])[0]
+
+
+def crc32c_many(chunks: list[bytes]) -> list[int]:
+    """The CRC32C (Castagnoli) of each of ``chunks``, with :data:`CRC_BACKEND`."""
+    if _google_crc32c is not None:
+        value = _google_crc32c.value
+        return [value(chunk) for chunk in chunks]
+    return crc32c_many_numpy(chunks)
+
+
 def crc32c(data: bytes) -> int:
-    """The CRC32C (Castagnoli) of ``data`` (see :func:`crc32c_many`)."""
-    return _crc32c_small(data) if len(data) < 64 else crc32c_many([data])[0]
+    """The CRC32C (Castagnoli) of ``data``, with :data:`CRC_BACKEND`."""
+    if _google_crc32c is not None:
+        return _google_crc32c.value(data)
+    return crc32c_numpy(data)
 
 
 def _mask(crc: int) -> int:
@@ -190,7 +221,7 @@ def read_records(path: str, verify: bool = True) -> Iterator[bytes]:
                                 "file is incomplete: download it again")
             if header:
                 length, length_crc = struct.unpack("<QI", header)
-                if verify and _mask(_crc32c_small(header[:8])) != length_crc:
+                if verify and _mask(crc32c(header[:8])) != length_crc:
                     raise DataError(f"{where}: length CRC mismatch; the file is corrupt (or "
                                     "not a TFRecord file): download it again")
                 data = f.read(length)
