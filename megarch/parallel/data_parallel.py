@@ -5,8 +5,9 @@ training loop divides every micro-batch's loss by the token count of the *global
 over data-parallel ranks first), so the gradients are to be *summed* over ranks, once, after the
 last micro-batch; DDP averages and needs ``no_sync`` juggling for accumulation. The gradients
 are reduced after accumulation in buckets of ``parallel.grad_bucket_mb`` (DDP's 25 MB by
-default), so the extra memory is one bucket, not a flat copy of the whole model. Future work:
-launch each bucket during the backward pass as its gradients become final (DDP's overlap).
+default), so the extra memory is one bucket, not a flat copy of the whole model. This is the
+post-backward path (``parallel.overlap_grad_reduce false``); the trainer's default launches each
+bucket during the backward pass as its gradients become final (megarch.parallel.grad_reduce).
 
 ZeRO-1 (optimizer state sharded over the data-parallel group) is
 ``torch.distributed.optim.ZeroRedundancyOptimizer`` around the same optimizer class and groups.

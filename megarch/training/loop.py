@@ -11,7 +11,8 @@ touched by a non-finite step.
 Parallelism (megarch.parallel): launched by torchrun (launch/), the trainer builds one
 :class:`~megarch.parallel.context.ParallelContext` from ``parallel`` (gloo on CPU, NCCL on GPUs).
 Data-parallel ranks read disjoint micro-batches of the same global batch; the loss token count is
-summed over them first and the gradients summed after accumulation, so a DP run is the same
+summed over them first and the gradients summed once, over the accumulated micro-batches (each
+bucket during the last backward, megarch.parallel.grad_reduce), so a DP run is the same
 optimisation as one process with the same global batch. Tensor-parallel ranks hold shards of the
 model (vocab-parallel loss); pipeline stages (every architecture; an encoder-decoder's encoder
 output travels with the decoder's hidden states) hold runs of layers and run each global
@@ -51,6 +52,7 @@ from megarch.data.tokenizers import load_tokenizer
 from megarch.model import build_model, lm_loss, model_flops_per_token
 from megarch.parallel.context import ParallelContext
 from megarch.parallel.data_parallel import all_reduce_grads, any_over, sum_over, zero1
+from megarch.parallel.grad_reduce import build_grad_reducer
 from megarch.parallel.pipeline import (
     build_stage,
     forward_only,
@@ -152,6 +154,7 @@ class Trainer:
         self.optimizer = build_optimizer(cfg.optim, self.model)
         if cfg.parallel.zero1 and self.ctx.dp > 1:
             self.optimizer = zero1(self.optimizer, self.ctx.dp_group)
+        self.grad_reducer = build_grad_reducer(self.model, self.optimizer, self.ctx, cfg.parallel)
         self.state = TrainState()
         self.checkpoint: str | None = None
         self.train_data = build_dataset(cfg.data, self.tokenizer, "train",
@@ -254,6 +257,8 @@ class Trainer:
         local_tokens = float(sum(loss_fields(b)[1].sum().item() for b in batches))
         num_tokens = sum_over([local_tokens], self.ctx.dp_group)[0]  # of the global batch
         self.optimizer.zero_grad(set_to_none=True)
+        if self.grad_reducer is not None:  # buckets reduced as the last backward fills them
+            self.grad_reducer.start(len(batches))
         totals = {"loss": 0.0, "ce": 0.0, "z_loss": 0.0}
         if self.ctx.pp > 1:
             totals = dict(zip(totals, self._pipeline_totals(batches, max(num_tokens, 1.0), True),
@@ -265,7 +270,10 @@ class Trainer:
                 totals[key] = totals[key] + out[key].detach()
         if self.ctx.sequence_parallel:  # the norms saw this rank's chunk of the sequence
             reduce_sequence_parallel_grads(self.model, self.tp_group)
-        all_reduce_grads(self.model, self.ctx.dp_group, self.cfg.parallel.grad_bucket_mb)
+        if self.grad_reducer is not None:
+            self.grad_reducer.finish()
+        else:
+            all_reduce_grads(self.model, self.ctx.dp_group, self.cfg.parallel.grad_bucket_mb)
         totals = dict(zip(totals, sum_over([float(v) for v in totals.values()],
                                            self.ctx.dp_group), strict=True))
         lr = lr_at(self.cfg.optim, step, self.cfg.run.steps)
@@ -289,12 +297,17 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.grad is not None]
         sharded = self.ctx.tp > 1 or self.ctx.pp > 1
         skip = getattr(self.model, "duplicated_parameters", frozenset())
-        if sharded:  # the norm is reduced over the TP and pipeline groups
+        zero = self.grad_reducer is not None and self.grad_reducer.sharded
+        if zero:  # ZeRO-1: each rank holds its own parameters' summed gradients
+            norm = self.grad_reducer.grad_norm(sharded, self.tp_group, self.ctx.pp_group, skip)
+        elif sharded:  # the norm is reduced over the TP and pipeline groups
             norm = clip_grad_norm(self.model, 0.0, self.tp_group, self.ctx.pp_group, skip)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params]).item()
         if np.isfinite(loss) and np.isfinite(norm):
-            if self.cfg.optim.clip_grad > 0 and sharded:
+            if self.cfg.optim.clip_grad > 0 and zero:
+                self.grad_reducer.clip(self.cfg.optim.clip_grad, norm, sharded)
+            elif self.cfg.optim.clip_grad > 0 and sharded:
                 clip_grad_norm(self.model, self.cfg.optim.clip_grad, self.tp_group,
                                self.ctx.pp_group, skip)
             elif self.cfg.optim.clip_grad > 0:
