@@ -5,6 +5,8 @@
     python tools/estimate_memory.py --preset ed_mlm --tp 4 --dp 32 --zero1 --model.n_layers 12
     python tools/estimate_memory.py --preset ed_mlm --tp 2 --pp 4 --virtual-stages 2 --dp 8
     python tools/estimate_memory.py --recipes          # the launch/recipes/ table (A100-80GB)
+    python tools/estimate_memory.py --plan --preset ed_mlm --gpus 64 --gpu-mem 80 --bandwidth 25
+    python tools/estimate_memory.py --plan --recipes   # the recipes' layouts ranked (launch/)
 
 What is counted, for the pipeline rank with the largest total:
 
@@ -38,6 +40,11 @@ norms are counted as their PyTorch path (NVIDIA apex's fused RMS norm, used when
 keeps 4 bytes per element less: an over-estimate then).
 
 FLOPs: megarch.model.flops (6 N per token + attention), per step and per rank.
+
+Step time (:func:`step_time`, ``--plan``): compute at a share of the peak, the 1F1B bubble,
+the tensor- and pipeline-parallel transfers and the data-parallel reduction that the overlap
+(megarch.parallel.grad_reduce) leaves exposed, at given bandwidths; :func:`plan_layouts`
+ranks every layout that fits by it (a model of where time goes, not a measurement).
 """
 
 from __future__ import annotations
@@ -751,6 +758,14 @@ def main(argv: list[str] | None = None) -> int:
                              "the efficiency (0: no micro-batch effect)")
     parser.add_argument("--top", type=int, default=10, help="--plan: rows printed")
     args, overrides = parser.parse_known_args(argv)
+    if args.plan and args.recipes:
+        hw = Hardware(args.peak_tflops, args.efficiency, args.bandwidth, args.tp_bandwidth,
+                      args.saturation_tokens)
+        print(f"{args.nodes} nodes x {GPUS_PER_NODE} A100-80GB; modelled with "
+              f"{hw.peak_tflops:g} TFLOP/s x {hw.efficiency:g}, DP {hw.dp_gbps:g} GB/s, "
+              f"TP/PP {hw.tp_gbps:g} GB/s")
+        print(recipe_plan_table(args.nodes, hw, min(args.top, 3)))
+        return 0
     if args.plan:
         return _plan(parser, args, overrides)
     if args.write_recipes:
@@ -772,6 +787,38 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in result.items():
         print(f"  {key:<22} {value:12.3f}")
     return 0
+
+
+def _layout_name(r: dict) -> str:
+    ckpt = ", ckpt" if r["activation_checkpointing"] else ""
+    zero = ", ZeRO-1" if r["zero1"] else ""
+    virtual = f" (v{r['virtual_stages']})" if r["virtual_stages"] > 1 else ""
+    return f"{r['tp']}x{r['pp']}{virtual}x{r['dp']}, mb {r['micro_batch']}{ckpt}{zero}"
+
+
+def recipe_plan_table(nodes: int = 8, hw: Hardware | None = None, top: int = 3) -> str:
+    """Markdown: per study recipe, its layout's modelled step time and rank among the layouts
+    that fit (:func:`plan_layouts` on ``nodes`` x 8 A100-80GB), and the ``top`` fastest."""
+    from megarch.config.train import STUDY_PAIRS
+
+    hw = hw or Hardware()
+    rows = ["| recipe | its layout: step s (rank / fitting) | fastest modelled layouts "
+            "(step s) |", "|---|---|---|"]
+    for preset, _, _ in STUDY_PAIRS:
+        recipe = read_recipe(preset)
+        cfg = load_train_config(preset, None, [])
+        cfg.model.vocab_size = cfg.model.vocab_size or 32128
+        plan = plan_layouts(cfg, nodes * hw.gpus_per_node, A100_GIB, hw)
+        want = (int(recipe["TP"]), int(recipe["PP"]), 1, int(recipe["MICRO_BATCH"]),
+                recipe["ACTIVATION_CHECKPOINTING"] == "true", recipe["ZERO1"] == "true")
+        found = [(i, r) for i, r in enumerate(plan, 1)
+                 if (r["tp"], r["pp"], r["virtual_stages"], r["micro_batch"],
+                     r["activation_checkpointing"], r["zero1"]) == want]
+        own = (f"{_layout_name(found[0][1])}: {found[0][1]['step_s']:.2f} "
+               f"({found[0][0]} / {len(plan)})" if found else "does not fit")
+        best = "; ".join(f"{_layout_name(r)} ({r['step_s']:.2f})" for r in plan[:top])
+        rows.append(f"| {preset} | {own} | {best} |")
+    return "\n".join(rows)
 
 
 def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace, overrides: list[str]

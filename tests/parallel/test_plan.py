@@ -126,3 +126,14 @@ def test_plan_cli_prints_the_table_and_refuses_bad_sizes():
     assert "Traceback" not in bad.stderr
     none = _cli("--plan", "--preset", "ed_mlm", "--gpus", "8", "--gpu-mem", "8")
     assert none.returncode == 2 and "no layout of 8 GPUs fits 8 GiB" in none.stderr
+
+
+def test_recipe_plan_table_ranks_every_recipe_layout():
+    """Each launch/recipes layout fits at 8 nodes, so it has a rank in its pair's plan."""
+    from tools.estimate_memory import recipe_plan_table
+
+    table = recipe_plan_table(8).splitlines()
+    assert len(table) == 2 + 6
+    for line in table[2:]:
+        own = line.split("|")[2]
+        assert "does not fit" not in own and " / " in own, line
