@@ -270,3 +270,53 @@ def test_config_refuses_an_unknown_reduce_dtype():
         ParallelConfig(grad_reduce_dtype="fp16").validate()
     with pytest.raises(ConfigError, match="overlap_grad_reduce true"):
         ParallelConfig(grad_reduce_dtype="bf16", overlap_grad_reduce=False).validate()
+
+
+def _trainers(rank: int, world: int, embedded, root: str) -> dict:
+    """DP2 Trainers of 3 steps (2 micro-batches each, clipping on): overlapped vs the
+    post-backward reduction, with and without ZeRO-1; and one with bf16 reduction."""
+    import os
+
+    from megarch.training import Trainer
+    from tests.training.helpers import fast_config
+
+    torch.set_num_threads(1)
+    out = {}
+    for name, extra in (("post", {"parallel__overlap_grad_reduce": "false"}),
+                        ("overlap", {}),
+                        ("zero_post", {"parallel__overlap_grad_reduce": "false",
+                                       "parallel__zero1": "true"}),
+                        ("zero_overlap", {"parallel__zero1": "true"}),
+                        ("bf16", {"parallel__grad_reduce_dtype": "bf16"})):
+        cfg = fast_config("cd_flm_tiny", embedded, os.path.join(root, name), 3,
+                          run__resume="none", run__save_every="0", run__micro_batch="2",
+                          optim__clip_grad="0.05", parallel__grad_bucket_mb="0.01", **extra)
+        trainer = Trainer(cfg)
+        trainer.train()
+        out[name] = {"params": {k: v.clone() for k, v in trainer.model.state_dict().items()},
+                     "reducer": type(trainer.grad_reducer).__name__,
+                     "launched": getattr(trainer.grad_reducer, "launched_early", 0)}
+    return out
+
+
+def test_trainer_overlapped_equals_post_backward_bitwise(embedded, tmp_path):
+    from megarch.training import read_metrics
+
+    results = spawn(2, timeout_s=240)(_trainers, embedded, str(tmp_path))
+    curves = {name: [(r["loss"], r["grad_norm"]) for r in read_metrics(str(tmp_path / name))]
+              for name in ("post", "overlap", "zero_post", "zero_overlap", "bf16")}
+    assert len(curves["post"]) == 3
+    assert curves["overlap"] == curves["post"]  # losses and pre-clip norms, exactly
+    assert curves["zero_overlap"] == curves["zero_post"]
+    assert all(norm > 0.05 for _, norm in curves["post"])  # clipping was active
+    for out in results:
+        assert out["post"]["reducer"] == "NoneType" and out["overlap"]["reducer"] == "GradReducer"
+        assert out["overlap"]["launched"] > 1
+        for a, b in (("overlap", "post"), ("zero_overlap", "zero_post")):
+            for key, value in out[a]["params"].items():
+                assert torch.equal(value, out[b]["params"][key]), (a, key)
+        worst = max((out["bf16"]["params"][k] - v).abs().max() for k, v in
+                    out["post"]["params"].items())
+        assert 0 < worst < 1e-2  # bfloat16 sums: close, not equal
+    assert all(torch.equal(v, results[1]["overlap"]["params"][k])
+               for k, v in results[0]["overlap"]["params"].items())  # replicas agree
