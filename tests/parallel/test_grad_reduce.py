@@ -320,3 +320,38 @@ def test_trainer_overlapped_equals_post_backward_bitwise(embedded, tmp_path):
         assert 0 < worst < 1e-2  # bfloat16 sums: close, not equal
     assert all(torch.equal(v, results[1]["overlap"]["params"][k])
                for k, v in results[0]["overlap"]["params"].items())  # replicas agree
+
+
+def _model_parallel_trainers(rank: int, world: int, embedded, root: str, layout: dict) -> dict:
+    """Four ranks, DP2 x (TP2 with sequence parallelism | PP2): the Trainer's overlapped
+    reduction (build_grad_reducer's deferred gradients) vs the post-backward one, ZeRO-1."""
+    import os
+
+    from megarch.training import Trainer
+    from tests.training.helpers import fast_config
+
+    torch.set_num_threads(1)
+    out = {}
+    for name, extra in (("post", {"parallel__overlap_grad_reduce": "false"}), ("overlap", {})):
+        cfg = fast_config("cd_flm_tiny", embedded, os.path.join(root, name), 2,
+                          run__resume="none", run__save_every="0", run__micro_batch="2",
+                          run__global_batch="8", optim__clip_grad="0.05",
+                          parallel__zero1="true", **layout, **extra)
+        trainer = Trainer(cfg)
+        trainer.train()
+        out[name] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        out[name + "_deferred"] = len(getattr(trainer.grad_reducer, "deferred", ()))
+    return out
+
+
+@pytest.mark.parametrize("layout", [{"parallel__tp": "2", "parallel__sequence_parallel": "true"},
+                                    {"parallel__pp": "2"}], ids=["tp2_sp", "pp2"])
+def test_trainer_overlapped_equals_post_backward_under_tp_and_pp(embedded, tmp_path, layout):
+    results = spawn(4, timeout_s=300)(_model_parallel_trainers, embedded, str(tmp_path), layout)
+    for rank, out in enumerate(results):
+        for key, value in out["overlap"].items():
+            assert torch.equal(value, out["post"][key]), (rank, key)
+    if "parallel__tp" in layout:
+        assert all(out["overlap_deferred"] > 0 for out in results)  # the replicated norms
+    else:
+        assert any(out["overlap_deferred"] == 1 for out in results)  # the embedding copies
