@@ -110,16 +110,20 @@ def any_over(flag: bool, group: Group) -> bool:
     return sum_over([float(flag)], group)[0] > 0
 
 
-def zero1(optimizer: torch.optim.Optimizer, group: Group) -> ZeroRedundancyOptimizer:
+def zero1(optimizer: torch.optim.Optimizer, group: Group, bucket_view: bool = False
+          ) -> ZeroRedundancyOptimizer:
     """The same optimizer (class, hyper-parameters, parameter groups) with its state sharded
     over the data-parallel ``group`` (ZeRO stage 1). The result's ``state_dict`` needs
-    ``consolidate_state_dict(to=0)`` on every rank of the group first."""
+    ``consolidate_state_dict(to=0)`` on every rank of the group first. ``bucket_view``: the
+    parameters become views of one flat bucket per owner, so that the updated parameters go
+    out in one broadcast per rank (an all-gather in ``dp`` pieces) instead of one each."""
     cls = type(optimizer)
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "params"}
     options = {k: v for k, v in optimizer.defaults.items() if k in accepted}
     groups = [g for g in optimizer.param_groups if g["params"]]
     first = {k: v for k, v in groups[0].items() if k in accepted}
     zero = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=cls, process_group=group,
+                                   parameters_as_bucket_view=bucket_view,
                                    **{**options, **first})
     for extra in groups[1:]:
         zero.add_param_group({k: v for k, v in extra.items() if k in accepted | {"params"}})

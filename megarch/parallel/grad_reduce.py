@@ -32,7 +32,9 @@ ZeRO-1 (``owner``: parameter -> data-parallel rank, the partition of
 ``torch.distributed.optim.ZeroRedundancyOptimizer``): each bucket holds one owner's parameters
 and is *reduced* to that rank (``dist.reduce``), the other ranks' copies are dropped
 (``grad = None``), and ZeroRedundancyOptimizer's step broadcasts the updated parameters from
-their owners. Reduce + broadcast moves the data of reduce-scatter + all-gather (1.0x), where
+their owners (the trainer builds it with ``parameters_as_bucket_view``: one flat broadcast per
+owner, issued together, rather than one per parameter; not overlapped with the next forward).
+Reduce + broadcast moves the data of reduce-scatter + all-gather (1.0x), where
 all-reducing every gradient before the optimizer's broadcast moved 1.5x. The gradient norm is
 then assembled from the owners (:meth:`GradReducer.grad_norm`): per-parameter norms (zeros for
 the parameters owned elsewhere, exact under a sum) summed over the data-parallel group and

@@ -153,7 +153,8 @@ class Trainer:
         self.tp_group = self.model.tp_group
         self.optimizer = build_optimizer(cfg.optim, self.model)
         if cfg.parallel.zero1 and self.ctx.dp > 1:
-            self.optimizer = zero1(self.optimizer, self.ctx.dp_group)
+            self.optimizer = zero1(self.optimizer, self.ctx.dp_group,
+                                   bucket_view=cfg.parallel.overlap_grad_reduce)
         self.grad_reducer = build_grad_reducer(self.model, self.optimizer, self.ctx, cfg.parallel)
         self.state = TrainState()
         self.checkpoint: str | None = None
