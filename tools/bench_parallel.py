@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Model-parallel step time on CPU: TP2 against TP1 and PP2 against PP1, in the same run.
+"""Parallel step time on CPU: TP2 against TP1, PP2 against PP1 and the data-parallel gradient
+reduction (none, post-backward, overlapped), in the same run.
 
 Two gloo processes (megarch.parallel.spawn, one thread each) train the same model on the same
 batches with AdamW. TP1 and PP1 are the single-process baseline (rank 0 alone; the other rank
@@ -11,8 +12,18 @@ first ``--warmup`` steps are excluded, the mean of the next ``--steps``, best of
 communication TP2 / TP1 would be 0.5 (two cores instead of one) and PP2 / PP1 the 1F1B bubble's
 (m + 1) / (2 m) for m micro-batches; what is above that is communication and overhead.
 
+DP2 rows: both ranks train a replica (on the same micro-batches: only the time is read) with no
+gradient communication
+(``DP2-none``, the floor), with today's post-backward bucketed all-reduce (``DP2-post``,
+megarch.parallel.data_parallel.all_reduce_grads) and with the reduction overlapped with the
+last micro-batch's backward (``DP2-overlap``, megarch.parallel.grad_reduce), all with
+``--bucket-mb`` buckets; the ratios to DP2-none are the cost of the communication. On one
+machine's gloo the all-reduce is nearly free and cannot overlap much (the two ranks share the
+cores); the gain is on a cluster's network (tools/estimate_memory.py models it).
+
 Usage: python tools/bench_parallel.py [--preset cd_tiny] [--seq-len 128] [--micro-batch 4]
-       [--micro 4] [--steps 5] [--warmup 2] [--trials 3] [--model.d_model 256 ...]
+       [--micro 4] [--steps 5] [--warmup 2] [--trials 3] [--groups TP,PP,DP]
+       [--bucket-mb 25] [--model.d_model 256 ...]
 """
 
 from __future__ import annotations
@@ -25,7 +36,11 @@ import time
 import torch
 import torch.distributed as dist
 
-LAYOUTS = ("TP1", "TP2", "PP1", "PP2")
+LAYOUTS = ("TP1", "TP2", "PP1", "PP2", "DP2-none", "DP2-post", "DP2-overlap")
+GROUPS = {"TP": ("TP1", "TP2"), "PP": ("PP1", "PP2"),
+          "DP": ("DP2-none", "DP2-post", "DP2-overlap")}
+PROCESSES = {"TP1": 1, "TP2": 2, "PP1": 1, "PP2": 2, "DP2-none": 2, "DP2-post": 2,
+             "DP2-overlap": 2}
 
 
 def _model_config(preset: str, overrides: list[str]):
@@ -55,11 +70,11 @@ def _build(cfg, layout: str, contexts: dict):
     torch.manual_seed(0)
     if layout == "PP2":
         return build_stage(cfg, contexts["PP2"], "cpu")
-    return build_model(cfg, "cpu", contexts[layout])
+    return build_model(cfg, "cpu", contexts.get(layout, contexts["TP1"]))
 
 
-def _step(model, layout: str, batches: list[dict], optimizer) -> None:
-    """One optimizer step over ``batches``."""
+def _step(model, layout: str, batches: list[dict], optimizer, reduce=None) -> None:
+    """One optimizer step over ``batches``; ``reduce``: (start, finish) of the DP reduction."""
     from megarch.model import lm_loss
     from megarch.parallel.pipeline import one_f_one_b
 
@@ -71,12 +86,32 @@ def _step(model, layout: str, batches: list[dict], optimizer) -> None:
                        num_tokens=tokens, tp_group=tp_group)
 
     optimizer.zero_grad(set_to_none=True)
+    if reduce is not None:
+        reduce[0](len(batches))
     if layout == "PP2":
         one_f_one_b(model, batches, loss_fn)
     else:
         for batch in batches:
             loss_fn(model(**batch), batch)["loss"].backward()
+    if reduce is not None:
+        reduce[1]()
     optimizer.step()
+
+
+def _reduction(model, layout: str, args: argparse.Namespace):
+    """(start, finish) of ``layout``'s gradient reduction over both ranks (None: TP / PP)."""
+    from megarch.parallel.data_parallel import all_reduce_grads
+    from megarch.parallel.grad_reduce import GradReducer
+
+    group = dist.group.WORLD
+    if layout == "DP2-none":
+        return (lambda n: None), (lambda: None)
+    if layout == "DP2-post":
+        return (lambda n: None), (lambda: all_reduce_grads(model, group, args.bucket_mb))
+    if layout == "DP2-overlap":
+        reducer = GradReducer(model, group, args.bucket_mb)
+        return reducer.start, reducer.finish
+    return None
 
 
 def _time_layout(rank: int, cfg, layout: str, contexts: dict, batches: list[dict],
@@ -88,11 +123,14 @@ def _time_layout(rank: int, cfg, layout: str, contexts: dict, batches: list[dict
         return None
     model = _build(cfg, layout, contexts).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    reduce = _reduction(model, layout, args)
     for _ in range(args.warmup):
-        _step(model, layout, batches, optimizer)
+        _step(model, layout, batches, optimizer, reduce)
+    if layout.startswith("DP"):  # both ranks start the timed steps together
+        dist.barrier()
     start = time.perf_counter()
     for _ in range(args.steps):
-        _step(model, layout, batches, optimizer)
+        _step(model, layout, batches, optimizer, reduce)
     seconds = (time.perf_counter() - start) / args.steps
     if layout in ("TP1", "PP1"):
         dist.barrier()
@@ -109,8 +147,9 @@ def _run_rank(rank: int, world: int, preset: str, overrides: list[str],
                 "TP2": ParallelContext.build(tp=world), "PP2": ParallelContext.build(pp=world)}
     batches = _batches(cfg, args)
     best: dict[str, float] = {}
+    layouts = [name for group in args.groups for name in GROUPS[group]]
     for _ in range(args.trials):
-        for layout in LAYOUTS:
+        for layout in layouts:
             seconds = _time_layout(rank, cfg, layout, contexts, batches, args)
             if seconds is not None:
                 best[layout] = min(best.get(layout, float("inf")), seconds)
@@ -118,17 +157,26 @@ def _run_rank(rank: int, world: int, preset: str, overrides: list[str],
 
 
 def format_table(best: dict[str, float], tokens_per_step: int, micro: int) -> str:
-    """The printed table: one row per layout, then the two ratios and their ideals."""
-    lines = [f"{'layout':<8}{'processes':>10}{'ms / step':>12}{'tokens/s':>12}"]
-    for layout in LAYOUTS:
-        seconds = best[layout]
-        lines.append(f"{layout:<8}{int(layout[2]):>10}{seconds * 1e3:>12.1f}"
-                     f"{tokens_per_step / seconds:>12,.0f}")
+    """The printed table: one row per layout measured, then the ratios and their ideals.
+    ``tokens_per_step``: of one replica (a DP2 step reads twice as many)."""
+    lines = [f"{'layout':<12}{'processes':>10}{'ms / step':>12}{'tokens/s':>12}"]
+    for layout in (name for name in LAYOUTS if name in best):
+        seconds, tokens = best[layout], tokens_per_step * (2 if layout.startswith("DP") else 1)
+        lines.append(f"{layout:<12}{PROCESSES[layout]:>10}{seconds * 1e3:>12.1f}"
+                     f"{tokens / seconds:>12,.0f}")
     bubble = (micro + 1) / (2 * micro)
-    lines.append(f"TP2 / TP1 step time {best['TP2'] / best['TP1']:.3f} "
-                 "(0.500 with free communication)")
-    lines.append(f"PP2 / PP1 step time {best['PP2'] / best['PP1']:.3f} "
-                 f"({bubble:.3f} with free communication: the 1F1B bubble)")
+    if "TP2" in best:
+        lines.append(f"TP2 / TP1 step time {best['TP2'] / best['TP1']:.3f} "
+                     "(0.500 with free communication)")
+    if "PP2" in best:
+        lines.append(f"PP2 / PP1 step time {best['PP2'] / best['PP1']:.3f} "
+                     f"({bubble:.3f} with free communication: the 1F1B bubble)")
+    if "DP2-none" in best:
+        none = best["DP2-none"]
+        lines.append(f"DP2-post / DP2-none step time {best['DP2-post'] / none:.3f}, "
+                     f"DP2-overlap / DP2-none {best['DP2-overlap'] / none:.3f}, "
+                     f"DP2-overlap / DP2-post {best['DP2-overlap'] / best['DP2-post']:.3f} "
+                     "(1.000 with free communication)")
     return "\n".join(lines)
 
 
@@ -141,11 +189,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per trial")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per trial")
     parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--groups", default="TP,PP,DP",
+                        help="comma-separated layout groups to time: TP, PP, DP")
+    parser.add_argument("--bucket-mb", type=float, default=25.0,
+                        help="DP rows: gradient bucket size (parallel.grad_bucket_mb)")
     args, overrides = parser.parse_known_args(argv)
     for name, low in (("seq_len", 2), ("micro_batch", 1), ("micro", 1), ("steps", 1),
                       ("warmup", 0), ("trials", 1)):
         if getattr(args, name) < low:
             parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= {low}")
+    groups = [g.strip().upper() for g in args.groups.split(",") if g.strip()]
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown or not groups:
+        parser.error(f"--groups {args.groups}: give a comma-separated subset of TP,PP,DP")
+    if not args.bucket_mb > 0:
+        parser.error(f"--bucket-mb {args.bucket_mb}: must be > 0")
+    args.groups = groups
     from megarch.config.overrides import ConfigError
     from megarch.parallel.spawn import spawn
 

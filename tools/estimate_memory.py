@@ -5,6 +5,8 @@
     python tools/estimate_memory.py --preset ed_mlm --tp 4 --dp 32 --zero1 --model.n_layers 12
     python tools/estimate_memory.py --preset ed_mlm --tp 2 --pp 4 --virtual-stages 2 --dp 8
     python tools/estimate_memory.py --recipes          # the launch/recipes/ table (A100-80GB)
+    python tools/estimate_memory.py --plan --preset ed_mlm --gpus 64 --gpu-mem 80 --bandwidth 25
+    python tools/estimate_memory.py --plan --recipes   # the recipes' layouts ranked (launch/)
 
 What is counted, for the pipeline rank with the largest total:
 
@@ -38,6 +40,11 @@ norms are counted as their PyTorch path (NVIDIA apex's fused RMS norm, used when
 keeps 4 bytes per element less: an over-estimate then).
 
 FLOPs: megarch.model.flops (6 N per token + attention), per step and per rank.
+
+Step time (:func:`step_time`, ``--plan``): compute at a share of the peak, the 1F1B bubble,
+the tensor- and pipeline-parallel transfers and the data-parallel reduction that the overlap
+(megarch.parallel.grad_reduce) leaves exposed, at given bandwidths; :func:`plan_layouts`
+ranks every layout that fits by it (a model of where time goes, not a measurement).
 """
 
 from __future__ import annotations
@@ -567,6 +574,152 @@ def recipe_table(nodes: int = 8) -> str:
     return "\n".join(rows)
 
 
+# --- modelled step time and the layout planner (--plan) ---
+
+@dataclasses.dataclass
+class Hardware:
+    """What the step-time model assumes of the cluster (A100-80GB nodes by default)."""
+
+    peak_tflops: float = 312.0
+    """Dense bf16 peak of one GPU (A100: 312 TFLOP/s)."""
+    efficiency: float = 0.5
+    """Share of the peak the model's compute reaches (MFU without communication)."""
+    dp_gbps: float = 25.0
+    """Data-parallel bandwidth per GPU, GB/s (the network between nodes: ~25 on the paper's
+    cluster)."""
+    tp_gbps: float = 150.0
+    """Tensor- and pipeline-parallel bandwidth per GPU inside a node (NVLink), GB/s."""
+    saturation_tokens: float = 512.0
+    """Smaller micro-batches fill the matmuls less: the compute runs at ``efficiency`` x
+    T / (T + saturation_tokens) for T tokens per micro-batch (an assumption: 0 turns it off)."""
+    gpus_per_node: int = GPUS_PER_NODE
+
+
+def step_time(cfg: TrainConfig, tp: int, pp: int, dp: int, zero1: bool,
+              virtual_stages: int = 1, hw: Hardware | None = None,
+              est: dict | None = None, overlap: bool = True) -> dict[str, float]:
+    """Modelled seconds of one optimizer step of ``cfg`` under a layout, and its parts.
+
+    - compute: the step's model FLOPs (``est['step_PFLOP_per_rank']``), x 4/3 with activation
+      checkpointing (the forward again), at ``efficiency`` x T / (T + saturation_tokens) of
+      the peak, T the tokens of a micro-batch (encoder + decoder);
+    - bubble: 1F1B's idle share (pp - 1) / (v m) of the compute, m = global / (micro x dp)
+      micro-batches per step;
+    - tp: the tensor-parallel all-reduces of [micro, len, d_model] bf16 activations, two per
+      self-attention block and three per cross-attention block forward, as many backward, and
+      the forward's again under checkpointing; a ring moves 2 (tp - 1) / tp of the bytes;
+      not overlapped (megarch issues them in the layer's critical path);
+    - pp: the float32 hidden states [micro, len, d_model] each chunk sends forward and receives
+      backward, per micro-batch and model chunk;
+    - dp: the float32 gradients of the rank's parameters: an all-reduce moves 2 (dp - 1) / dp of
+      them; ZeRO-1 a reduce of (dp - 1) / dp and the parameters' broadcast after the update,
+      (dp - 1) / dp (1.0x an all-reduce). ``overlap`` (parallel.overlap_grad_reduce): the
+      gradient reduction hides behind the last micro-batch's backward (2/3 of its compute, 3/4
+      with checkpointing) except the last bucket (``parallel.grad_bucket_mb``); the ZeRO-1
+      broadcast after the optimizer step is exposed. Without ``overlap`` all of it is exposed.
+
+    The step time is compute + bubble + tp + pp + the exposed dp time.
+    """
+    hw = hw or Hardware()
+    model, run = cfg.model, cfg.run
+    est = est or estimate_config(cfg, tp, pp, dp, zero1, virtual_stages=virtual_stages)
+    enc_len, dec_len = sequence_lengths(cfg)
+    ckpt = model.activation_checkpointing
+    m = max(1, run.global_batch // (run.micro_batch * dp))
+    micro_tokens = run.micro_batch * (enc_len + dec_len)
+    fill = micro_tokens / (micro_tokens + hw.saturation_tokens)
+    compute = est["step_PFLOP_per_rank"] * 1e15 * (4 / 3 if ckpt else 1.0) / (
+        hw.peak_tflops * 1e12 * hw.efficiency * fill)
+    bubble = compute * (pp - 1) / (virtual_stages * m)
+    d = model.d_model
+    if model.is_encoder_decoder:
+        reductions = 2 * model.n_layers * run.micro_batch * enc_len * d \
+            + 3 * model.decoder_layers * run.micro_batch * dec_len * d
+    else:
+        reductions = 2 * model.n_layers * run.micro_batch * dec_len * d
+    passes = 3 if ckpt else 2  # forward, backward (and the recomputed forward)
+    tp_bytes = 0.0 if tp == 1 else passes * m * reductions / pp * 2.0 * 2 * (tp - 1) / tp
+    tp_s = tp_bytes / (hw.tp_gbps * 1e9)
+    hidden = micro_tokens * d * 4.0
+    pp_s = 0.0 if pp == 1 else 2 * m * virtual_stages * hidden / (hw.tp_gbps * 1e9)
+    grads = 4.0 * est["parameters_per_rank_M"] * 1e6
+    share = (dp - 1) / dp
+    reduce_s = (share if zero1 else 2 * share) * grads / (hw.dp_gbps * 1e9)
+    gather_s = share * grads / (hw.dp_gbps * 1e9) if zero1 else 0.0
+    if overlap and dp > 1:
+        window = (compute / m) * (0.75 if ckpt else 2 / 3)
+        bucket = min(cfg.parallel.grad_bucket_mb * 2**20, grads)
+        tail = (share if zero1 else 2 * share) * bucket / (hw.dp_gbps * 1e9)
+        dp_exposed = max(reduce_s - window, tail) + gather_s
+    else:
+        dp_exposed = reduce_s + gather_s
+    total = compute + bubble + tp_s + pp_s + dp_exposed
+    tokens = run.global_batch * (enc_len + dec_len)
+    return {"compute_s": compute, "bubble_s": bubble, "tp_s": tp_s, "pp_s": pp_s,
+            "dp_s": reduce_s + gather_s, "dp_exposed_s": dp_exposed, "step_s": total,
+            "tokens_per_s": tokens / total, "micro_batches": m}
+
+
+def plan_layouts(cfg: TrainConfig, gpus: int, gpu_gib: float, hw: Hardware | None = None,
+                 micro_batches: tuple[int, ...] = (1, 2, 4, 8, 16)) -> list[dict]:
+    """Every layout of ``gpus`` GPUs (TP and PP inside a node, virtual stages 1 or 2, DP the
+    rest, the micro-batch, activation checkpointing, ZeRO-1) that the trainer accepts and whose
+    estimate fits :data:`FIT_FRACTION` of ``gpu_gib``, fastest modelled step first."""
+    from megarch.config.overrides import ConfigError
+
+    hw = hw or Hardware()
+    rows = []
+    sizes = [n for n in (1, 2, 4, 8, 16) if n <= hw.gpus_per_node]
+    for tp in sizes:
+        for pp in sizes:
+            if tp * pp > hw.gpus_per_node or gpus % (tp * pp):
+                continue
+            dp = gpus // (tp * pp)
+            for virtual in ((1, 2) if pp > 1 else (1,)):
+                for micro in micro_batches:
+                    if cfg.run.global_batch % (micro * dp):
+                        continue
+                    for ckpt in (False, True):
+                        trial = dataclasses.replace(
+                            cfg, model=dataclasses.replace(cfg.model,
+                                                           activation_checkpointing=ckpt),
+                            run=dataclasses.replace(cfg.run, micro_batch=micro),
+                            parallel=dataclasses.replace(cfg.parallel, tp=tp, pp=pp, dp=dp,
+                                                         virtual_stages=virtual))
+                        try:
+                            trial.parallel.validate_pipeline(trial.model, trial.run)
+                            fits = {z: estimate_config(trial, tp, pp, dp, z,
+                                                       virtual_stages=virtual)
+                                    for z in ((False, True) if dp > 1 else (False,))}
+                        except (ConfigError, ValueError):  # a split the trainer refuses
+                            continue
+                        for zero, est in fits.items():
+                            if est["total_GiB"] > FIT_FRACTION * gpu_gib:
+                                continue
+                            time_ = step_time(trial, tp, pp, dp, zero, virtual, hw, est)
+                            rows.append({"tp": tp, "pp": pp, "virtual_stages": virtual,
+                                         "dp": dp, "micro_batch": micro,
+                                         "activation_checkpointing": ckpt, "zero1": zero,
+                                         "total_GiB": est["total_GiB"], **time_})
+    rows.sort(key=lambda r: (r["step_s"], r["total_GiB"]))
+    return rows
+
+
+def plan_table(rows: list[dict], top: int = 10) -> str:
+    """A markdown table of the first ``top`` planned layouts."""
+    lines = ["| rank | TP x PP (v) x DP | micro | act. ckpt | ZeRO-1 | GiB / GPU | step s "
+             "| compute | bubble | TP | PP | DP exposed / total |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(rows[:top], 1):
+        lines.append(
+            f"| {i} | {r['tp']} x {r['pp']} ({r['virtual_stages']}) x {r['dp']} | "
+            f"{r['micro_batch']} | {str(r['activation_checkpointing']).lower()} | "
+            f"{str(r['zero1']).lower()} | {r['total_GiB']:.1f} | {r['step_s']:.2f} | "
+            f"{r['compute_s']:.2f} | {r['bubble_s']:.2f} | {r['tp_s']:.2f} | {r['pp_s']:.3f} | "
+            f"{r['dp_exposed_s']:.2f} / {r['dp_s']:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print the estimate, or the recipes' table; dotted ``--section.field VALUE`` overrides as
     megarch-train."""
@@ -587,11 +740,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, default=8, help="--recipes: nodes of 8 GPUs")
     parser.add_argument("--write-recipes", action="store_true",
                         help="choose and write launch/recipes/<pair>.env (choose_layout)")
+    parser.add_argument("--plan", action="store_true",
+                        help="rank the layouts that fit --gpus GPUs of --gpu-mem GiB by "
+                             "modelled step time")
+    parser.add_argument("--gpus", type=int, default=64, help="--plan: GPUs in the job")
+    parser.add_argument("--gpu-mem", type=float, default=A100_GIB,
+                        help="--plan: GiB of memory per GPU")
+    parser.add_argument("--bandwidth", type=float, default=Hardware.dp_gbps,
+                        help="--plan: data-parallel GB/s per GPU (between nodes)")
+    parser.add_argument("--tp-bandwidth", type=float, default=Hardware.tp_gbps,
+                        help="--plan: GB/s per GPU inside a node (TP, PP)")
+    parser.add_argument("--peak-tflops", type=float, default=Hardware.peak_tflops)
+    parser.add_argument("--efficiency", type=float, default=Hardware.efficiency,
+                        help="--plan: share of the peak the compute reaches")
+    parser.add_argument("--saturation-tokens", type=float, default=Hardware.saturation_tokens,
+                        help="--plan: micro-batch tokens at which the compute runs at half "
+                             "the efficiency (0: no micro-batch effect)")
+    parser.add_argument("--top", type=int, default=10, help="--plan: rows printed")
     args, overrides = parser.parse_known_args(argv)
     for name in ("tp", "pp", "dp", "virtual_stages", "nodes", "encoder_stages"):
         low = 0 if name == "encoder_stages" else 1
         if getattr(args, name) < low:
             parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= {low}")
+    if args.plan and args.recipes:
+        hw = Hardware(args.peak_tflops, args.efficiency, args.bandwidth, args.tp_bandwidth,
+                      args.saturation_tokens)
+        print(f"{args.nodes} nodes x {GPUS_PER_NODE} A100-80GB; modelled with "
+              f"{hw.peak_tflops:g} TFLOP/s x {hw.efficiency:g}, DP {hw.dp_gbps:g} GB/s, "
+              f"TP/PP {hw.tp_gbps:g} GB/s")
+        print(recipe_plan_table(args.nodes, hw, min(args.top, 3)))
+        return 0
+    if args.plan:
+        return _plan(parser, args, overrides)
     if args.write_recipes:
         print("\n".join(write_recipes()))
     if args.recipes or args.write_recipes:
@@ -610,6 +790,68 @@ def main(argv: list[str] | None = None) -> int:
           f"encoder_stages={args.encoder_stages}")
     for key, value in result.items():
         print(f"  {key:<22} {value:12.3f}")
+    return 0
+
+
+def _layout_name(r: dict) -> str:
+    ckpt = ", ckpt" if r["activation_checkpointing"] else ""
+    zero = ", ZeRO-1" if r["zero1"] else ""
+    virtual = f" (v{r['virtual_stages']})" if r["virtual_stages"] > 1 else ""
+    return f"{r['tp']}x{r['pp']}{virtual}x{r['dp']}, mb {r['micro_batch']}{ckpt}{zero}"
+
+
+def recipe_plan_table(nodes: int = 8, hw: Hardware | None = None, top: int = 3) -> str:
+    """Markdown: per study recipe, its layout's modelled step time and rank among the layouts
+    that fit (:func:`plan_layouts` on ``nodes`` x 8 A100-80GB), and the ``top`` fastest."""
+    from megarch.config.train import STUDY_PAIRS
+
+    hw = hw or Hardware()
+    rows = ["| recipe | its layout: step s (rank / fitting) | fastest modelled layouts "
+            "(step s) |", "|---|---|---|"]
+    for preset, _, _ in STUDY_PAIRS:
+        recipe = read_recipe(preset)
+        cfg = load_train_config(preset, None, [])
+        cfg.model.vocab_size = cfg.model.vocab_size or 32128
+        plan = plan_layouts(cfg, nodes * hw.gpus_per_node, A100_GIB, hw)
+        want = (int(recipe["TP"]), int(recipe["PP"]), 1, int(recipe["MICRO_BATCH"]),
+                recipe["ACTIVATION_CHECKPOINTING"] == "true", recipe["ZERO1"] == "true")
+        found = [(i, r) for i, r in enumerate(plan, 1)
+                 if (r["tp"], r["pp"], r["virtual_stages"], r["micro_batch"],
+                     r["activation_checkpointing"], r["zero1"]) == want]
+        own = (f"{_layout_name(found[0][1])}: {found[0][1]['step_s']:.2f} "
+               f"({found[0][0]} / {len(plan)})" if found else "does not fit")
+        best = "; ".join(f"{_layout_name(r)} ({r['step_s']:.2f})" for r in plan[:top])
+        rows.append(f"| {preset} | {own} | {best} |")
+    return "\n".join(rows)
+
+
+def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace, overrides: list[str]
+          ) -> int:
+    for name in ("gpus", "gpu_mem", "bandwidth", "tp_bandwidth", "peak_tflops", "efficiency",
+                 "top"):  # positive
+        if not getattr(args, name) > 0:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be > 0")
+    from megarch.config.overrides import ConfigError
+
+    try:
+        cfg = load_train_config(args.preset, None, overrides)
+    except ConfigError as error:
+        parser.error(str(error))
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = 32128
+    if args.saturation_tokens < 0:
+        parser.error(f"--saturation-tokens {args.saturation_tokens}: must be >= 0")
+    hw = Hardware(args.peak_tflops, args.efficiency, args.bandwidth, args.tp_bandwidth,
+                  args.saturation_tokens)
+    rows = plan_layouts(cfg, args.gpus, args.gpu_mem, hw)
+    print(f"{args.preset}: {args.gpus} GPUs x {args.gpu_mem:g} GiB (fits: <= "
+          f"{FIT_FRACTION:.0%}), {hw.peak_tflops:g} TFLOP/s x {hw.efficiency:g}, DP "
+          f"{hw.dp_gbps:g} GB/s, TP/PP {hw.tp_gbps:g} GB/s; {len(rows)} layouts fit")
+    if not rows:
+        print(f"estimate_memory: no layout of {args.gpus} GPUs fits {args.gpu_mem:g} GiB: "
+              "add GPUs or memory", file=sys.stderr)
+        return 2
+    print(plan_table(rows, args.top))
     return 0
 
 

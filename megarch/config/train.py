@@ -205,6 +205,13 @@ class ParallelConfig:
     grad_bucket_mb: float = 25.0
     """The data-parallel gradient all-reduce packs gradients into buckets of this many MiB
     (the extra memory it needs); a larger gradient is reduced on its own, in place."""
+    overlap_grad_reduce: bool = True
+    """Reduce each gradient bucket during the last micro-batch's backward, as soon as it is
+    final (megarch.parallel.grad_reduce; under ZeRO-1 reduced to its owner only); false:
+    all-reduce everything after the backward."""
+    grad_reduce_dtype: str = "fp32"
+    """With overlap_grad_reduce: ``fp32`` or ``bf16`` (buckets sent in bfloat16, half the
+    traffic; the accumulation over micro-batches and the optimizer stay float32)."""
     sequence_parallel: bool = False
     """With tp > 1: norms, dropout and residuals hold len / tp tokens per rank (Megatron-SP);
     sequence lengths must divide by tp. Not with pp > 1 yet."""
@@ -228,6 +235,12 @@ class ParallelConfig:
         if not self.grad_bucket_mb > 0:
             raise ConfigError(f"parallel.grad_bucket_mb={self.grad_bucket_mb}: must be > 0 "
                               "(MiB per gradient all-reduce bucket; 25 is DDP's default)")
+        if self.grad_reduce_dtype not in ("fp32", "bf16"):
+            raise ConfigError(f"parallel.grad_reduce_dtype={self.grad_reduce_dtype!r}: fp32 or "
+                              "bf16")
+        if self.grad_reduce_dtype == "bf16" and not self.overlap_grad_reduce:
+            raise ConfigError("parallel.grad_reduce_dtype=bf16 needs parallel.overlap_grad_reduce"
+                              " true (the post-backward all-reduce sends float32)")
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world % (self.tp * self.pp):
             raise ConfigError(

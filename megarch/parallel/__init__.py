@@ -13,7 +13,9 @@ Modules and their public API:
   :func:`gather_full_state_dict`, :func:`gather_grads`, :func:`clip_grad_norm`
 - rng: :class:`TensorParallelDropout`, :func:`split_dropout` (per-TP-rank masks where
   activations are split, the global stream where replicated), :func:`dropout_seed`
-- data_parallel: ``all_reduce_grads``, ``sum_over``, ``any_over``, ``zero1``
+- data_parallel: ``all_reduce_grads`` (after the backward), ``sum_over``, ``any_over``, ``zero1``
+- grad_reduce: ``GradReducer`` (bucketed reduction overlapped with the last backward, ZeRO-1
+  reduce-to-owner, bf16 option), ``build_grad_reducer`` (the Trainer's)
 - pipeline: ``embedding_group`` (the stages themselves are the model's:
   ``megarch.model.build_stage``)
 - pipeline_schedules: ``one_f_one_b``, ``interleaved_one_f_one_b``, ``forward_only``

@@ -5,8 +5,9 @@ training loop divides every micro-batch's loss by the token count of the *global
 over data-parallel ranks first), so the gradients are to be *summed* over ranks, once, after the
 last micro-batch; DDP averages and needs ``no_sync`` juggling for accumulation. The gradients
 are reduced after accumulation in buckets of ``parallel.grad_bucket_mb`` (DDP's 25 MB by
-default), so the extra memory is one bucket, not a flat copy of the whole model. Future work:
-launch each bucket during the backward pass as its gradients become final (DDP's overlap).
+default), so the extra memory is one bucket, not a flat copy of the whole model. This is the
+post-backward path (``parallel.overlap_grad_reduce false``); the trainer's default launches each
+bucket during the backward pass as its gradients become final (megarch.parallel.grad_reduce).
 
 ZeRO-1 (optimizer state sharded over the data-parallel group) is
 ``torch.distributed.optim.ZeroRedundancyOptimizer`` around the same optimizer class and groups.
@@ -109,16 +110,20 @@ def any_over(flag: bool, group: Group) -> bool:
     return sum_over([float(flag)], group)[0] > 0
 
 
-def zero1(optimizer: torch.optim.Optimizer, group: Group) -> ZeroRedundancyOptimizer:
+def zero1(optimizer: torch.optim.Optimizer, group: Group, bucket_view: bool = False
+          ) -> ZeroRedundancyOptimizer:
     """The same optimizer (class, hyper-parameters, parameter groups) with its state sharded
     over the data-parallel ``group`` (ZeRO stage 1). The result's ``state_dict`` needs
-    ``consolidate_state_dict(to=0)`` on every rank of the group first."""
+    ``consolidate_state_dict(to=0)`` on every rank of the group first. ``bucket_view``: the
+    parameters become views of one flat bucket per owner, so that the updated parameters go
+    out in one broadcast per rank (an all-gather in ``dp`` pieces) instead of one each."""
     cls = type(optimizer)
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "params"}
     options = {k: v for k, v in optimizer.defaults.items() if k in accepted}
     groups = [g for g in optimizer.param_groups if g["params"]]
     first = {k: v for k, v in groups[0].items() if k in accepted}
     zero = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=cls, process_group=group,
+                                   parameters_as_bucket_view=bucket_view,
                                    **{**options, **first})
     for extra in groups[1:]:
         zero.add_param_group({k: v for k, v in extra.items() if k in accepted | {"params"}})

@@ -11,7 +11,8 @@ touched by a non-finite step.
 Parallelism (megarch.parallel): launched by torchrun (launch/), the trainer builds one
 :class:`~megarch.parallel.context.ParallelContext` from ``parallel`` (gloo on CPU, NCCL on GPUs).
 Data-parallel ranks read disjoint micro-batches of the same global batch; the loss token count is
-summed over them first and the gradients summed after accumulation, so a DP run is the same
+summed over them first and the gradients summed once, over the accumulated micro-batches (each
+bucket during the last backward, megarch.parallel.grad_reduce), so a DP run is the same
 optimisation as one process with the same global batch. Tensor-parallel ranks hold shards of the
 model (vocab-parallel loss); pipeline stages (every architecture; an encoder-decoder's encoder
 output travels with the decoder's hidden states) hold runs of layers and run each global
@@ -53,6 +54,7 @@ from megarch.data.tokenizers import load_tokenizer
 from megarch.model import build_stage, lm_loss, model_flops_per_token
 from megarch.parallel.context import ParallelContext
 from megarch.parallel.data_parallel import all_reduce_grads, any_over, sum_over, zero1
+from megarch.parallel.grad_reduce import build_grad_reducer
 from megarch.parallel.pipeline import forward_only, interleaved_one_f_one_b, one_f_one_b
 from megarch.parallel.rng import dropout_seed
 from megarch.parallel.tensor_parallel import clip_grad_norm, reduce_sequence_parallel_grads
@@ -146,7 +148,9 @@ class Trainer:
         self.tp_group = self.model.tp_group
         self.optimizer = build_optimizer(cfg.optim, self.model)
         if cfg.parallel.zero1 and self.ctx.dp > 1:
-            self.optimizer = zero1(self.optimizer, self.ctx.dp_group)
+            self.optimizer = zero1(self.optimizer, self.ctx.dp_group,
+                                   bucket_view=cfg.parallel.overlap_grad_reduce)
+        self.grad_reducer = build_grad_reducer(self.model, self.optimizer, self.ctx, cfg.parallel)
         self.state = TrainState()
         self.checkpoint: str | None = None
         self.pending_save = None  # a checkpoint being written in the background
@@ -240,12 +244,17 @@ class Trainer:
         local_tokens = float(sum(loss_fields(b)[1].sum().item() for b in batches))
         num_tokens = sum_over([local_tokens], self.ctx.dp_group)[0]  # of the global batch
         self.optimizer.zero_grad(set_to_none=True)
+        if self.grad_reducer is not None:  # buckets reduced as the last backward fills them
+            self.grad_reducer.start(len(batches))
         totals = dict(zip(("loss", "ce", "z_loss"),
                           self.run_micro_batches(batches, max(num_tokens, 1.0), True),
                           strict=True))
         if self.ctx.sequence_parallel:  # the norms saw this rank's chunk of the sequence
             reduce_sequence_parallel_grads(self.model, self.tp_group)
-        all_reduce_grads(self.model, self.ctx.dp_group, self.cfg.parallel.grad_bucket_mb)
+        if self.grad_reducer is not None:
+            self.grad_reducer.finish()
+        else:
+            all_reduce_grads(self.model, self.ctx.dp_group, self.cfg.parallel.grad_bucket_mb)
         totals = dict(zip(totals, sum_over([float(v) for v in totals.values()],
                                            self.ctx.dp_group), strict=True))
         lr = lr_at(self.cfg.optim, step, self.cfg.run.steps)
@@ -267,9 +276,15 @@ class Trainer:
     def _clip_and_step(self, step: int, loss: float, lr: float) -> float:
         """Check, clip and apply the gradients; returns the pre-clip norm (inf/nan if skipped)."""
         skip = self.model.duplicated_parameters  # counted on another stage
-        norm = clip_grad_norm(self.model, 0.0, self.tp_group, self.ctx.pp_group, skip)
+        zero = self.grad_reducer is not None and self.grad_reducer.sharded
+        if zero:  # ZeRO-1: each rank holds its own parameters' summed gradients
+            norm = self.grad_reducer.grad_norm(True, self.tp_group, self.ctx.pp_group, skip)
+        else:
+            norm = clip_grad_norm(self.model, 0.0, self.tp_group, self.ctx.pp_group, skip)
         if np.isfinite(loss) and np.isfinite(norm):
-            if self.cfg.optim.clip_grad > 0:
+            if self.cfg.optim.clip_grad > 0 and zero:
+                self.grad_reducer.clip(self.cfg.optim.clip_grad, norm, True)
+            elif self.cfg.optim.clip_grad > 0:
                 clip_grad_norm(self.model, self.cfg.optim.clip_grad, self.tp_group,
                                self.ctx.pp_group, skip, norm=norm)
             set_lr(self.optimizer, lr)
