@@ -117,6 +117,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "megarch-eval --checkpoint runs/cd_flm_tiny --tasks copa.jsonl rte.jsonl --output "
     "results.json": _covered(
         "tests/eval/test_loading_cli.py::test_cli_writes_the_results_it_prints"),
+    "megarch-convert from-hf hf/t5-base-lm-adapt t5_base_lm_adapt": _covered(
+        "tests/convert/test_finetune.py::test_mtf_from_a_converted_t5_then_evaluation_and_export"),
+    "megarch-train --preset ed_mtf --config t5_base_lm_adapt/model_config.json --run.init_from "
+    "t5_base_lm_adapt --data.paths data/p3/tokenized/glue_mrpc": _covered(
+        "tests/convert/test_finetune.py::test_mtf_from_a_converted_t5_then_evaluation_and_export"),
+    "megarch-convert to-hf runs/ed_mtf t5_base_mtf_hf": _covered(
+        "tests/convert/test_to_hf.py::"
+        "test_round_trip_gives_every_tensor_back_and_transformers_loads_it"),
     "lm_eval --model megarch --model_args checkpoint=runs/cd_flm_tiny --tasks TASKS": _covered(
         "tests/eval/test_lm_eval_adapter.py::test_lm_eval_command_line_offline"),
 }
