@@ -248,6 +248,33 @@ def _write_json(path: str, text: str) -> None:
         f.write(text)
 
 
+def _begin_save(out_dir: str, step: int, optimizer: torch.optim.Optimizer,
+                ctx: ParallelContext) -> tuple[str, str | None]:
+    """The collective start of every save: (the step's path, its fresh temporary directory),
+    or (path, None) when the step already has a checkpoint (the main rank's view decides for
+    all: a shared filesystem's caches may disagree). ZeRO-1 state is gathered first."""
+    path = step_path(out_dir, step)
+    if any_over(ctx.is_main and os.path.isfile(os.path.join(path, STATE_FILE)),
+                ctx.world_group):
+        return path, None
+    if hasattr(optimizer, "consolidate_state_dict"):  # ZeRO-1: gather the shards
+        optimizer.consolidate_state_dict(to=0)
+    tmp = path + TEMPORARY_SUFFIX
+    if ctx.is_main:
+        os.makedirs(checkpoint_dir(out_dir), exist_ok=True)
+        _remove_stale_temporaries(out_dir)
+        os.makedirs(tmp)
+    ctx.barrier()
+    return path, tmp
+
+
+def _write_rng_only(tmp: str, rng: dict, ctx: ParallelContext) -> None:
+    """A data-parallel rank but 0: only its own RNG (dropout) stream."""
+    file = os.path.join(tmp, rng_file(ctx.tp_rank, ctx.pp_rank, ctx.dp_rank, ctx.tp, ctx.pp))
+    save_rng_file(rng, file)
+    _record_sum(file)
+
+
 def save_checkpoint(
     out_dir: str,
     state: TrainState,
@@ -267,26 +294,13 @@ def save_checkpoint(
     on every rank. Saving a step that already has a checkpoint keeps it.
     """
     ctx = ctx or ParallelContext.single()
-    path = step_path(out_dir, state.step)
-    # the main rank's view decides for all (a shared filesystem's caches may disagree)
-    if any_over(ctx.is_main and os.path.isfile(os.path.join(path, STATE_FILE)),
-                ctx.world_group):
+    path, tmp = _begin_save(out_dir, state.step, optimizer, ctx)
+    if tmp is None:
         return path
-    if hasattr(optimizer, "consolidate_state_dict"):  # ZeRO-1: gather the shards
-        optimizer.consolidate_state_dict(to=0)
-    tmp = path + TEMPORARY_SUFFIX
-    if ctx.is_main:
-        os.makedirs(checkpoint_dir(out_dir), exist_ok=True)
-        _remove_stale_temporaries(out_dir)
-        os.makedirs(tmp)
-    ctx.barrier()
     if ctx.dp_rank == 0:
         write_shard(tmp, model, optimizer, ctx, state.step)
     else:  # its own dropout stream
-        file = os.path.join(tmp, rng_file(ctx.tp_rank, ctx.pp_rank, ctx.dp_rank, ctx.tp,
-                                          ctx.pp))
-        save_rng_file(rng_state(), file)
-        _record_sum(file)
+        _write_rng_only(tmp, rng_state(), ctx)
     ctx.barrier()  # every shard is on disk (a rank that died raises here on the others)
     if ctx.is_main:
         _publish(tmp, path, _texts(config_json, lineage, state), out_dir, state.step,
@@ -360,18 +374,9 @@ def start_checkpoint(
     as a :class:`PendingSave` (the path, when the step already has a checkpoint). Call
     ``wait()`` on it before the next save and before exiting."""
     ctx = ctx or ParallelContext.single()
-    path = step_path(out_dir, state.step)
-    if any_over(ctx.is_main and os.path.isfile(os.path.join(path, STATE_FILE)),
-                ctx.world_group):
+    path, tmp = _begin_save(out_dir, state.step, optimizer, ctx)
+    if tmp is None:
         return path
-    if hasattr(optimizer, "consolidate_state_dict"):  # ZeRO-1: gather the shards
-        optimizer.consolidate_state_dict(to=0)
-    tmp = path + TEMPORARY_SUFFIX
-    if ctx.is_main:
-        os.makedirs(checkpoint_dir(out_dir), exist_ok=True)
-        _remove_stale_temporaries(out_dir)
-        os.makedirs(tmp)
-    ctx.barrier()
     rng, step = rng_state(), state.step
     snapshot = None
     if ctx.dp_rank == 0:
@@ -383,10 +388,7 @@ def start_checkpoint(
         if snapshot is not None:
             _write_snapshot(tmp, *snapshot, rng, ctx, step)
         else:  # its own dropout stream
-            file = os.path.join(tmp, rng_file(ctx.tp_rank, ctx.pp_rank, ctx.dp_rank, ctx.tp,
-                                              ctx.pp))
-            save_rng_file(rng, file)
-            _record_sum(file)
+            _write_rng_only(tmp, rng, ctx)
         _write_json(os.path.join(tmp, f"ready-{ctx.rank}"), "")
         if ctx.is_main:
             _publish_when_ready(tmp, path, texts, ctx, out_dir, step, keep_last)
