@@ -26,7 +26,11 @@ drops probabilities by a counter-based Philox draw per (batch, head, query, key)
 ``dropout_seed``, so the backward regenerates the forward's mask instead of storing it
 (``dropout_mask`` returns it; the algebra is in ``_backward``'s docstring).
 
-Layout: q [batch, heads, q_len, head_dim], k/v [batch, heads, k_len, head_dim] (any strides);
+Grouped-query and multi-query attention: k / v may have ``kv_heads`` heads, a divisor of q's;
+query head h reads KV head ``h // (heads // kv_heads)`` in place (no repeated copy), and the
+dK/dV kernel runs once per KV head, summing over its group's query heads in registers.
+
+Layout: q [batch, heads, q_len, head_dim], k/v [batch, kv_heads, k_len, head_dim] (any strides);
 fp16 / bf16 / fp32 inputs (fp32 dots in 3xTF32), fp32 accumulation; any sequence length; head
 dims up to 256 (32/64/128 tuned).
 

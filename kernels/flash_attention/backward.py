@@ -62,52 +62,61 @@ def _bwd_dkdv_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_pb, stride_pm,
-    n_heads, q_len, k_len, scale, dropout_p, seed,
+    n_heads, kv_group, q_len, k_len, scale, dropout_p, seed,
     MODE: tl.constexpr, HAS_SEG: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     BIAS_RANGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One key block of one (batch, head): dK and dV summed over the query blocks that see it.
+    """One key block of one (batch, KV head): dK and dV summed over the query blocks that see
+    it, of every query head of its group (``kv_group`` query heads share one KV head: the sum
+    stays in registers, no atomics and no per-query-head buffer).
 
-    DK / DV are contiguous [batch, heads, k_len, head_dim].
+    DK / DV are contiguous [batch, kv_heads, k_len, head_dim].
     """
-    pid_n, pid_bh, b, h = _program_ids(k_len, n_heads, BLOCK_N)
+    pid_n, pid_bkv, b, h_kv = _program_ids(k_len, n_heads // kv_group, BLOCK_N)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM
     n_valid = offs_n < k_len
     nd_mask = n_valid[:, None] & d_valid[None, :]
-    k = tl.load(K + _head_offset(b, h, stride_kb, stride_kh) + offs_n[:, None] * stride_kn
+    k = tl.load(K + _head_offset(b, h_kv, stride_kb, stride_kh) + offs_n[:, None] * stride_kn
                 + offs_d[None, :] * stride_kd, mask=nd_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-    v = tl.load(V + _head_offset(b, h, stride_vb, stride_vh) + offs_n[:, None] * stride_vn
+    v = tl.load(V + _head_offset(b, h_kv, stride_vb, stride_vh) + offs_n[:, None] * stride_vn
                 + offs_d[None, :] * stride_vd, mask=nd_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
     k_seg, k_pos = _load_col_info(KSEG, KPOS, b, offs_n, k_len, HAS_SEG, HAS_BIAS)
     qk_scale = scale * _LOG2E
-    Q += _head_offset(b, h, stride_qb, stride_qh)
-    DO += _head_offset(b, h, stride_dob, stride_doh)
-    LSE += pid_bh.to(tl.int64) * q_len  # LSE / DELTA: contiguous [batch, heads, q_len]
-    DELTA += pid_bh.to(tl.int64) * q_len
-    bias_row = BIAS + h * (2 * BIAS_RANGE + 1)
 
     lo_m, hi_m = _query_range(KSPAN, PREFIX_MAX, b, pid_n, offs_n, q_len, k_len, BLOCK_M,
                               BLOCK_N, MODE, HAS_SEG)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for block_m in range(lo_m, hi_m, BLOCK_M):
+    # One loop over (query head of the group, query block): a nested loop over the group
+    # spilled 72 B in the d128 prefix + segments + bias variant on sm_90.
+    n_blocks_m = tl.cdiv(hi_m - lo_m, BLOCK_M)
+    for it in range(0, kv_group * n_blocks_m):
+        h = h_kv * kv_group + it // n_blocks_m  # a query head of this KV head's group
+        block_m = lo_m + (it % n_blocks_m) * BLOCK_M
+        pid_bh = b * n_heads + h
+        q_head = Q + _head_offset(b, h, stride_qb, stride_qh)
+        do_head = DO + _head_offset(b, h, stride_dob, stride_doh)
+        lse_head = LSE + pid_bh.to(tl.int64) * q_len  # LSE / DELTA: [batch, heads, q_len]
+        delta_head = DELTA + pid_bh.to(tl.int64) * q_len
+        bias_row = BIAS + h * (2 * BIAS_RANGE + 1)
         offs_m = block_m + tl.arange(0, BLOCK_M)
         m_valid = offs_m < q_len
         md_mask = m_valid[:, None] & d_valid[None, :]
-        q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        q = tl.load(q_head + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                     mask=md_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
-        do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+        do = tl.load(do_head + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
                      mask=md_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
-        lse = tl.load(LSE + offs_m, mask=m_valid, other=0.0)
-        delta = tl.load(DELTA + offs_m, mask=m_valid, other=0.0)
-        q_seg, prefix, q_pos = _load_row_info(QSEG, PREFIX, QPOS, b, offs_m, q_len, stride_pb,
-                                              stride_pm, MODE, HAS_SEG, HAS_BIAS)
-        visible = _tile_visible(offs_m, offs_n, q_len, k_len, q_seg, k_seg, prefix, MODE, HAS_SEG)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        lse = tl.load(lse_head + offs_m, mask=m_valid, other=0.0)
+        delta = tl.load(delta_head + offs_m, mask=m_valid, other=0.0)
+        q_seg, prefix, q_pos = _load_row_info(QSEG, PREFIX, QPOS, b, offs_m, q_len,
+                                              stride_pb, stride_pm, MODE, HAS_SEG, HAS_BIAS)
+        visible = _tile_visible(offs_m, offs_n, q_len, k_len, q_seg, k_seg, prefix, MODE,
+                                HAS_SEG)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [M, N]
         if HAS_BIAS:
             idx = _distance_index(q_pos, k_pos, BIAS_RANGE)
             s += tl.load(bias_row + idx, mask=visible, other=0.0) * _LOG2E
@@ -124,7 +133,7 @@ def _bwd_dkdv_kernel(
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
 
-    out_offs = (pid_bh.to(tl.int64) * k_len * HEAD_DIM + offs_n[:, None] * HEAD_DIM
+    out_offs = (pid_bkv.to(tl.int64) * k_len * HEAD_DIM + offs_n[:, None] * HEAD_DIM
                 + offs_d[None, :])
     tl.store(DK + out_offs, (dk * scale).to(DK.dtype.element_ty), mask=nd_mask)
     if HAS_DROPOUT:
@@ -140,14 +149,14 @@ def _bwd_dq_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_pb, stride_pm,
-    n_heads, q_len, k_len, scale, dropout_p, seed,
+    n_heads, kv_group, q_len, k_len, scale, dropout_p, seed,
     MODE: tl.constexpr, HAS_SEG: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     BIAS_RANGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One query block of one (batch, head): dQ, and the bias gradient added atomically after a
-    reduction inside each tile (``_add_bias_grad``).
+    """One query block of one (batch, head): dQ (from KV head ``h // kv_group``), and the bias
+    gradient added atomically after a reduction inside each tile (``_add_bias_grad``).
 
     DQ is contiguous [batch, heads, q_len, head_dim]; DBIAS is fp32 [heads, 2 R + 1].
     """
@@ -166,8 +175,8 @@ def _bwd_dq_kernel(
     q_seg, prefix, q_pos = _load_row_info(QSEG, PREFIX, QPOS, b, offs_m, q_len, stride_pb,
                                           stride_pm, MODE, HAS_SEG, HAS_BIAS)
     qk_scale = scale * _LOG2E
-    K += _head_offset(b, h, stride_kb, stride_kh)
-    V += _head_offset(b, h, stride_vb, stride_vh)
+    K += _head_offset(b, h // kv_group, stride_kb, stride_kh)
+    V += _head_offset(b, h // kv_group, stride_vb, stride_vh)
     bias_row = BIAS + h * (2 * BIAS_RANGE + 1)
     dbias_row = DBIAS + h * (2 * BIAS_RANGE + 1)
     q_run, q_shift = _position_run(q_pos, offs_m, m_valid)  # for the bias gradient

@@ -26,13 +26,16 @@ def _fwd_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_pb, stride_pm,
-    n_heads, q_len, k_len, scale, dropout_p, seed,
+    n_heads, kv_group, q_len, k_len, scale, dropout_p, seed,
     MODE: tl.constexpr, HAS_SEG: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     BIAS_RANGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One query block of one (batch, head): online softmax over the visible key blocks."""
+    """One query block of one (batch, head): online softmax over the visible key blocks.
+
+    Query head ``h`` reads KV head ``h // kv_group`` (grouped-query attention; 1: one KV head
+    per query head)."""
     pid_m, pid_bh, b, h = _program_ids(q_len, n_heads, BLOCK_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -44,8 +47,8 @@ def _fwd_kernel(
     q_seg, prefix, q_pos = _load_row_info(QSEG, PREFIX, QPOS, b, offs_m, q_len, stride_pb,
                                           stride_pm, MODE, HAS_SEG, HAS_BIAS)
     qk_scale = scale * _LOG2E
-    K += _head_offset(b, h, stride_kb, stride_kh)
-    V += _head_offset(b, h, stride_vb, stride_vh)
+    K += _head_offset(b, h // kv_group, stride_kb, stride_kh)
+    V += _head_offset(b, h // kv_group, stride_vb, stride_vh)
     bias_row = BIAS + h * (2 * BIAS_RANGE + 1)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max (log2 units)

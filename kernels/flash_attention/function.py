@@ -49,9 +49,13 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: int) 
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("q, k, v must be [batch, heads, len, head_dim], got shapes "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, "
-                         f"v {tuple(v.shape)} (batch, heads and head_dim must agree)")
+                         f"v {tuple(v.shape)} (batch and head_dim must agree, k and v match)")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"q has {q.shape[1]} heads and k, v {k.shape[1]}: the KV heads must "
+                         "divide the query heads (grouped-query attention: query head h reads "
+                         "KV head h // (heads // kv_heads))")
     if mode != CROSS and q.shape[2] != k.shape[2]:
         raise ValueError(f"{MODE_NAMES[mode]} self-attention needs q_len == k_len, got "
                          f"{q.shape[2]} and {k.shape[2]}; use mode=CROSS")
@@ -92,7 +96,9 @@ def flash_attention(
     """Fused masked attention ``softmax(q k^T * scale + T5 bias, masked) v`` (module docstring).
 
     Args:
-        q: [batch, heads, q_len, head_dim]; k, v: [batch, heads, k_len, head_dim]; one dtype of
+        q: [batch, heads, q_len, head_dim]; k, v: [batch, kv_heads, k_len, head_dim], kv_heads
+            dividing heads (grouped-query / multi-query attention: query head h reads KV head
+            h // (heads // kv_heads); dK / dV are summed over each group); one dtype of
             fp16 / bf16 / fp32, on CUDA (or CPU under ``TRITON_INTERPRET=1``).
         mode: CAUSAL (0), PREFIX (1), BIDIRECTIONAL (2) or CROSS (3).
         q_segment_ids, k_segment_ids: [batch, q_len] / [batch, k_len], 0 = padding; for the

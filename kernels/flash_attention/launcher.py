@@ -113,8 +113,8 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 def _common_args(q, k, v, do, mask: _MaskArgs):
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *mask.prefix_strides())
-    return strides, (q.shape[1], q.shape[2], k.shape[2], mask.scale, mask.dropout_p,
-                     mask.dropout_seed)
+    return strides, (q.shape[1], q.shape[1] // k.shape[1], q.shape[2], k.shape[2], mask.scale,
+                     mask.dropout_p, mask.dropout_seed)
 
 
 def _constexprs(q: torch.Tensor, mask: _MaskArgs, config: BlockConfig, has_bias: bool) -> dict:
@@ -219,7 +219,7 @@ def _backward(q, k, v, out, lse, do, bias, mask: _MaskArgs):
     has_bias = bias is not None
 
     def launch_dkdv(cfg: BlockConfig) -> None:
-        _bwd_dkdv_kernel[_grid(k_len, cfg.block_n, batch * heads)](
+        _bwd_dkdv_kernel[_grid(k_len, cfg.block_n, batch * k.shape[1])](
             q, k, v, do, lse, delta, dk, dv, p(mask.q_seg), p(mask.k_seg), p(mask.k_span),
             p(mask.prefix), p(mask.prefix_max), p(bias, torch.float32), p(mask.q_pos),
             p(mask.k_pos), *strides, *sizes, **_constexprs(q, mask, cfg, has_bias),

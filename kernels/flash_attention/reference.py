@@ -83,9 +83,10 @@ def flash_attention_ref(
 ) -> torch.Tensor:
     """``flash_attention`` in plain PyTorch (materialised scores; any device; autograd).
 
-    Computes in float32 (float64 inputs stay float64); returns q's dtype. Attention dropout
-    takes its keep mask explicitly: ``dropout_mask`` bool [batch, heads, q_len, k_len] (the
-    kernel's for a seed: module function ``dropout_mask``), kept probabilities scaled by
+    Computes in float32 (float64 inputs stay float64); returns q's dtype. k, v may have fewer
+    heads than q (a divisor: grouped-query attention), repeated here for each group. Attention
+    dropout takes its keep mask explicitly: ``dropout_mask`` bool [batch, heads, q_len, k_len]
+    (the kernel's for a seed: module function ``dropout_mask``), kept probabilities scaled by
     1 / (1 - dropout_p).
     """
     mode = int(mode)
@@ -93,6 +94,8 @@ def flash_attention_ref(
     k_len = k.shape[2]
     scale = head_dim ** -0.5 if scale is None else scale
     compute = torch.promote_types(q.dtype, torch.float32)
+    if k.shape[1] != heads:  # grouped-query attention: query head h reads KV head h // group
+        k, v = (x.repeat_interleave(heads // k.shape[1], dim=1) for x in (k, v))
     scores = torch.matmul(q.to(compute), k.to(compute).transpose(-1, -2)) * scale  # [b,h,q,k]
     if rel_bias_table is not None:
         if bidirectional_buckets is None:

@@ -38,6 +38,12 @@ def test_every_mode_with_dropout(mode_name):
                           dropout=(0.1 + 0.05 * mode, 1234 + mode))
 
 
+def test_grouped_query_attention_with_dropout():
+    """4 query heads on 2 KV heads: the dK/dV kernel regenerates each query head's mask."""
+    q, k, v, kwargs = make_case(PREFIX, torch.float32, 40, heads=4, kv_heads=2, seed=320)
+    check_against_float64(PREFIX, torch.float32, q, k, v, kwargs, dropout=(0.2, 77))
+
+
 def test_fp16_packed_rows_with_dropout():
     """fp16, many short packed segments (most tiles skipped), p = 0.3."""
     q, k, v, kwargs = make_case(PREFIX, torch.float16, 45, seed=310)

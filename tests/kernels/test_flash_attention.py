@@ -62,8 +62,10 @@ def _segments(gen, batch, length, n_max=3, pad=True):
 
 
 def make_case(mode, dtype, q_len, k_len=None, *, head_dim=16, batch=2, heads=2,
-              segments=True, bias=True, per_query_prefix=True, seed=0, device="cpu"):
-    """Random inputs (q, k, v, kwargs) for ``flash_attention``; q/k/v/table require grad."""
+              segments=True, bias=True, per_query_prefix=True, seed=0, device="cpu",
+              kv_heads=None):
+    """Random inputs (q, k, v, kwargs) for ``flash_attention``; q/k/v/table require grad.
+    ``kv_heads``: k / v heads (grouped-query attention), default ``heads``."""
     gen = torch.Generator().manual_seed(seed)
     k_len = q_len if k_len is None else k_len
 
@@ -71,8 +73,9 @@ def make_case(mode, dtype, q_len, k_len=None, *, head_dim=16, batch=2, heads=2,
         x = torch.randn(*shape, generator=gen).to(dtype=dtype, device=device)
         return x.requires_grad_()
 
-    q, k, v = rand(batch, heads, q_len, head_dim), rand(batch, heads, k_len, head_dim), \
-        rand(batch, heads, k_len, head_dim)
+    kv_heads = heads if kv_heads is None else kv_heads
+    q, k, v = rand(batch, heads, q_len, head_dim), rand(batch, kv_heads, k_len, head_dim), \
+        rand(batch, kv_heads, k_len, head_dim)
     kwargs = {}
     if segments:
         kwargs["q_segment_ids"] = _segments(gen, batch, q_len).to(device)
@@ -289,6 +292,36 @@ def test_reference_matches_the_model_reference():
         assert torch.allclose(ours, theirs, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("mode_name, kv_heads", [("causal", 2), ("prefix", 1),
+                                                  ("bidirectional", 2), ("cross", 1)])
+def test_grouped_query_attention(mode_name, kv_heads):
+    """4 query heads on 2 (GQA) or 1 (MQA) KV heads, with segments and the T5 bias: the kernel
+    against float64 attention over KV heads repeated per group (built here, so the reference's
+    own grouping is not what is tested); dK / dV are the sums over each group."""
+    mode = MODES[mode_name]
+    k_len = 23 if mode == CROSS else None
+    q, k, v, kwargs = make_case(mode, torch.float32, 40, k_len, heads=4, kv_heads=kv_heads,
+                                seed=90 + mode)
+    out = flash_attention(q, k, v, mode, fwd_config=FWD_TILES, bwd_config=BWD_TILES, **kwargs)
+    assert out.shape == q.shape
+    grad_out = torch.randn_like(out)
+    leaves = [q, k, v, kwargs["rel_bias_table"]]
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    assert grads[1].shape == k.shape and grads[2].shape == v.shape
+    group = 4 // kv_heads
+    k_rep, v_rep = (x.double().repeat_interleave(group, dim=1) for x in (k, v))
+    ref = flash_attention_ref(q.double(), k_rep, v_rep, mode,
+                              **{**kwargs, "rel_bias_table": kwargs["rel_bias_table"].double()})
+    ref_grads = torch.autograd.grad(ref, leaves, grad_out.double())
+    assert rel_err(out, ref) < TOLERANCE[torch.float32]["out"]
+    for name, g, rg in zip("q k v table".split(), grads, ref_grads, strict=True):
+        assert rel_err(g, rg) < TOLERANCE[torch.float32]["grad"], name
+    # The reference's own grouping agrees (the model's CPU path goes through it).
+    ours = flash_attention_ref(q.double(), k.double(), v.double(), mode, **{
+        **kwargs, "rel_bias_table": kwargs["rel_bias_table"].double()})
+    assert torch.allclose(ours, ref, atol=1e-12, rtol=0)
+
+
 def test_rejects_bad_inputs():
     q = torch.randn(1, 2, 8, 16)
     with pytest.raises(ValueError, match="q_len == k_len"):
@@ -301,6 +334,9 @@ def test_rejects_bad_inputs():
         flash_attention(q, q, q, CAUSAL, rel_bias_table=torch.zeros(16, 2))
     with pytest.raises(ValueError, match="mode"):
         flash_attention(q, q, q, 7)
+    with pytest.raises(ValueError, match="KV heads must divide the query heads"):
+        kv = torch.randn(1, 3, 8, 16)
+        flash_attention(torch.randn(1, 4, 8, 16), kv, kv, CAUSAL)
 
 
 @pytest.mark.slow
