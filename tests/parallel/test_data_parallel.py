@@ -84,3 +84,51 @@ def test_bucket_size_must_be_positive():
         ParallelConfig(grad_bucket_mb=0).validate()
     with pytest.raises(ValueError, match="bucket_mb=-1"):
         all_reduce_grads(torch.nn.Linear(2, 2), None, bucket_mb=-1)
+
+
+def _zero_step_broadcasts(rank: int, world: int, bucket_view: bool) -> dict:
+    """One ZeRO-1 AdamW step of the tiny model built the trainer's way (``zero1``): how many
+    parameter broadcasts it issues, and the updated parameters."""
+    from megarch.parallel.data_parallel import zero1
+
+    model = build_model(tiny_config("causal_decoder"), seed=0)
+    optimizer = zero1(torch.optim.AdamW(model.parameters(), lr=1e-2), dist.group.WORLD,
+                      bucket_view=bucket_view)
+    _grads(model, 0)  # the same gradients on every rank: the step is the unsharded one
+    calls = []
+    real = dist.broadcast
+
+    def counting(tensor, *args, **kwargs):  # the real broadcast, counted
+        calls.append(tensor.numel())
+        return real(tensor, *args, **kwargs)
+
+    dist.broadcast = counting
+    try:
+        optimizer.step()
+    finally:
+        dist.broadcast = real
+    return {"calls": calls, "params": [p.detach().clone() for p in model.parameters()],
+            "n_params": sum(1 for _ in model.parameters())}
+
+
+def test_zero1_broadcast_is_one_flat_bucket_per_rank():
+    """The trainer's ZeRO-1 with the overlapped reduction (``bucket_view``) broadcasts the
+    updated parameters as one flat bucket per owner: ``dp`` broadcasts a step, covering every
+    element once, where the per-parameter path issues one per parameter. Both update the
+    parameters the same way (checked against a plain AdamW step of one process, within float
+    rounding: the sharded step runs AdamW's foreach path over other tensor lists)."""
+    bucketed = spawn(2)(_zero_step_broadcasts, True)
+    per_param = spawn(2)(_zero_step_broadcasts, False)
+    model = build_model(tiny_config("causal_decoder"), seed=0)
+    n_elements = sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _grads(model, 0)
+    optimizer.step()
+    for rank in range(2):
+        assert len(bucketed[rank]["calls"]) == 2
+        assert sum(bucketed[rank]["calls"]) == n_elements
+        assert len(per_param[rank]["calls"]) == per_param[rank]["n_params"] > 2
+        for got, other, want in zip(bucketed[rank]["params"], per_param[rank]["params"],
+                                    model.parameters(), strict=True):
+            torch.testing.assert_close(got, want.detach())  # AdamW over fewer tensors
+            torch.testing.assert_close(other, want.detach())  # rounds its own way
