@@ -20,10 +20,17 @@ last micro-batch's backward (``DP2-overlap``, megarch.parallel.grad_reduce), all
 ``--bucket-mb`` buckets; the ratios to DP2-none are the cost of the communication. On one
 machine's gloo the all-reduce is nearly free and cannot overlap much (the two ranks share the
 cores); the gain is on a cluster's network (tools/estimate_memory.py models it).
+``--device cuda`` runs the DP rows on GPUs (rank r on GPU r; NCCL with two or more GPUs, gloo
+over one GPU's two ranks otherwise; bf16 autocast, the fused attention kernel).
+
+CKPT rows: the training stall of a synchronous and of an asynchronous checkpoint of the same
+model with AdamW state (``save-sync`` / ``save-async``, tools/bench_checkpoint.measure, one
+process on ``--device``, best of ``--trials``) and the async save's time to its last file; the
+issue's target on a GPU is an async / sync stall <= 0.10.
 
 Usage: python tools/bench_parallel.py [--preset cd_tiny] [--seq-len 128] [--micro-batch 4]
-       [--micro 4] [--steps 5] [--warmup 2] [--trials 3] [--groups TP,PP,DP]
-       [--bucket-mb 25] [--model.d_model 256 ...]
+       [--micro 4] [--steps 5] [--warmup 2] [--trials 3] [--groups TP,PP,DP,CKPT]
+       [--bucket-mb 25] [--device cpu] [--model.d_model 256 ...]
 """
 
 from __future__ import annotations
@@ -37,8 +44,9 @@ import torch
 import torch.distributed as dist
 
 LAYOUTS = ("TP1", "TP2", "PP1", "PP2", "DP2-none", "DP2-post", "DP2-overlap")
+SAVES = ("save-sync", "save-async")
 GROUPS = {"TP": ("TP1", "TP2"), "PP": ("PP1", "PP2"),
-          "DP": ("DP2-none", "DP2-post", "DP2-overlap")}
+          "DP": ("DP2-none", "DP2-post", "DP2-overlap"), "CKPT": SAVES}
 PROCESSES = {"TP1": 1, "TP2": 2, "PP1": 1, "PP2": 2, "DP2-none": 2, "DP2-post": 2,
              "DP2-overlap": 2}
 
@@ -59,22 +67,24 @@ def _batches(cfg, args: argparse.Namespace) -> list[dict]:
     out = []
     for _ in range(args.micro):
         tokens = torch.randint(0, cfg.vocab_size, shape, generator=gen)
-        out.append({"tokens": tokens, "labels": torch.roll(tokens, -1, 1),
-                    "loss_mask": torch.ones(shape), "prefix_len": torch.zeros(shape[0]).long()})
+        batch = {"tokens": tokens, "labels": torch.roll(tokens, -1, 1),
+                 "loss_mask": torch.ones(shape), "prefix_len": torch.zeros(shape[0]).long()}
+        out.append({k: v.to(args.rank_device) for k, v in batch.items()})
     return out
 
 
-def _build(cfg, layout: str, contexts: dict):
+def _build(cfg, layout: str, contexts: dict, device: str):
     from megarch.model import build_model, build_stage
 
     torch.manual_seed(0)
     if layout == "PP2":
-        return build_stage(cfg, contexts["PP2"], "cpu")
-    return build_model(cfg, "cpu", contexts.get(layout, contexts["TP1"]))
+        return build_stage(cfg, contexts["PP2"], device)
+    return build_model(cfg, device, contexts.get(layout, contexts["TP1"]))
 
 
 def _step(model, layout: str, batches: list[dict], optimizer, reduce=None) -> None:
-    """One optimizer step over ``batches``; ``reduce``: (start, finish) of the DP reduction."""
+    """One optimizer step over ``batches``; ``reduce``: (start, finish) of the DP reduction.
+    On a GPU the forward runs under bf16 autocast (float32 parameters and gradients)."""
     from megarch.model import lm_loss
     from megarch.parallel.pipeline import one_f_one_b
 
@@ -91,8 +101,11 @@ def _step(model, layout: str, batches: list[dict], optimizer, reduce=None) -> No
     if layout == "PP2":
         one_f_one_b(model, batches, loss_fn)
     else:
+        cuda = batches[0]["tokens"].is_cuda
         for batch in batches:
-            loss_fn(model(**batch), batch)["loss"].backward()
+            with torch.autocast("cuda", torch.bfloat16, enabled=cuda):
+                logits = model(**batch)
+            loss_fn(logits, batch)["loss"].backward()
     if reduce is not None:
         reduce[1]()
     optimizer.step()
@@ -121,33 +134,48 @@ def _time_layout(rank: int, cfg, layout: str, contexts: dict, batches: list[dict
     if layout in ("TP1", "PP1") and rank != 0:
         dist.barrier()
         return None
-    model = _build(cfg, layout, contexts).train()
+    model = _build(cfg, layout, contexts, args.rank_device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     reduce = _reduction(model, layout, args)
     for _ in range(args.warmup):
         _step(model, layout, batches, optimizer, reduce)
+    _synchronize(args.rank_device)
     if layout.startswith("DP"):  # both ranks start the timed steps together
         dist.barrier()
     start = time.perf_counter()
     for _ in range(args.steps):
         _step(model, layout, batches, optimizer, reduce)
+    _synchronize(args.rank_device)
     seconds = (time.perf_counter() - start) / args.steps
     if layout in ("TP1", "PP1"):
         dist.barrier()
     return seconds
 
 
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
 def _run_rank(rank: int, world: int, preset: str, overrides: list[str],
               args: argparse.Namespace) -> dict[str, float]:
     from megarch.parallel.context import ParallelContext
 
-    os.environ.setdefault("MEGARCH_ATTENTION", "reference")
+    if args.device == "cuda":
+        args.rank_device = f"cuda:{rank % torch.cuda.device_count()}"
+        torch.cuda.set_device(args.rank_device)
+    else:
+        args.rank_device = "cpu"
+        os.environ.setdefault("MEGARCH_ATTENTION", "reference")
     cfg = _model_config(preset, overrides)
-    contexts = {"TP1": ParallelContext.single(), "PP1": ParallelContext.single(),
-                "TP2": ParallelContext.build(tp=world), "PP2": ParallelContext.build(pp=world)}
+    contexts = {"TP1": ParallelContext.single(), "PP1": ParallelContext.single()}
+    if "TP" in args.groups:
+        contexts["TP2"] = ParallelContext.build(tp=world)
+    if "PP" in args.groups:
+        contexts["PP2"] = ParallelContext.build(pp=world)
     batches = _batches(cfg, args)
     best: dict[str, float] = {}
-    layouts = [name for group in args.groups for name in GROUPS[group]]
+    layouts = [name for group in args.groups if group != "CKPT" for name in GROUPS[group]]
     for _ in range(args.trials):
         for layout in layouts:
             seconds = _time_layout(rank, cfg, layout, contexts, batches, args)
@@ -157,9 +185,13 @@ def _run_rank(rank: int, world: int, preset: str, overrides: list[str],
 
 
 def format_table(best: dict[str, float], tokens_per_step: int, micro: int) -> str:
-    """The printed table: one row per layout measured, then the ratios and their ideals.
-    ``tokens_per_step``: of one replica (a DP2 step reads twice as many)."""
-    lines = [f"{'layout':<12}{'processes':>10}{'ms / step':>12}{'tokens/s':>12}"]
+    """The printed table: one row per layout measured, then the ratios and their ideals; then
+    the checkpoint rows (``save-sync`` / ``save-async`` stalls and ``save-async-written``, the
+    async save's time to its last file) and their ratio. ``tokens_per_step``: of one replica (a
+    DP2 step reads twice as many)."""
+    lines = []
+    if any(name in best for name in LAYOUTS):
+        lines.append(f"{'layout':<12}{'processes':>10}{'ms / step':>12}{'tokens/s':>12}")
     for layout in (name for name in LAYOUTS if name in best):
         seconds, tokens = best[layout], tokens_per_step * (2 if layout.startswith("DP") else 1)
         lines.append(f"{layout:<12}{PROCESSES[layout]:>10}{seconds * 1e3:>12.1f}"
@@ -177,10 +209,22 @@ def format_table(best: dict[str, float], tokens_per_step: int, micro: int) -> st
                      f"DP2-overlap / DP2-none {best['DP2-overlap'] / none:.3f}, "
                      f"DP2-overlap / DP2-post {best['DP2-overlap'] / best['DP2-post']:.3f} "
                      "(1.000 with free communication)")
+    if "save-sync" in best:
+        if "save-params" in best:
+            lines.append(f"checkpoint of {best['save-params'] / 1e6:.1f}M parameters + AdamW")
+        lines.append(f"{'checkpoint':<12}{'processes':>10}{'ms stall':>12}{'ms written':>12}")
+        written = {"save-sync": best["save-sync"], "save-async": best["save-async-written"]}
+        for name in SAVES:
+            lines.append(f"{name:<12}{1:>10}{best[name] * 1e3:>12.1f}"
+                         f"{written[name] * 1e3:>12.1f}")
+        lines.append(f"save-async / save-sync stall {best['save-async'] / best['save-sync']:.3f} "
+                     "(target on a GPU: <= 0.100)")
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """The options (``groups`` a list) and the ``--model.*`` overrides, checked: a bad value
+    exits with one line naming the flag."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="cd_tiny", help="a model preset (decoder-only)")
     parser.add_argument("--seq-len", type=int, default=128)
@@ -189,10 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per trial")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per trial")
     parser.add_argument("--trials", type=int, default=3)
-    parser.add_argument("--groups", default="TP,PP,DP",
-                        help="comma-separated layout groups to time: TP, PP, DP")
+    parser.add_argument("--groups", default="TP,PP,DP,CKPT",
+                        help="comma-separated groups to time: TP, PP, DP, CKPT")
     parser.add_argument("--bucket-mb", type=float, default=25.0,
                         help="DP rows: gradient bucket size (parallel.grad_bucket_mb)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="cuda: the DP and CKPT rows on GPUs (TP / PP rows are CPU-only)")
     args, overrides = parser.parse_known_args(argv)
     for name, low in (("seq_len", 2), ("micro_batch", 1), ("micro", 1), ("steps", 1),
                       ("warmup", 0), ("trials", 1)):
@@ -201,12 +247,16 @@ def main(argv: list[str] | None = None) -> int:
     groups = [g.strip().upper() for g in args.groups.split(",") if g.strip()]
     unknown = [g for g in groups if g not in GROUPS]
     if unknown or not groups:
-        parser.error(f"--groups {args.groups}: give a comma-separated subset of TP,PP,DP")
+        parser.error(f"--groups {args.groups}: give a comma-separated subset of TP,PP,DP,CKPT")
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device is visible (use --device cpu)")
+        if {"TP", "PP"} & set(groups):
+            parser.error("--device cuda times the DP and CKPT groups: give --groups DP,CKPT")
     if not args.bucket_mb > 0:
         parser.error(f"--bucket-mb {args.bucket_mb}: must be > 0")
     args.groups = groups
     from megarch.config.overrides import ConfigError
-    from megarch.parallel.spawn import spawn
 
     try:
         cfg = _model_config(args.preset, overrides)
@@ -214,10 +264,30 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     if cfg.is_encoder_decoder:
         parser.error(f"--preset {args.preset}: give a decoder-only preset (cd_*, nd_*)")
-    best = spawn(2, timeout_s=1800)(_run_rank, args.preset, overrides, args)[0]
-    print(f"{args.preset} {' '.join(overrides)}: {args.micro} x {args.micro_batch} x "
-          f"{args.seq_len} tokens a step, best of {args.trials} trials of {args.steps} steps "
-          f"after {args.warmup} warm-up")
+    return args, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    from megarch.parallel.spawn import spawn
+
+    args, overrides = parse_args(argv)
+    groups = args.groups
+    best: dict[str, float] = {}
+    backend = "gloo"
+    if set(groups) - {"CKPT"}:
+        if args.device == "cuda" and torch.cuda.device_count() >= 2:
+            backend = "nccl"
+        best = spawn(2, timeout_s=1800, backend=backend)(_run_rank, args.preset, overrides,
+                                                          args)[0]
+    if "CKPT" in groups:  # one process, no process group: the single-rank save
+        from tools.bench_checkpoint import measure
+
+        saves = measure(args.preset, overrides, args.trials, args.device)
+        best.update({"save-sync": saves["sync"], "save-async": saves["async"],
+                     "save-async-written": saves["async_total"], "save-params": saves["params"]})
+    print(f"{args.preset} {' '.join(overrides)} on {args.device} ({backend}): {args.micro} x "
+          f"{args.micro_batch} x {args.seq_len} tokens a step, best of {args.trials} trials of "
+          f"{args.steps} steps after {args.warmup} warm-up")
     print(format_table(best, args.micro * args.micro_batch * args.seq_len, args.micro))
     return 0
 

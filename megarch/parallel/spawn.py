@@ -37,12 +37,14 @@ def free_port() -> int:
 
 
 def _run_rank(rank: int, world: int, port: int, timeout_s: float, fn: Callable, args: tuple,
-              results: Any) -> None:
+              results: Any, backend: str = "gloo") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)  # world_size processes share the cores
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world,
+        if backend == "nccl":  # one GPU a rank
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        dist.init_process_group(backend, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
         value = fn(rank, world, *args)
         # plain pickle bytes: the queue's own pickler would pass tensors as shared-memory
@@ -55,17 +57,18 @@ def _run_rank(rank: int, world: int, port: int, timeout_s: float, fn: Callable, 
             dist.destroy_process_group()
 
 
-def spawn(world_size: int, timeout_s: float = 120.0) -> Callable[..., list[Any]]:
-    """A runner that calls ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks and
-    returns the per-rank results in rank order. ``timeout_s`` bounds each collective and the
-    whole job."""
+def spawn(world_size: int, timeout_s: float = 120.0, backend: str = "gloo"
+          ) -> Callable[..., list[Any]]:
+    """A runner that calls ``fn(rank, world_size, *args)`` on ``world_size`` ranks (gloo; or
+    ``backend="nccl"``, rank r on GPU r) and returns the per-rank results in rank order.
+    ``timeout_s`` bounds each collective and the whole job."""
 
     def run(fn: Callable, *args: Any) -> list[Any]:
         ctx = mp.get_context("spawn")
         results = ctx.Queue()
         port = free_port()
         procs = [ctx.Process(target=_run_rank, args=(r, world_size, port, timeout_s, fn, args,
-                                                     results), daemon=True)
+                                                     results, backend), daemon=True)
                  for r in range(world_size)]
         for proc in procs:
             proc.start()
