@@ -537,8 +537,6 @@ def _build(cfg: ModelConfig, device: torch.device | str | None, ctx: ParallelCon
 
 
 def check_tp_divisible(cfg: ModelConfig, tp: int) -> None:
-    """Refuse a tensor-parallel size that does not divide the sharded dimensions."""
-    for name in ("vocab_size", "n_heads", "d_ff"):
-        if getattr(cfg, name) % tp:
-            raise ValueError(f"model.{name}={getattr(cfg, name)} is not divisible by "
-                             f"parallel.tp={tp}: change one of them")
+    """Refuse a tensor-parallel size that does not divide the sharded dimensions
+    (:meth:`ModelConfig.validate_tp`; a ConfigError, which is a ValueError)."""
+    cfg.validate_tp(tp)
