@@ -219,3 +219,29 @@ def test_tp_must_divide_the_kv_heads(monkeypatch):
     cfg.validate()
     with pytest.raises(ValueError, match=r"model\.n_kv_heads=1 .*parallel\.tp=2"):
         gqa_config("causal_decoder", 1).validate_tp(2)
+
+
+def test_configs_saved_before_n_kv_heads_load_and_fit(tmp_path):
+    """A checkpoint config without the field (multi-head) reads as n_kv_heads None and fits a
+    model with n_kv_heads = n_heads spelt out; one with other KV heads is refused by name."""
+    import json
+
+    from megarch.config.train import config_from_json
+    from megarch.training.checkpoint import TrainState, find_latest, save_checkpoint
+    from megarch.training.optim import build_optimizer
+    from megarch.training.resume import check_shapes
+
+    cfg = get_train_preset("cd_flm_tiny")
+    cfg.model.vocab_size = 512
+    old = json.loads(cfg.to_json())
+    del old["model"]["n_kv_heads"]
+    assert config_from_json(json.dumps(old)).model.n_kv_heads is None
+    model = build_model(cfg.model)
+    run = str(tmp_path / "run")
+    save_checkpoint(run, TrainState(), model, build_optimizer(cfg.optim, model), json.dumps(old))
+    run = find_latest(run)
+    cfg.model.n_kv_heads = HEADS
+    check_shapes(run, cfg.model)
+    cfg.model.n_kv_heads = 2
+    with pytest.raises(ConfigError, match=r"model\.n_kv_heads=4 there, 2 here"):
+        check_shapes(run, cfg.model)
