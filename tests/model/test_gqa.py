@@ -245,3 +245,16 @@ def test_configs_saved_before_n_kv_heads_load_and_fit(tmp_path):
     cfg.model.n_kv_heads = 2
     with pytest.raises(ConfigError, match=r"model\.n_kv_heads=4 there, 2 here"):
         check_shapes(run, cfg.model)
+
+
+def test_reshard_tool_refuses_a_tp_that_splits_a_kv_head():
+    """One KV head of 16 rows splits evenly in two, but not as whole heads: refused by name."""
+    from megarch.training.checkpoint import CheckpointError
+    from tools.reshard_checkpoint import target_config
+
+    cfg = get_train_preset("cd_flm_tiny")
+    cfg.model.vocab_size, cfg.model.n_kv_heads = 512, 1
+    with pytest.raises(CheckpointError, match=r"--tp 2 .*model\.n_kv_heads=1"):
+        target_config(cfg, 2, 1)
+    cfg.model.n_kv_heads = 2
+    assert target_config(cfg, 2, 1).parallel.tp == 2
