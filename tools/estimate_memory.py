@@ -75,11 +75,12 @@ RECIPE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 def block_parameters(cfg: ModelConfig, kind: str, tp: int = 1) -> int:
     """Parameters of one block on one TP rank: ``self`` (decoder-only or encoder layer) or
     ``cross`` (encoder-decoder decoder layer); norms whole, the rest split over tp."""
-    d, a, f = cfg.d_model, cfg.n_heads * cfg.kv_dim, cfg.d_ff
+    d, a, kv, f = cfg.d_model, cfg.n_heads * cfg.kv_dim, cfg.kv_heads * cfg.kv_dim, cfg.d_ff
     bias = cfg.rel_buckets * cfg.n_heads if cfg.position == "t5_relative" else 0
+    attention = 2 * d * a + 2 * d * kv  # q, o; k, v (n_kv_heads)
     if kind == "self":
-        return (4 * d * a + 3 * d * f + bias) // tp + 2 * d
-    return (8 * d * a + 3 * d * f + bias) // tp + 3 * d
+        return (attention + 3 * d * f + bias) // tp + 2 * d
+    return (2 * attention + 3 * d * f + bias) // tp + 3 * d
 
 
 def _layout(cfg: ModelConfig, pp: int, virtual_stages: int, encoder_stages: int):
@@ -132,10 +133,11 @@ def _optimizer_bytes(cfg: ModelConfig, name: str, params: int, tp: int,
     blocks (default all) and (``embedding``) a copy of the embedding table."""
     if name == "adamw":
         return 8.0 * params
-    d, a, f = cfg.d_model, cfg.n_heads * cfg.kv_dim, cfg.d_ff
+    d, a, kv, f = cfg.d_model, cfg.n_heads * cfg.kv_dim, cfg.kv_heads * cfg.kv_dim, cfg.d_ff
     if layers is None:
         layers = cfg.n_layers + (cfg.decoder_layers if cfg.is_encoder_decoder else 0)
-    per_layer = 4 * (4 * (d + a // tp) + 3 * (d + f // tp))  # row + column moments
+    attention = 2 * (d + a // tp) + 2 * (d + kv // tp)  # q, o; k, v
+    per_layer = 4 * (attention + 3 * (d + f // tp))  # row + column moments
     return float(layers * per_layer + (4 * (cfg.vocab_size // tp + d) if embedding else 0))
 
 
@@ -176,10 +178,12 @@ def _attention_core(cfg: ModelConfig, b: int, q_len: int, k_len: int, tp: int, p
                     bias: bool) -> float:
     """q, k, v and what the attention itself saves, and the o projection's input."""
     heads = cfg.n_heads // tp
-    inner = heads * cfg.kv_dim
-    if p.flash:  # the kernel saves q, k, v, out (input dtype) and the fp32 log-sum-exp
-        core = p.act * inner * (2 * b * q_len + 2 * b * k_len) + 4 * heads * b * q_len
-    else:  # q, k, v (as autocast casts them for the matmuls); the fp32 softmax output and
+    inner, kv_inner = heads * cfg.kv_dim, cfg.kv_heads // tp * cfg.kv_dim
+    if p.flash:  # the kernel saves q, k, v (n_kv_heads), out (input dtype) and the fp32 lse
+        core = p.act * (2 * inner * b * q_len + 2 * kv_inner * b * k_len)
+        core += 4 * heads * b * q_len
+    else:  # q, k, v (as autocast casts them for the matmuls; k, v repeated to every query
+        # head, so of the full inner size under grouped-query attention); the fp32 softmax and
         # the probabilities the second matmul takes; bool mask; int64 bias buckets
         core = p.act * inner * (b * q_len + 2 * b * k_len)
         core += (4 + p.act) * heads * b * q_len * k_len
@@ -222,7 +226,8 @@ def layer_bytes(cfg: ModelConfig, kind: str, b: int, length: int, tp: int, sp: b
 def _weight_copy_bytes(cfg: ModelConfig, kind: str, tp: int) -> float:
     """bf16 copies of one block's matmul weights, saved by autocast's linears."""
     d, inner, f = cfg.d_model, cfg.n_heads * cfg.kv_dim // tp, cfg.d_ff // tp
-    matmul = 4 * d * inner + 3 * d * f + (4 * d * inner if kind == "cross" else 0)
+    attention = 2 * d * inner + 2 * d * (cfg.kv_heads // tp * cfg.kv_dim)  # q, o; k, v
+    matmul = attention + 3 * d * f + (attention if kind == "cross" else 0)
     return 2.0 * matmul
 
 

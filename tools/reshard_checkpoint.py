@@ -78,7 +78,14 @@ def resolve_source(src: str, step: int | None = None) -> str:
 
 
 def target_config(cfg: TrainConfig, tp: int, pp: int) -> TrainConfig:
-    """``cfg`` with the target layout; refuses one that does not divide the model."""
+    """``cfg`` with the target layout; refuses one that does not divide the model (whole
+    heads per rank: with grouped-query attention a k/v weight can split evenly mid-head, so
+    the head counts are checked, not only the tensors)."""
+    try:
+        cfg.model.validate_tp(tp)
+    except ValueError as err:
+        raise CheckpointError(f"--tp {tp} (parallel.tp) does not divide the model: "
+                              f"{err}") from None
     model = build_model(cfg.model, "meta")
     dims = partition_dims(model)
     for name, param in model.named_parameters():
@@ -86,7 +93,7 @@ def target_config(cfg: TrainConfig, tp: int, pp: int) -> TrainConfig:
         if dim is not None and param.shape[dim] % tp:
             raise CheckpointError(f"--tp {tp} (parallel.tp) does not divide the model: {name} "
                                   f"has {param.shape[dim]} along its split dim {dim}; choose "
-                                  "a divisor of model.n_heads, d_ff and vocab_size")
+                                  "a divisor of model.n_heads, n_kv_heads, d_ff and vocab_size")
     if pp > 1:
         try:
             pipeline_layout(cfg.model, pp)

@@ -8,6 +8,10 @@ Head size: ``head_dim`` may be given explicitly, in which case ``n_heads * head_
 equal ``d_model`` (T5 allows an attention inner size different from d_model); when it is left
 ``None`` it is derived as ``d_model // n_heads`` and ``d_model`` must then be divisible by
 ``n_heads``.
+
+Grouped-query attention: ``n_kv_heads`` (a divisor of ``n_heads``; None = ``n_heads``) sets how
+many key/value heads the k and v projections (self- and cross-attention) produce; each serves
+``n_heads / n_kv_heads`` consecutive query heads.
 """
 
 from __future__ import annotations
@@ -32,6 +36,10 @@ class ModelConfig:
     """Width of the residual stream."""
     n_heads: int = 64
     """Attention heads per layer."""
+    n_kv_heads: int | None = None
+    """Key/value heads per layer, a divisor of n_heads (None = n_heads: multi-head attention;
+    fewer: grouped-query attention, query head h reading KV head h // (n_heads / n_kv_heads);
+    1: multi-query attention)."""
     head_dim: int | None = None
     """Size of one head; None derives d_model // n_heads (d_model must then divide evenly)."""
     d_ff: int = 10240
@@ -73,6 +81,11 @@ class ModelConfig:
     def kv_dim(self) -> int:
         """The resolved head size (``head_dim`` or ``d_model // n_heads``)."""
         return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """The resolved number of key/value heads (``n_kv_heads`` or ``n_heads``)."""
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
 
     @property
     def decoder_layers(self) -> int:
@@ -117,6 +130,13 @@ class ModelConfig:
         return self
 
     def _validate_heads(self) -> None:
+        if self.n_kv_heads is not None and (self.n_kv_heads < 1
+                                            or self.n_heads % self.n_kv_heads):
+            raise ConfigError(
+                f"model.n_kv_heads={self.n_kv_heads} must be a divisor of "
+                f"model.n_heads={self.n_heads} (each KV head serves an equal group of query "
+                "heads): pick one, e.g. 1 (multi-query), or leave it unset for n_heads"
+            )
         if self.head_dim is None and self.d_model % self.n_heads:
             raise ConfigError(
                 f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}: "
@@ -128,6 +148,20 @@ class ModelConfig:
             raise ConfigError(
                 f"model.position=rotary needs an even head size, got {self.kv_dim}: "
                 "change model.head_dim (or model.d_model / model.n_heads)"
+            )
+
+    def validate_tp(self, tp: int) -> None:
+        """Refuse a tensor-parallel size that does not divide the sharded dimensions (the
+        vocabulary, the query and key/value heads, the feed-forward units)."""
+        for name in ("vocab_size", "n_heads", "d_ff"):
+            if getattr(self, name) % tp:
+                raise ConfigError(f"model.{name}={getattr(self, name)} is not divisible by "
+                                  f"parallel.tp={tp}: change one of them")
+        if self.kv_heads % tp:
+            raise ConfigError(
+                f"model.n_kv_heads={self.kv_heads} is not divisible by parallel.tp={tp}: each "
+                "rank holds whole KV heads with their query-head groups; use a tp that divides "
+                "model.n_kv_heads, or raise model.n_kv_heads"
             )
 
     def _validate_buckets(self) -> None:

@@ -330,6 +330,7 @@ class TrainConfig:
         self.optim.validate()
         self.run.validate()
         self.parallel.validate()
+        model.validate_tp(self.parallel.tp)
         self.parallel.validate_pipeline(self.model, self.run)
         self._validate_cross(tokenizer_vocab)
         return self

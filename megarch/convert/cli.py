@@ -12,7 +12,9 @@ training writes it) and the tokenizer (``OUT/spiece.model``), which the checkpoi
 ``data.tokenizer`` names, and ``OUT/model_config.json`` (the model section and tokenizer).
 ``megarch-eval --checkpoint OUT``, ``load_for_eval(OUT)`` and multitask finetuning
 ``megarch-train --preset ed_mtf --config OUT/model_config.json --run.init_from OUT ...`` use it
-directly. Its config is the study's ED span-corruption preset (``ed_mlm``) with the T5 model.
+directly. Its config is the study's ED span-corruption preset (``ed_mlm``) with the T5 model;
+a Gemma directory (``model_type`` gemma, megarch.convert.hf_gemma) imports as a rotary causal
+decoder with the ``cd_flm`` preset.
 
 ``to-hf`` reads a megarch checkpoint or run directory (its newest checkpoint; any TP/PP layout)
 and writes config.json, generation_config.json, safetensors (sharded with an index above
@@ -39,7 +41,13 @@ import sys
 
 import torch
 
-from megarch.convert.hf_gemma import check_gemma_exportable, gemma_config, megarch_to_gemma
+from megarch.convert.hf_gemma import (
+    check_gemma_exportable,
+    gemma_config,
+    gemma_to_megarch,
+    megarch_to_gemma,
+    model_config_from_gemma,
+)
 from megarch.convert.hf_t5 import (
     ConvertError,
     check_exportable,
@@ -105,7 +113,8 @@ def parse_size(text: str) -> int:
 
 
 def from_hf(hf_dir: str, out: str, tokenizer: str | None = None) -> str:
-    """Convert HF T5 directory ``hf_dir`` into megarch run directory ``out``; return ``out``."""
+    """Convert HF T5 (or Gemma) directory ``hf_dir`` into megarch run directory ``out``;
+    return ``out``."""
     from megarch.config.train import get_train_preset
     from megarch.model import build_model
     from megarch.training.checkpoint import TrainState, save_checkpoint
@@ -114,25 +123,28 @@ def from_hf(hf_dir: str, out: str, tokenizer: str | None = None) -> str:
     _check_out(out)
     hf = read_hf_config(hf_dir)
     where = os.path.join(hf_dir, "config.json")
-    model_cfg = model_config_from_hf(hf, where)
+    gemma = hf.get("model_type") == "gemma"  # a causal decoder; else a T5
+    model_cfg = (model_config_from_gemma if gemma else model_config_from_hf)(hf, where)
     weights = HFWeights(hf_dir)
     tok_path = tokenizer or find_hf_tokenizer(hf_dir)
     if tok_path is None:
         raise ConvertError(f"{hf_dir}: no tokenizer (spiece.model or tokenizer.json); pass "
                            "the model's tokenizer file with --tokenizer PATH")
     load_checked(tok_path, model_cfg.vocab_size, hf_dir)
-    state = hf_to_megarch(model_cfg, weights.get, hf_dir)
+    state = (gemma_to_megarch if gemma else hf_to_megarch)(model_cfg, weights.get, hf_dir)
     with torch.device("meta"):
         model = build_model(model_cfg, device="meta")
     model.load_state_dict(state, strict=True, assign=True)  # no second copy of the weights
-    cfg = get_train_preset("ed_mlm")  # T5 was pretrained with span corruption
+    # T5 was pretrained with span corruption, Gemma with next-token prediction
+    objective = "flm" if gemma else "mlm"
+    cfg = get_train_preset("cd_flm" if gemma else "ed_mlm")
     cfg.model = model_cfg
     final = os.path.abspath(out)
     cfg.data.tokenizer = os.path.join(final, os.path.basename(tok_path))
     cfg.run.out_dir = final
     cfg.validate()
     source = os.path.abspath(hf_dir)
-    lineage = {"stages": [{"stage": "pretrain", "arch": "encoder_decoder", "objective": "mlm",
+    lineage = {"stages": [{"stage": "pretrain", "arch": model_cfg.arch, "objective": objective,
                            "out_dir": source, "from_checkpoint": None, "from_step": None,
                            "start_step": 0, "end_step": 0, "start_tokens": 0, "tokens": 0,
                            "imported_from": source}],

@@ -109,6 +109,11 @@ def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
     if hf.get("is_encoder_decoder", True) is False:
         raise ConvertError(f"{where}: is_encoder_decoder=false is not supported; supported: "
                            "T5 encoder-decoders")
+    kv_heads = hf.get("num_key_value_heads")
+    if kv_heads is not None and kv_heads != hf.get("num_heads"):
+        raise ConvertError(f"{where}: num_key_value_heads={kv_heads} with num_heads="
+                           f"{hf.get('num_heads')}: T5 has no grouped-query attention; only "
+                           "multi-head T5 configs are supported")
     try:
         cfg = ModelConfig(
             arch="encoder_decoder", vocab_size=int(hf["vocab_size"]),
@@ -177,6 +182,10 @@ def check_exportable(cfg: ModelConfig) -> None:
                            "only such models export")
     if cfg.decoder_rel_bidirectional:
         raise ConvertError("model.decoder_rel_bidirectional=true has no T5 equivalent")
+    if cfg.kv_heads != cfg.n_heads:
+        raise ConvertError(f"model.n_kv_heads={cfg.kv_heads} with model.n_heads={cfg.n_heads}: "
+                           "T5 has no grouped-query attention; only models with n_kv_heads "
+                           "unset (= n_heads) export to T5")
 
 
 # ----- weights -----------------------------------------------------------------------------------

@@ -105,7 +105,9 @@ def attention(
 
     Args:
         q: [batch, heads, q_len, head_dim].
-        k, v: [batch, heads, k_len, head_dim].
+        k, v: [batch, kv_heads, k_len, head_dim]; ``kv_heads`` divides ``heads`` (grouped-query
+            attention: query head h reads KV head ``h // (heads / kv_heads)``). The kernel
+            reads the shared heads in place; the reference path repeats them.
         mode: the mask rule (module docstring).
         q_segment_ids, k_segment_ids: [batch, q_len] / [batch, k_len]; 0 = padding.
         prefix_len: PREFIX only: [batch] or [batch, q_len].
@@ -194,9 +196,12 @@ def attention_reference(
 ) -> torch.Tensor:
     """Plain PyTorch attention with an explicit boolean ``mask`` [batch or 1, 1, q_len, k_len].
 
-    Scores and softmax run in float32 (float64 inputs stay float64). Fully masked rows give
-    zeros, and zero gradients, instead of NaN.
+    ``k``, ``v`` may have fewer heads than ``q`` (a divisor: grouped-query attention); each is
+    repeated for its group of consecutive query heads first. Scores and softmax run in float32
+    (float64 inputs stay float64). Fully masked rows give zeros, and zero gradients, instead
+    of NaN.
     """
+    k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])  # [batch, heads, k_len, hd]
     compute = torch.promote_types(q.dtype, torch.float32)
     scores = torch.matmul(q.to(compute), k.to(compute).transpose(-1, -2)) * scale  # [b,h,q,k]
     if bias is not None:
@@ -209,3 +214,14 @@ def attention_reference(
         probs = split_dropout(probs, dropout_p, dropout_group)  # heads split under TP
     out = torch.matmul(probs, v.to(compute))  # [batch, heads, q_len, head_dim]
     return out.to(q.dtype)
+
+
+def repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """Keys or values [batch, kv_heads, len, head_dim] repeated to ``heads`` query heads (query
+    head h reads KV head ``h // (heads / kv_heads)``); ``x`` itself when kv_heads == heads."""
+    kv_heads = x.shape[1]
+    if kv_heads == heads:
+        return x
+    if heads % kv_heads:
+        raise ValueError(f"{kv_heads} key/value heads do not divide {heads} query heads")
+    return x.repeat_interleave(heads // kv_heads, dim=1)

@@ -37,6 +37,12 @@ def _position_parts(
     return bias, None
 
 
+def _kv_heads(cfg: ModelConfig, n_heads: int) -> int:
+    """The key/value heads serving ``n_heads`` query heads (this TP rank's share): whole
+    groups of ``cfg.n_heads / cfg.kv_heads`` query heads each."""
+    return n_heads // (cfg.n_heads // cfg.kv_heads)
+
+
 def _lazy_bias(table: RelativePositionBias | None, positions: torch.Tensor,
                cache: LayerCache | None) -> RelativeBias | None:
     """The T5 bias of queries at ``positions`` over their keys: the same tokens, or in a
@@ -79,10 +85,11 @@ class SelfAttentionBlock(nn.Module):
         super().__init__()
         tp = group_size(tp_group)
         n_heads = n_heads or cfg.n_heads // tp  # this tensor-parallel rank's heads
+        n_kv_heads = _kv_heads(cfg, n_heads)
         self.rel_bias, rotary_base = _position_parts(cfg, n_heads, bidirectional_buckets)
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = SelfAttention(cfg.d_model, n_heads, cfg.kv_dim, cfg.dropout, rotary_base,
-                                  tp_group)
+                                  tp_group, n_kv_heads)
         self.ff_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ff = FeedForward(cfg.d_model, cfg.d_ff // tp, cfg.dropout, tp_group)
         self.dropout = TensorParallelDropout(cfg.dropout, tp_group)  # split under SP
@@ -115,12 +122,14 @@ class CrossAttentionBlock(nn.Module):
         super().__init__()
         tp = group_size(tp_group)
         n_heads = n_heads or cfg.n_heads // tp  # this tensor-parallel rank's heads
+        n_kv_heads = _kv_heads(cfg, n_heads)
         self.rel_bias, rotary_base = _position_parts(cfg, n_heads, bidirectional=False)
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = SelfAttention(cfg.d_model, n_heads, cfg.kv_dim, cfg.dropout, rotary_base,
-                                  tp_group)
+                                  tp_group, n_kv_heads)
         self.cross_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.cross = CrossAttention(cfg.d_model, n_heads, cfg.kv_dim, cfg.dropout, tp_group)
+        self.cross = CrossAttention(cfg.d_model, n_heads, cfg.kv_dim, cfg.dropout, tp_group,
+                                    n_kv_heads)
         self.ff_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ff = FeedForward(cfg.d_model, cfg.d_ff // tp, cfg.dropout, tp_group)
         self.dropout = TensorParallelDropout(cfg.dropout, tp_group)  # split under SP

@@ -5,7 +5,8 @@ cache keeps, per attention layer, the keys and values of every token seen so far
 costs one token's work per layer instead of a pass over the whole sequence.
 
 Layout: one row per sequence, and the token at position ``p`` of a row lives in cache slot
-``p`` (keys/values ``[batch, heads, capacity, head_dim]``, keys after rotary). So rows of
+``p`` (keys/values ``[batch, kv_heads, capacity, head_dim]``, keys after rotary; with
+grouped-query attention only the ``model.n_kv_heads`` key/value heads are stored). So rows of
 different lengths need no alignment: each writes its new token at its own position.
 
 - Prefill (the first forward pass given the cache): the model runs exactly as without a cache
@@ -40,13 +41,13 @@ class LayerCache:
 
     def __init__(self, owner: KVCache):
         self.owner = owner
-        self.keys: torch.Tensor | None = None  # [batch, heads, capacity, head_dim]
+        self.keys: torch.Tensor | None = None  # [batch, kv_heads, capacity, head_dim]
         self.values: torch.Tensor | None = None
-        self.cross: tuple[torch.Tensor, torch.Tensor] | None = None  # [b, heads, enc_len, hd]
+        self.cross: tuple[torch.Tensor, torch.Tensor] | None = None  # [b, kv_heads, enc, hd]
 
     def update(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store ``k, v`` [batch, heads, len, head_dim] at slots ``positions`` [batch, len]
+        """Store ``k, v`` [batch, kv_heads, len, head_dim] at slots ``positions`` [batch, len]
         and return the keys/values the queries attend to: the given ones in the prefill, the
         cached slots ``0..width-1`` in a step."""
         if self.keys is None:

@@ -1,24 +1,29 @@
 """Model FLOPs, parameter counts and MFU.
 
-Notation: d = d_model, a = n_heads * head_dim (attention inner size), f = d_ff, V = vocab,
-n = layers of a stack, L = a stack's sequence length. A matmul of an [m, k] by a [k, n] matrix
-costs 2 m k n FLOPs. Forward FLOPs of one sample:
+Notation: d = d_model, a = n_heads * head_dim (attention inner size: q and o), k =
+n_kv_heads * head_dim (the k and v projections' size; k = a without grouped-query attention),
+f = d_ff, V = vocab, n = layers of a stack, L = a stack's sequence length, and P = 2 d a + 2 d k
++ 3 d f (one self-attention layer's matmul weights: q, o, k, v, GEGLU). A matmul of an [m, c]
+by a [c, n] matrix costs 2 m c n FLOPs. Forward FLOPs of one sample:
 
 Decoder-only (CD, ND), L tokens::
 
-    L * 2 * (n * (4 d a + 3 d f) + d V)          projections q,k,v,o + GEGLU + logits
+    L * 2 * (n * P + d V)                        projections q,k,v,o + GEGLU + logits
     + n * 4 a L^2                                q k^T and probs @ v
 
 Encoder-decoder, Le encoder and Ld decoder tokens (n_e, n_d layers)::
 
-    Le * 2 * n_e * (4 d a + 3 d f) + n_e * 4 a Le^2                      encoder
-    + Ld * 2 * (n_d * (4 d a + 2 d a + 3 d f) + d V) + n_d * 4 a Ld^2    decoder (+ cross q, o)
-    + Le * 2 * n_d * 2 d a                                               cross k, v on encoder
+    Le * 2 * n_e * P + n_e * 4 a Le^2                                    encoder
+    + Ld * 2 * (n_d * (P + 2 d a) + d V) + n_d * 4 a Ld^2                decoder (+ cross q, o)
+    + Le * 2 * n_d * 2 d k                                               cross k, v on encoder
     + n_d * 4 a Ld Le                                                    cross scores and mix
 
+Grouped-query attention shrinks only the k and v projections (and the KV cache): every query
+head still scores every key, so the attention terms (4 a L^2) are unchanged.
+
 Training counts forward + backward = 3 x forward (the backward computes gradients with respect
-to both activations and weights: twice the forward). With n_layers * (4 d a + 3 d f) + d V = N
-this is the usual ``6 N`` per token plus ``12 n a L`` for attention (PaLM's MFU convention).
+to both activations and weights: twice the forward). With n_layers * P + d V = N this is the
+usual ``6 N`` per token plus ``12 n a L`` for attention (PaLM's MFU convention).
 
 Masked attention is counted dense: every query against every key of its row, whatever the
 mask, segments or padding (so CD, ND and any prefix split cost the same). A kernel that skips
@@ -45,21 +50,24 @@ _PEAK_BF16 = (
 
 def config_parameter_count(cfg: ModelConfig) -> int:
     """Parameters of the model ``cfg`` describes, in closed form (no model is built)."""
-    d, a, f = cfg.d_model, cfg.n_heads * cfg.kv_dim, cfg.d_ff
+    d, a, kv, f = cfg.d_model, cfg.n_heads * cfg.kv_dim, cfg.kv_heads * cfg.kv_dim, cfg.d_ff
     bias_table = cfg.rel_buckets * cfg.n_heads if cfg.position == "t5_relative" else 0
     shared = bias_table if cfg.rel_bias_shared else 0  # one table per stack, not per layer
     per_layer_bias = 0 if cfg.rel_bias_shared else bias_table
-    self_block = 4 * d * a + 3 * d * f + 2 * d + per_layer_bias  # attention, GEGLU, 2 norms
+    attention = 2 * d * a + 2 * d * kv  # q, o; k, v
+    self_block = attention + 3 * d * f + 2 * d + per_layer_bias  # attention, GEGLU, 2 norms
     total = cfg.vocab_size * d + (0 if cfg.tie_embeddings else cfg.vocab_size * d)
     total += cfg.n_layers * self_block + d + shared  # layers and the final (encoder) norm
     if cfg.is_encoder_decoder:
-        cross_block = self_block + 4 * d * a + d  # + cross-attention and its norm
+        cross_block = self_block + attention + d  # + cross-attention and its norm
         total += cfg.decoder_layers * cross_block + d + shared
     return total
 
 
 def _stack_matmul(cfg: ModelConfig) -> int:
-    return 4 * cfg.d_model * cfg.n_heads * cfg.kv_dim + 3 * cfg.d_model * cfg.d_ff
+    """P of the module docstring: one self-attention layer's matmul weights."""
+    d, head = cfg.d_model, cfg.kv_dim
+    return 2 * d * cfg.n_heads * head + 2 * d * cfg.kv_heads * head + 3 * d * cfg.d_ff
 
 
 def model_flops_per_sample(
@@ -86,7 +94,8 @@ def model_flops_per_sample(
         n_e, n_d = cfg.n_layers, cfg.decoder_layers
         forward = enc * 2 * n_e * per_layer + n_e * 4 * a * enc**2
         forward += dec * 2 * (n_d * (per_layer + 2 * d * a) + d * vocab) + n_d * 4 * a * dec**2
-        forward += enc * 2 * n_d * 2 * d * a + n_d * 4 * a * dec * enc
+        forward += enc * 2 * n_d * 2 * d * cfg.kv_heads * cfg.kv_dim  # cross k, v
+        forward += n_d * 4 * a * dec * enc
     return 3 * forward if training else forward
 
 

@@ -102,21 +102,29 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 class _MultiHead(nn.Module):
-    """The projections ``q, k, v, o`` (no biases) that self- and cross-attention share."""
+    """The projections ``q, k, v, o`` (no biases) that self- and cross-attention share.
+
+    ``k`` and ``v`` produce ``n_kv_heads`` heads (default ``n_heads``), a divisor of
+    ``n_heads``: grouped-query attention, query head h reading KV head
+    ``h // (n_heads / n_kv_heads)``. Under TP both counts are this rank's share (whole groups).
+    """
 
     sequence_parallel = False
     """Under TP: input and output are this rank's sequence chunk (set by the model)."""
 
     def __init__(self, d_model: int, n_heads: int, head_dim: int, dropout: float,
-                 tp_group: Group = None):
+                 tp_group: Group = None, n_kv_heads: int | None = None):
         super().__init__()
-        self.tp_group = tp_group  # n_heads is this rank's share of the heads
-        self.n_heads, self.head_dim = n_heads, head_dim
+        self.tp_group = tp_group  # n_heads, n_kv_heads: this rank's share of the heads
+        n_kv_heads = n_kv_heads or n_heads
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_kv_heads={n_kv_heads} must divide n_heads={n_heads}")
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.dropout = dropout
-        inner = n_heads * head_dim
+        inner, kv_inner = n_heads * head_dim, n_kv_heads * head_dim
         self.q = set_partition_dim(nn.Linear(d_model, inner, bias=False), "weight", 0)
-        self.k = set_partition_dim(nn.Linear(d_model, inner, bias=False), "weight", 0)
-        self.v = set_partition_dim(nn.Linear(d_model, inner, bias=False), "weight", 0)
+        self.k = set_partition_dim(nn.Linear(d_model, kv_inner, bias=False), "weight", 0)
+        self.v = set_partition_dim(nn.Linear(d_model, kv_inner, bias=False), "weight", 0)
         self.o = set_partition_dim(nn.Linear(inner, d_model, bias=False), "weight", 1)
 
 
@@ -128,8 +136,9 @@ class SelfAttention(_MultiHead):
     """
 
     def __init__(self, d_model: int, n_heads: int, head_dim: int, dropout: float = 0.0,
-                 rotary_base: float | None = None, tp_group: Group = None):
-        super().__init__(d_model, n_heads, head_dim, dropout, tp_group)
+                 rotary_base: float | None = None, tp_group: Group = None,
+                 n_kv_heads: int | None = None):
+        super().__init__(d_model, n_heads, head_dim, dropout, tp_group, n_kv_heads)
         self.rotary_base = rotary_base  # None: no rotary (positions come as a bias)
 
     def forward(
@@ -151,13 +160,13 @@ class SelfAttention(_MultiHead):
         """
         x = enter_tp(x, self.tp_group, self.sequence_parallel)  # [batch, len, d_model]
         q = _split_heads(self.q(x), self.n_heads)  # [batch, heads, len, head_dim]
-        k = _split_heads(self.k(x), self.n_heads)
-        v = _split_heads(self.v(x), self.n_heads)
+        k = _split_heads(self.k(x), self.n_kv_heads)  # [batch, kv_heads, len, head_dim]
+        v = _split_heads(self.v(x), self.n_kv_heads)
         if self.rotary_base is not None:
             cos, sin = rotary_cos_sin(positions, self.head_dim, self.rotary_base, dtype=q.dtype)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(k, v, positions)  # [batch, heads, width, head_dim] in a step
+            k, v = cache.update(k, v, positions)  # [batch, kv_heads, width, hd] in a step
             if cache.owner.stepping:
                 if isinstance(bias, RelativeBias):
                     bias = bias.dense()
@@ -177,8 +186,8 @@ class CrossAttention(_MultiHead):
     and values from the encoder output. No position information, as in T5."""
 
     def __init__(self, d_model: int, n_heads: int, head_dim: int, dropout: float = 0.0,
-                 tp_group: Group = None):
-        super().__init__(d_model, n_heads, head_dim, dropout, tp_group)
+                 tp_group: Group = None, n_kv_heads: int | None = None):
+        super().__init__(d_model, n_heads, head_dim, dropout, tp_group, n_kv_heads)
 
     def forward(
         self,
@@ -196,8 +205,8 @@ class CrossAttention(_MultiHead):
 
         def encoder_kv() -> tuple[torch.Tensor, torch.Tensor]:
             enc = enter_tp(encoder_out, self.tp_group, self.sequence_parallel)
-            k = _split_heads(self.k(enc), self.n_heads)  # [batch, heads, enc_len, head_dim]
-            return k, _split_heads(self.v(enc), self.n_heads)
+            k = _split_heads(self.k(enc), self.n_kv_heads)  # [batch, kv_heads, enc_len, hd]
+            return k, _split_heads(self.v(enc), self.n_kv_heads)
 
         k, v = encoder_kv() if cache is None else cache.cross_kv(encoder_kv)
         out = attention(

@@ -14,7 +14,8 @@ output projection is the input embedding and the logits are scaled by ``d_model 
 
 Tensor parallelism: given a :class:`~megarch.parallel.context.ParallelContext` with ``tp > 1``
 each rank holds ``vocab / tp`` embedding rows (vocab-parallel), ``n_heads / tp`` heads with their
-bias-table columns and ``d_ff / tp`` feed-forward units, and the models return this rank's
+bias-table columns, the ``n_kv_heads / tp`` key/value heads of their groups and ``d_ff / tp``
+feed-forward units, and the models return this rank's
 *vocab shard* of the logits ``[batch, len, vocab / tp]``: pass ``tp_group`` to
 :func:`megarch.model.loss.lm_loss` for the vocab-parallel cross-entropy and z-loss. With
 ``ctx.sequence_parallel`` the residual stream between layers is this rank's chunk of the
@@ -537,8 +538,6 @@ def _build(cfg: ModelConfig, device: torch.device | str | None, ctx: ParallelCon
 
 
 def check_tp_divisible(cfg: ModelConfig, tp: int) -> None:
-    """Refuse a tensor-parallel size that does not divide the sharded dimensions."""
-    for name in ("vocab_size", "n_heads", "d_ff"):
-        if getattr(cfg, name) % tp:
-            raise ValueError(f"model.{name}={getattr(cfg, name)} is not divisible by "
-                             f"parallel.tp={tp}: change one of them")
+    """Refuse a tensor-parallel size that does not divide the sharded dimensions
+    (:meth:`ModelConfig.validate_tp`; a ConfigError, which is a ValueError)."""
+    cfg.validate_tp(tp)

@@ -17,7 +17,11 @@ anything undeclared (norm weights)              —      replicated
 ==============================================  =====  ==============================
 
 Rank r holds the r-th of ``tp`` equal chunks along that dim (``torch.chunk`` order), so heads
-``[r * H/tp, (r + 1) * H/tp)`` and their rows of q, k, v and columns of o stay together.
+``[r * H/tp, (r + 1) * H/tp)`` and their rows of q, k, v and columns of o stay together. With
+grouped-query attention (``model.n_kv_heads`` KV heads, each serving H / KV consecutive query
+heads) the same chunking gives rank r the KV heads ``[r * KV/tp, (r + 1) * KV/tp)``: exactly
+those its query heads read, as long as tp divides KV (``ModelConfig.validate_tp`` refuses
+otherwise, since a k/v weight could split evenly in the middle of a head).
 
 The declaration lives on the owning module (a dict of parameter name -> dim), not on the
 ``nn.Parameter``: ``Module.to_empty`` (how a model built on the meta device is materialised)

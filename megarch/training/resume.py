@@ -67,10 +67,11 @@ from megarch.training.checkpoint_files import (
 
 log = logging.getLogger(__name__)
 
-SHAPE_FIELDS = ("vocab_size", "d_model", "n_heads", "head_dim", "d_ff", "n_layers",
+SHAPE_FIELDS = ("vocab_size", "d_model", "n_heads", "kv_heads", "head_dim", "d_ff", "n_layers",
                 "n_decoder_layers", "position", "rel_buckets", "tie_embeddings")
 """Model fields a checkpoint must share with the config resuming it (the arch may change
-between causal_decoder and nonc_decoder: adaptation only changes the mask)."""
+between causal_decoder and nonc_decoder: adaptation only changes the mask). ``kv_heads`` is
+``n_kv_heads`` resolved, so a config saved before that field existed (multi-head) still fits."""
 
 
 class ModelMismatchError(CheckpointError):
@@ -349,8 +350,9 @@ def check_shapes(path: str, model_cfg) -> None:
     if not os.path.exists(config_path):
         return
     saved = SavedCheckpoint(path).config().model
-    differ = [
-        f"model.{name}={getattr(saved, name)!r} there, {getattr(model_cfg, name)!r} here"
+    differ = [  # kv_heads: n_kv_heads resolved (a config without the field means n_heads)
+        f"model.{name.replace('kv_heads', 'n_kv_heads')}={getattr(saved, name)!r} there, "
+        f"{getattr(model_cfg, name)!r} here"
         for name in SHAPE_FIELDS
         if getattr(saved, name) != getattr(model_cfg, name)
     ]

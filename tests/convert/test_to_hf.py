@@ -113,6 +113,20 @@ def test_models_without_an_exact_hf_twin_are_refused(tmp_path, capsys, preset, w
     assert not os.path.exists(out) and sorted(os.listdir(tmp_path)) == [preset]
 
 
+def test_a_grouped_query_encoder_decoder_is_refused(tmp_path, capsys):
+    """T5 has no grouped-query attention: one line naming model.n_kv_heads, nothing written."""
+    cfg = get_train_preset("ed_mlm_tiny")
+    cfg.model.vocab_size, cfg.model.rel_bias_shared, cfg.model.n_kv_heads = 512, True, 2
+    run = str(tmp_path / "gqa")
+    model = build_model(cfg.model)
+    save_checkpoint(run, TrainState(), model, build_optimizer(cfg.optim, model), cfg.to_json())
+    out = str(tmp_path / "export")
+    assert main(["to-hf", run, out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model.n_kv_heads=2" in err, err
+    assert "no grouped-query attention" in err and not os.path.exists(out)
+
+
 def test_export_refuses_a_non_empty_out_and_a_tokenizer_too_big(tmp_path, spiece, capsys):
     hf_dir = str(tmp_path / "hf")
     write_hf_dir(hf_dir, hf_config(True), tokenizer=spiece)

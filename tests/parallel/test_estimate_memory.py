@@ -41,10 +41,14 @@ ARCHS = ("causal_decoder", "nonc_decoder", "encoder_decoder")
 ENC_LEN, DEC_LEN, ED_DEC_LEN, MICRO = 32, 32, 16, 2
 
 
+@pytest.mark.parametrize("kv_heads", [None, 4 // 2])
 @pytest.mark.parametrize("arch", ["causal_decoder", "encoder_decoder"])
 @pytest.mark.parametrize("tp", [1, 2, 4])
-def test_parameters_per_rank_match_the_tp_shards(arch, tp):
+def test_parameters_per_rank_match_the_tp_shards(arch, tp, kv_heads):
+    if kv_heads is not None and kv_heads % tp:
+        pytest.skip("tp must divide model.n_kv_heads")
     cfg = tiny_model(arch)
+    cfg.n_kv_heads = kv_heads
     model = build_model(cfg, "meta")
     dims = partition_dims(model)
     shard = sum(p.numel() // (tp if dims[n] is not None else 1)
@@ -303,8 +307,10 @@ def _measure_all(rank: int, world: int, cases: list[tuple]) -> dict:
     return out
 
 
-def _estimated(arch: str, ckpt: bool, setting: str, tp: int, sp: bool) -> dict[str, float]:
+def _estimated(arch: str, ckpt: bool, setting: str, tp: int, sp: bool,
+               kv_heads: int | None = None) -> dict[str, float]:
     cfg = tiny_model(arch)
+    cfg.n_kv_heads = kv_heads
     cfg.activation_checkpointing = ckpt
     cfg.dropout = 0.1 if setting.endswith("dropout") else 0.0
     enc, dec = (ENC_LEN, ED_DEC_LEN) if arch == "encoder_decoder" else (0, DEC_LEN)
@@ -341,6 +347,29 @@ def test_activation_estimate_matches_saved_tensors():
     dropout = [("encoder_decoder", False, "fp32_dropout", 1, False),
                ("causal_decoder", False, "bf16_dropout", 2, False)]
     _check(fp32 + bf16 + dropout)
+
+
+@pytest.mark.parametrize("setting", ["fp32_reference", "bf16_kernel"])
+@pytest.mark.parametrize("arch", ["causal_decoder", "encoder_decoder"])
+def test_activation_estimate_matches_saved_tensors_with_multi_query(arch, setting, monkeypatch):
+    """n_kv_heads 1 (TP1): the kernel saves k, v with one head; the reference path saves them
+    repeated to every query head; the k/v weight copies shrink. The estimate is within the
+    tolerance, and its change from multi-head attention is the measured change, to the byte."""
+    bf16, path = SETTINGS[setting]
+    monkeypatch.setenv("MEGARCH_ATTENTION", path)
+    measured = {}
+    for kv_heads in (None, 1):
+        cfg = tiny_model(arch)
+        cfg.n_kv_heads = kv_heads
+        torch.manual_seed(0)
+        measured[kv_heads] = measure_saved_bytes(build_model(cfg, "cpu").train(), _batch(arch),
+                                                 bf16)
+    got, want = measured[1], _estimated(arch, False, setting, 1, False, kv_heads=1)
+    mha = _estimated(arch, False, setting, 1, False)
+    assert want["weight_copies"] < mha["weight_copies"] or not bf16
+    for part in ("activations", "weight_copies"):
+        assert abs(want[part] - got[part]) <= TOLERANCE * max(got[part], 1), (part, want, got)
+        assert mha[part] - want[part] == measured[None][part] - got[part], (part, measured)
 
 
 @pytest.mark.slow

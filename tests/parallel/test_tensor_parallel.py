@@ -18,8 +18,9 @@ from megarch.parallel import (
     gather_grads,
     load_full_state_dict,
 )
+from megarch.parallel.reshard import split_tp_model
 from megarch.parallel.spawn import spawn
-from megarch.parallel.tensor_parallel import reduce_sequence_parallel_grads
+from megarch.parallel.tensor_parallel import partition_dims, reduce_sequence_parallel_grads
 from tests.parallel.helpers import (
     ARCHS,
     labels_and_mask,
@@ -51,13 +52,19 @@ def _train(model, group, batches, sequence_parallel: bool = False
     return losses, first_grads
 
 
-def _compare_tp(rank: int, world: int, arch: str, sequence_parallel: bool = False) -> dict:
+def _compare_tp(rank: int, world: int, arch: str, sequence_parallel: bool = False,
+                kv_heads: int | None = None) -> dict:
     torch.manual_seed(0)
     cfg = tiny_config(arch)
+    cfg.n_kv_heads = kv_heads
     reference = build_model(cfg)
     ctx = ParallelContext.build(tp=world, sequence_parallel=sequence_parallel)
     model = build_model(cfg, ctx=ctx)
-    load_full_state_dict(model, reference.state_dict(), ctx.tp_group)
+    if kv_heads is None:
+        load_full_state_dict(model, reference.state_dict(), ctx.tp_group)
+    else:  # as a checkpoint reshard cuts it (megarch.parallel.reshard)
+        model.load_state_dict(split_tp_model(reference.state_dict(), world,
+                                             partition_dims(model))[rank])
     batches = [tiny_batch(arch, seed) for seed in range(STEPS)]
     ref_losses, ref_grads = _train(reference, None, batches)
     tp_losses, tp_grads = _train(model, ctx.tp_group, batches, sequence_parallel)
@@ -85,6 +92,43 @@ def test_tp2_matches_single_process_all_archs():
     for rank, per_arch in enumerate(results):
         for arch, res in per_arch.items():
             assert res["local_vocab"] == 48
+            assert res["loss"] <= 1e-5, (rank, arch, res["loss"])
+            worst = max(res["grad"].items(), key=lambda kv: kv[1])
+            assert worst[1] <= 1e-5, (rank, arch, worst)
+            assert res["weights"] <= 1e-4, (rank, arch, res["weights"])
+
+
+def _gqa_layouts(rank: int, world: int) -> dict:
+    """GQA (4 query heads, 2 KV heads: one per rank) against one process, and this rank's KV
+    rows and initial weights."""
+    out = {arch: _compare_tp(rank, world, arch, kv_heads=2) for arch in ARCHS}
+    out["causal_decoder+sp"] = _compare_tp(rank, world, "causal_decoder", True, kv_heads=2)
+    cfg = tiny_config("encoder_decoder")
+    cfg.n_kv_heads = 2
+    single = build_model(cfg, seed=7)
+    ctx = ParallelContext.build(tp=world)
+    sharded = build_model(cfg, ctx=ctx, seed=7)
+    head_dim, kv_per_rank = cfg.kv_dim, 2 // world
+    rows = slice(rank * kv_per_rank * head_dim, (rank + 1) * kv_per_rank * head_dim)
+    names = [n for n in single.state_dict() if n.endswith((".k.weight", ".v.weight"))]
+    out["kv_rows"] = all(torch.equal(sharded.get_parameter(n), single.get_parameter(n)[rows])
+                         for n in names) and len(names) == 12  # 2 + 2 self, 2 cross
+    gathered = gather_full_state_dict(sharded, ctx.tp_group)
+    out["init"] = all(torch.equal(gathered[n], w) for n, w in single.state_dict().items())
+    return out
+
+
+def test_tp2_gqa_matches_single_process():
+    """Grouped-query attention at TP2: each rank holds its query heads and their KV head
+    (rows ``[r * KV/tp, (r + 1) * KV/tp)`` of k and v, loaded through the checkpoint reshard's
+    split); losses, gathered gradients and final weights equal one process for CD, ND, ED
+    (cross-attention) and CD with sequence parallelism; the same seed initialises the same
+    weights at TP1 and TP2."""
+    results = spawn(2)(_gqa_layouts)
+    for rank, per_arch in enumerate(results):
+        assert per_arch.pop("kv_rows") and per_arch.pop("init"), rank
+        assert len(per_arch) == 4
+        for arch, res in per_arch.items():
             assert res["loss"] <= 1e-5, (rank, arch, res["loss"])
             worst = max(res["grad"].items(), key=lambda kv: kv[1])
             assert worst[1] <= 1e-5, (rank, arch, worst)
