@@ -47,7 +47,7 @@ SHARED_LIMIT = {80: 166912, 90: 232448}
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _DATA_ARGS = {"Q", "K", "V", "OUT", "DO", "DQ", "DK", "DV"}  # tensors in the inputs' dtype
 _FP32_ARGS = {"LSE", "DELTA", "BIAS", "DBIAS"}
-_INT_ARGS = {"QSEG", "KSEG", "QSPAN", "KSPAN", "PREFIX", "PREFIX_MAX", "QPOS", "KPOS"}
+_INT_ARGS = {"QSEG", "KSEG", "QSPAN", "KSPAN", "PREFIX", "PREFIX_RANGE", "QPOS", "KPOS"}
 
 
 @dataclass(frozen=True)
