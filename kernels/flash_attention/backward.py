@@ -12,11 +12,14 @@ faster is a GPU measurement (tools/gpu_check.sh); until one says otherwise we ke
 
 Each main loop is split like the forward's (forward.py): free tiles, fully visible and in
 bounds, run the tile body (``_dkdv_tile``, ``_dq_tile``) with ``MASKED`` False, without
-visibility or bounds arithmetic; the others with the mask. dQ: free key tiles, then masked
-ones (``masks._free_key_end``); dK/dV: masked query blocks below the free run, the free run,
-then the partial last block (``masks._free_query_range``). Blocks stay in ascending order, so
-with one query head per KV head the split changes no bit; with a group (grouped-query
-attention) each of the three loops walks the whole group, so dK / dV round differently.
+visibility or bounds arithmetic; the others with the mask. Both kernels run their masked
+tiles first (the masked tiles' extra inputs are then dead in the free loop: the other order
+spilled): dQ the masked key tiles, then the free run from key 0 (``masks._free_key_end``);
+dK/dV the masked query blocks (below the free run, and the partial last one above it), then
+the free run (``masks._free_query_range``). dK/dV thus sums in the same order, with the same
+bits, as before the split when q_len is a multiple of BLOCK_M and one query head reads each
+KV head; otherwise dK / dV, and dQ and the bias gradient, differ by fp32 rounding only (with
+a group, each dK/dV loop walks the whole group).
 """
 
 from __future__ import annotations
@@ -65,22 +68,24 @@ def _bwd_preprocess_kernel(
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, k_seg, k_pos, it, start_m, n_blocks_m, h_kv, b, pid_n, offs_n,
-               offs_d, d_valid, Q, DO, LSE, DELTA, QSEG, PREFIX, BIAS, QPOS,
+def _dkdv_tile(dk, dv, k, v, k_seg, k_pos, it, start_m, n_blocks_m, skip_from, skip, h_kv,
+               b, pid_n, offs_n, offs_d, d_valid, Q, DO, LSE, DELTA, QSEG, PREFIX, BIAS, QPOS,
                stride_qb, stride_qh, stride_qm, stride_qd,
                stride_dob, stride_doh, stride_dom, stride_dod, stride_pb, stride_pm,
                n_heads, kv_group, q_len, k_len, qk_scale, dropout_p, seed,
                MODE: tl.constexpr, HAS_SEG: tl.constexpr, HAS_BIAS: tl.constexpr,
                HAS_DROPOUT: tl.constexpr, BIAS_RANGE: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
-    """Step ``it`` of a loop over (query head of the group, query block from ``start_m``,
-    ``n_blocks_m`` of them): the updated (dk, dv).
+    """Step ``it`` of a loop over (query head of the group, query block): the updated (dk, dv).
+    The loop's ``n_blocks_m`` query blocks run from ``start_m`` up, jumping over the ``skip``
+    queries from ``skip_from`` (the masked loop over the free run).
 
     ``MASKED`` False: a free tile (every element in bounds and visible), so no visibility and
     no query-bounds masks; bias and dropout as masked.
     """
     h = h_kv * kv_group + it // n_blocks_m  # a query head of this KV head's group
     block_m = start_m + (it % n_blocks_m) * BLOCK_M
+    block_m += tl.where(block_m >= skip_from, skip, 0)
     pid_bh = b * n_heads + h
     q_head = Q + _head_offset(b, h, stride_qb, stride_qh)
     do_head = DO + _head_offset(b, h, stride_dob, stride_doh)
@@ -171,43 +176,35 @@ def _bwd_dkdv_kernel(
                               BLOCK_N, MODE, HAS_SEG)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    # Query blocks [lo_m, free_lo) masked, [free_lo, free_hi) free, [free_hi, hi_m) masked (at
-    # most the partial last block when no segment ids). Each loop is one loop over (query head
-    # of the group, query block): a nested loop over the group spilled 72 B in the d128
-    # prefix + segments + bias variant on sm_90.
-    free_lo = hi_m  # with segment ids every tile is masked: one loop (the others compiled out)
+    # Query blocks [free_lo, free_hi) are free, the others of [lo_m, hi_m) masked (below the
+    # free run, and at most the partial last block above it): one masked loop over both (a
+    # third loop spilled: 40 B in the causal fp16 d64 variant on sm_80), then the free one.
+    # Each is one loop over (query head of the group, query block): a nested loop over the
+    # group spilled 72 B in the d128 prefix + segments + bias variant on sm_90.
+    free_lo = hi_m  # with segment ids every tile is masked (the free loop is compiled out)
     free_hi = hi_m
     if not HAS_SEG:
         free_lo, free_hi = _free_query_range(PREFIX_RANGE, b, pid_n, q_len, k_len, lo_m, hi_m,
                                              BLOCK_M, BLOCK_N, MODE, HAS_SEG)
-    n_below = tl.cdiv(free_lo - lo_m, BLOCK_M)
-    for it in range(0, kv_group * n_below):
+    n_masked = tl.cdiv(free_lo - lo_m, BLOCK_M) + tl.cdiv(hi_m - free_hi, BLOCK_M)
+    for it in range(0, kv_group * n_masked):
         dk, dv = _dkdv_tile(
-            dk, dv, k, v, k_seg, k_pos, it, lo_m, n_below, h_kv, b, pid_n, offs_n, offs_d,
-            d_valid, Q, DO, LSE, DELTA, QSEG, PREFIX, BIAS, QPOS, stride_qb, stride_qh,
-            stride_qm, stride_qd, stride_dob, stride_doh, stride_dom, stride_dod, stride_pb,
-            stride_pm, n_heads, kv_group, q_len, k_len, qk_scale, dropout_p, seed, MODE,
-            HAS_SEG, HAS_BIAS, HAS_DROPOUT, BIAS_RANGE, BLOCK_M, BLOCK_N, DOT_PRECISION,
-            MASKED=True)
+            dk, dv, k, v, k_seg, k_pos, it, lo_m, n_masked, free_lo, free_hi - free_lo, h_kv,
+            b, pid_n, offs_n, offs_d, d_valid, Q, DO, LSE, DELTA, QSEG, PREFIX, BIAS, QPOS,
+            stride_qb, stride_qh, stride_qm, stride_qd, stride_dob, stride_doh, stride_dom,
+            stride_dod, stride_pb, stride_pm, n_heads, kv_group, q_len, k_len, qk_scale,
+            dropout_p, seed, MODE, HAS_SEG, HAS_BIAS, HAS_DROPOUT, BIAS_RANGE, BLOCK_M,
+            BLOCK_N, DOT_PRECISION, MASKED=True)
     if not HAS_SEG:
         n_free = (free_hi - free_lo) // BLOCK_M
         for it in range(0, kv_group * n_free):
             dk, dv = _dkdv_tile(
-                dk, dv, k, v, k_seg, k_pos, it, free_lo, n_free, h_kv, b, pid_n, offs_n,
-                offs_d, d_valid, Q, DO, LSE, DELTA, QSEG, PREFIX, BIAS, QPOS, stride_qb,
-                stride_qh, stride_qm, stride_qd, stride_dob, stride_doh, stride_dom,
-                stride_dod, stride_pb, stride_pm, n_heads, kv_group, q_len, k_len, qk_scale,
-                dropout_p, seed, MODE, HAS_SEG, HAS_BIAS, HAS_DROPOUT, BIAS_RANGE, BLOCK_M,
-                BLOCK_N, DOT_PRECISION, MASKED=False)
-        n_above = tl.cdiv(hi_m - free_hi, BLOCK_M)
-        for it in range(0, kv_group * n_above):
-            dk, dv = _dkdv_tile(
-                dk, dv, k, v, k_seg, k_pos, it, free_hi, n_above, h_kv, b, pid_n, offs_n,
-                offs_d, d_valid, Q, DO, LSE, DELTA, QSEG, PREFIX, BIAS, QPOS, stride_qb,
-                stride_qh, stride_qm, stride_qd, stride_dob, stride_doh, stride_dom,
-                stride_dod, stride_pb, stride_pm, n_heads, kv_group, q_len, k_len, qk_scale,
-                dropout_p, seed, MODE, HAS_SEG, HAS_BIAS, HAS_DROPOUT, BIAS_RANGE, BLOCK_M,
-                BLOCK_N, DOT_PRECISION, MASKED=True)
+                dk, dv, k, v, k_seg, k_pos, it, free_lo, n_free, hi_m, 0, h_kv, b, pid_n,
+                offs_n, offs_d, d_valid, Q, DO, LSE, DELTA, QSEG, PREFIX, BIAS, QPOS,
+                stride_qb, stride_qh, stride_qm, stride_qd, stride_dob, stride_doh,
+                stride_dom, stride_dod, stride_pb, stride_pm, n_heads, kv_group, q_len,
+                k_len, qk_scale, dropout_p, seed, MODE, HAS_SEG, HAS_BIAS, HAS_DROPOUT,
+                BIAS_RANGE, BLOCK_M, BLOCK_N, DOT_PRECISION, MASKED=False)
 
     out_offs = (pid_bkv.to(tl.int64) * k_len * HEAD_DIM + offs_n[:, None] * HEAD_DIM
                 + offs_d[None, :])
@@ -310,17 +307,13 @@ def _bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo_n, hi_n = _key_range(QSPAN, b, pid_m, offs_m, q_len, k_len, prefix, BLOCK_M, BLOCK_N,
                             MODE, HAS_SEG)
-    free_n = lo_n  # keys [lo_n, free_n): free tiles, no mask; [free_n, hi_n): masked
-    if not HAS_SEG:  # (with segment ids every tile is masked: the free loop is compiled out)
+    # Keys [free_n, hi_n) masked first, then the free tiles [lo_n, free_n): the other order
+    # keeps the masked tiles' per-row inputs live through the free loop and spilled (16-28 B
+    # in the d64 fp16 variants with bias on sm_90).
+    free_n = lo_n  # with segment ids every tile is masked (the free loop is compiled out)
+    if not HAS_SEG:
         free_n = _free_key_end(pid_m, offs_m, q_len, k_len, prefix, lo_n, hi_n, BLOCK_M,
                                BLOCK_N, MODE, HAS_SEG)
-        for start_n in range(lo_n, free_n, BLOCK_N):
-            dq = _dq_tile(
-                dq, q, do, lse, delta, K, V, KSEG, KPOS, bias_row, dbias_row, start_n, offs_m,
-                offs_d, d_valid, b, pid_m, pid_bh, q_len, k_len, q_seg, prefix, q_pos, q_run,
-                q_shift, qk_scale, dropout_p, seed, stride_kn, stride_kd, stride_vn,
-                stride_vd, MODE, HAS_SEG, HAS_BIAS, HAS_DROPOUT, BIAS_RANGE, BLOCK_M, BLOCK_N,
-                DOT_PRECISION, MASKED=False)
     for start_n in range(free_n, hi_n, BLOCK_N):
         dq = _dq_tile(
             dq, q, do, lse, delta, K, V, KSEG, KPOS, bias_row, dbias_row, start_n, offs_m,
@@ -328,6 +321,14 @@ def _bwd_dq_kernel(
             q_shift, qk_scale, dropout_p, seed, stride_kn, stride_kd, stride_vn, stride_vd,
             MODE, HAS_SEG, HAS_BIAS, HAS_DROPOUT, BIAS_RANGE, BLOCK_M, BLOCK_N, DOT_PRECISION,
             MASKED=True)
+    if not HAS_SEG:
+        for start_n in range(lo_n, free_n, BLOCK_N):
+            dq = _dq_tile(
+                dq, q, do, lse, delta, K, V, KSEG, KPOS, bias_row, dbias_row, start_n, offs_m,
+                offs_d, d_valid, b, pid_m, pid_bh, q_len, k_len, q_seg, prefix, q_pos, q_run,
+                q_shift, qk_scale, dropout_p, seed, stride_kn, stride_kd, stride_vn,
+                stride_vd, MODE, HAS_SEG, HAS_BIAS, HAS_DROPOUT, BIAS_RANGE, BLOCK_M, BLOCK_N,
+                DOT_PRECISION, MASKED=False)
 
     out_offs = (pid_bh.to(tl.int64) * q_len * HEAD_DIM + offs_m[:, None] * HEAD_DIM
                 + offs_d[None, :])

@@ -82,11 +82,11 @@ def _query_range(KSPAN, PREFIX_RANGE, b, pid_n, offs_n, q_len, k_len, BLOCK_M: t
 # Free tiles. Without segment ids each query's visible keys are one run from key 0: all of
 # them (bidirectional / cross), [0, i] (causal) or [0, max(i + 1, prefix_i)) (prefix). So the
 # free key tiles of a query block are a run [lo, end) at the start of its key range (the
-# forward and dQ loops: free tiles, then masked ones, in ascending key order), and the free
-# query blocks of a key block a run in the middle of its query range (the dK/dV loop: masked
-# blocks below it, then the free ones, then at most one partial block). With segment ids a
-# tile is free only if one segment covers it, which costs a per-tile test: those kernels keep
-# the masked loop throughout (the free ranges are empty and the free loops compiled out).
+# forward: free tiles, then masked ones, in ascending key order; dQ: masked ones first), and
+# the free query blocks of a key block a run in the middle of its query range (the dK/dV
+# loop: the masked blocks below it and at most one partial block above it, then the free
+# ones). With segment ids a tile is free only if one segment covers it, which costs a
+# per-tile test: those kernels keep the masked loop throughout (the free loops compiled out).
 
 
 @triton.jit
