@@ -12,8 +12,8 @@ cannot compile (tests therefore run this tool in a subprocess).
 ``--candidates`` compiles every autotune candidate tile config of every kernel (heaviest mask
 variant, and plain causal), and flags configs over the architecture's shared memory.
 
-Usage: python tools/kernel_report.py [--arch 80 90] [--all | --candidates] [--head-dim 64 128]
-           [--dtype fp16 bf16] [--json]
+Usage: python tools/kernel_report.py [--arch 80 90] [--all [--no-seg] | --candidates]
+           [--head-dim 64 128] [--dtype fp16 bf16] [--json]
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ SHARED_LIMIT = {80: 166912, 90: 232448}
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _DATA_ARGS = {"Q", "K", "V", "OUT", "DO", "DQ", "DK", "DV"}  # tensors in the inputs' dtype
 _FP32_ARGS = {"LSE", "DELTA", "BIAS", "DBIAS"}
-_INT_ARGS = {"QSEG", "KSEG", "QSPAN", "KSPAN", "PREFIX", "PREFIX_MAX", "QPOS", "KPOS"}
+_INT_ARGS = {"QSEG", "KSEG", "QSPAN", "KSPAN", "PREFIX", "PREFIX_RANGE", "QPOS", "KPOS"}
 
 
 @dataclass(frozen=True)
@@ -89,14 +89,20 @@ def default_variants() -> list[Variant]:
         Variant("bwd_dq", fa.CROSS, "fp16", 64),
         Variant("fwd", fa.BIDIRECTIONAL, "fp32", 32, has_bias=False),  # 3xTF32 dots
         *(Variant(kernel, fa.PREFIX, "bf16", 128, dropout=True) for kernel in KERNELS),
+        # without segment ids: the split loops (free tiles unmasked, then the masked ones)
+        Variant("fwd", fa.CAUSAL, "fp16", 64, has_seg=False),
+        Variant("bwd_dkdv", fa.PREFIX, "bf16", 128, has_seg=False, dropout=True),
+        Variant("bwd_dq", fa.PREFIX, "fp16", 64, has_seg=False, dropout=True),
         Variant(PREPROCESS, fa.CAUSAL, "bf16", 128, has_seg=False, has_bias=False),
     ]
 
 
-def all_variants(head_dims=(32, 64, 128), dtypes=("fp16", "bf16", "fp32")) -> list[Variant]:
-    """Every kernel x mode x dtype x head dim, with segments and bias (the heaviest case), and
-    the preprocess per dtype x head dim."""
-    return [Variant(kernel, mode, dtype, head_dim)
+def all_variants(head_dims=(32, 64, 128), dtypes=("fp16", "bf16", "fp32"),
+                 has_seg: bool = True) -> list[Variant]:
+    """Every kernel x mode x dtype x head dim, with bias and segments (the heaviest case; with
+    ``has_seg`` False: without them, where the kernels split their loops into free and masked
+    tiles), and the preprocess per dtype x head dim."""
+    return [Variant(kernel, mode, dtype, head_dim, has_seg=has_seg)
             for kernel, mode, dtype, head_dim in itertools.product(
                 KERNELS, sorted(fa.MODE_NAMES), dtypes, head_dims)] + [
         Variant(PREPROCESS, fa.CAUSAL, dtype, head_dim, has_seg=False, has_bias=False)
@@ -262,13 +268,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-dim", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--dtype", nargs="+", default=["fp16", "bf16", "fp32"],
                         choices=sorted(TORCH_DTYPES))
+    parser.add_argument("--no-seg", action="store_true",
+                        help="with --all: the variants without segment ids (the kernels' "
+                             "split loops: free tiles without mask arithmetic, then masked)")
     parser.add_argument("--json", action="store_true", help="one JSON list on stdout")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("unset TRITON_INTERPRET: the interpreter cannot compile for a GPU")
+    if args.no_seg and not args.all:
+        parser.error("--no-seg selects among the --all variants: pass --all too")
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset
     if args.all:
-        variants = all_variants(tuple(args.head_dim), tuple(args.dtype))
+        variants = all_variants(tuple(args.head_dim), tuple(args.dtype), not args.no_seg)
     elif args.candidates:
         variants = candidate_variants(tuple(args.head_dim), tuple(args.dtype))
     elif args.largest_candidates:

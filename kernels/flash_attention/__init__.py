@@ -35,7 +35,10 @@ fp16 / bf16 / fp32 inputs (fp32 dots in 3xTF32), fp32 accumulation; any sequence
 dims up to 256 (32/64/128 tuned).
 
 Tiles no query of a block can see are skipped: past the diagonal (causal; prefix beyond the
-block's longest prefix) and outside the blocks' segments (packed rows). The forward saves the
+block's longest prefix) and outside the blocks' segments (packed rows). Without segment ids,
+tiles every query of a block fully sees (in bounds, below the diagonal or inside every row's
+prefix) run in a loop of their own without mask arithmetic, only the diagonal and edge tiles
+apply the mask (``masks._free_key_end`` / ``_free_query_range``). The forward saves the
 log-sum-exp; the backward recomputes the probabilities (FlashAttention-2), one kernel for
 dK/dV over key blocks and one for dQ over query blocks, which also adds the bias gradient with
 atomics (so that one gradient is not bitwise deterministic).

@@ -133,7 +133,7 @@ def flash_attention(
     if q_seg is not None:
         q_span = _segment_spans(q_seg, k_seg)
         k_span = q_span if q_seg is k_seg else _segment_spans(k_seg, q_seg)
-    prefix, prefix_max = _prefix(mode, prefix_len, batch, q_len, device)
+    prefix, prefix_range = _prefix(mode, prefix_len, batch, q_len, device)
     bias, q_pos, k_pos, r = None, None, None, 0
     if rel_bias_table is not None:
         if rel_bias_table.shape != (num_buckets, heads):
@@ -147,7 +147,7 @@ def flash_attention(
         k_pos = _default_positions(k_positions, batch, k_len, device, "k_positions")
     dkdv_config, dq_config = (bwd_config if isinstance(bwd_config, tuple)
                               else (bwd_config, bwd_config))
-    mask = _MaskArgs(mode, q_seg, k_seg, q_span, k_span, prefix, prefix_max, q_pos, k_pos, r,
+    mask = _MaskArgs(mode, q_seg, k_seg, q_span, k_span, prefix, prefix_range, q_pos, k_pos, r,
                      head_dim ** -0.5 if scale is None else float(scale),
                      fwd_config, dkdv_config, dq_config,
                      *_dropout_args(dropout_p, dropout_seed, q_len, k_len))

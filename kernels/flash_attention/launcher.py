@@ -24,7 +24,7 @@ class _MaskArgs:
     q_span: torch.Tensor | None  # [batch, q_len, 2]: keys [first, end) of each query's segment
     k_span: torch.Tensor | None  # [batch, k_len, 2]: queries [first, end) of each key's segment
     prefix: torch.Tensor | None  # [batch] or [batch, q_len]
-    prefix_max: torch.Tensor | None  # [batch]
+    prefix_range: torch.Tensor | None  # [batch, 2]: each row's longest, shortest prefix
     q_pos: torch.Tensor | None  # [batch, q_len]
     k_pos: torch.Tensor | None  # [batch, k_len]
     bias_range: int  # R: the bias-by-distance table holds distances -R..R
@@ -101,8 +101,10 @@ def _prefix(mode, prefix_len, batch, q_len, device):
         raise ValueError(f"prefix_len must be [batch] or [batch, q_len] = {(batch, q_len)}, "
                          f"got {tuple(prefix_len.shape)}")
     prefix = prefix_len.to(device=device, dtype=torch.int32).contiguous()
-    prefix_max = prefix.reshape(batch, -1).amax(dim=1).contiguous()  # [batch]
-    return prefix, prefix_max
+    rows = prefix.reshape(batch, -1)
+    # [batch, 2]: the longest prefix bounds the skipped tiles, the shortest the free ones
+    prefix_range = torch.stack((rows.amax(dim=1), rows.amin(dim=1)), dim=1).contiguous()
+    return prefix, prefix_range
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -221,7 +223,7 @@ def _backward(q, k, v, out, lse, do, bias, mask: _MaskArgs):
     def launch_dkdv(cfg: BlockConfig) -> None:
         _bwd_dkdv_kernel[_grid(k_len, cfg.block_n, batch * k.shape[1])](
             q, k, v, do, lse, delta, dk, dv, p(mask.q_seg), p(mask.k_seg), p(mask.k_span),
-            p(mask.prefix), p(mask.prefix_max), p(bias, torch.float32), p(mask.q_pos),
+            p(mask.prefix), p(mask.prefix_range), p(bias, torch.float32), p(mask.q_pos),
             p(mask.k_pos), *strides, *sizes, **_constexprs(q, mask, cfg, has_bias),
         )
 

@@ -1,5 +1,6 @@
-"""Jit helpers shared by the forward and backward kernels: visibility of a tile and the
-ranges of key / query blocks a block can see (tiles outside are skipped)."""
+"""Jit helpers shared by the forward and backward kernels: visibility of a tile, the ranges
+of key / query blocks a block can see (tiles outside are skipped), and within them the ranges
+of free tiles, fully visible and in bounds, that the kernels run without mask arithmetic."""
 
 from __future__ import annotations
 
@@ -54,12 +55,13 @@ def _key_range(QSPAN, b, pid_m, offs_m, q_len, k_len, prefix, BLOCK_M: tl.conste
 
 
 @triton.jit
-def _query_range(KSPAN, PREFIX_MAX, b, pid_n, offs_n, q_len, k_len, BLOCK_M: tl.constexpr,
+def _query_range(KSPAN, PREFIX_RANGE, b, pid_n, offs_n, q_len, k_len, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, MODE: tl.constexpr, HAS_SEG: tl.constexpr):
     """[start, end) of the queries that can see a key block (start a multiple of BLOCK_M).
 
-    Query blocks before the key block see it only through a prefix; segment ids bound both
-    sides through KSPAN [batch, k_len, 2], each key's segment's first and one-past-last query.
+    Query blocks before the key block see it only through a prefix (PREFIX_RANGE [batch, 2]:
+    each row's longest and shortest prefix); segment ids bound both sides through KSPAN
+    [batch, k_len, 2], each key's segment's first and one-past-last query.
     """
     start = 0
     end = q_len
@@ -67,13 +69,67 @@ def _query_range(KSPAN, PREFIX_MAX, b, pid_n, offs_n, q_len, k_len, BLOCK_M: tl.
     if MODE == _CAUSAL:
         start = causal_start
     if MODE == _PREFIX:
-        start = tl.where(pid_n * BLOCK_N < tl.load(PREFIX_MAX + b), 0, causal_start)
+        start = tl.where(pid_n * BLOCK_N < tl.load(PREFIX_RANGE + 2 * b), 0, causal_start)
     if HAS_SEG:
         span = KSPAN + (b * k_len + offs_n) * 2
         n_valid = offs_n < k_len
         first = tl.min(tl.load(span, mask=n_valid, other=q_len), axis=0)
         start = tl.maximum(start, (first // BLOCK_M) * BLOCK_M)
         end = tl.minimum(end, tl.max(tl.load(span + 1, mask=n_valid, other=0), axis=0))
+    return start, end
+
+
+# Free tiles. Without segment ids each query's visible keys are one run from key 0: all of
+# them (bidirectional / cross), [0, i] (causal) or [0, max(i + 1, prefix_i)) (prefix). So the
+# free key tiles of a query block are a run [lo, end) at the start of its key range (the
+# forward: free tiles, then masked ones, in ascending key order; dQ: masked ones first), and
+# the free query blocks of a key block a run in the middle of its query range (the dK/dV
+# loop: the masked blocks below it and at most one partial block above it, then the free
+# ones). With segment ids a tile is free only if one segment covers it, which costs a
+# per-tile test: those kernels keep the masked loop throughout (the free loops compiled out).
+
+
+@triton.jit
+def _free_key_end(pid_m, offs_m, q_len, k_len, prefix, lo_n, hi_n, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, MODE: tl.constexpr, HAS_SEG: tl.constexpr):
+    """End of the free key tiles [lo_n, end) of query block ``pid_m`` (lo_n <= end <= hi_n,
+    a whole number of BLOCK_N tiles from lo_n): every key of each is in bounds and visible to
+    every query of the block, which is all in bounds. ``prefix``: the block's per-query prefix
+    lengths (``_load_row_info``; 0 past q_len)."""
+    end = (k_len // BLOCK_N) * BLOCK_N  # whole key tiles only
+    if MODE == _CAUSAL:  # keys <= the block's first query
+        end = tl.minimum(end, ((pid_m * BLOCK_M + 1) // BLOCK_N) * BLOCK_N)
+    if MODE == _PREFIX:  # query i sees [0, max(i + 1, prefix_i)): the block's shortest run
+        seen = tl.min(tl.maximum(offs_m + 1, prefix), axis=0)
+        end = tl.minimum(end, (seen // BLOCK_N) * BLOCK_N)
+    if HAS_SEG:
+        end = lo_n
+    end = tl.where((pid_m + 1) * BLOCK_M <= q_len, end, lo_n)  # a partial query block: none
+    return tl.minimum(tl.maximum(end, lo_n), hi_n)
+
+
+@triton.jit
+def _free_query_range(PREFIX_RANGE, b, pid_n, q_len, k_len, lo_m, hi_m,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr,
+                      HAS_SEG: tl.constexpr):
+    """[start, end) of the free query blocks of key block ``pid_n`` within its query range
+    [lo_m, hi_m) (``_query_range``; lo_m <= start <= end <= hi_m, multiples of BLOCK_M from
+    lo_m): every query of each is in bounds and sees every key of the block, which is all in
+    bounds. Prefix: exact for one prefix per row, per-query prefixes use the row's shortest
+    (PREFIX_RANGE [batch, 2]: longest, shortest)."""
+    end_n = (pid_n + 1) * BLOCK_N
+    start = 0
+    # query i sees the whole key block iff i >= end_n - 1 (causal), or its prefix covers it
+    causal_start = tl.cdiv(end_n - 1, BLOCK_M) * BLOCK_M
+    if MODE == _CAUSAL:
+        start = causal_start
+    if MODE == _PREFIX:
+        start = tl.where(tl.load(PREFIX_RANGE + 2 * b + 1) >= end_n, 0, causal_start)
+    end = tl.minimum((q_len // BLOCK_M) * BLOCK_M, hi_m)  # whole query blocks only
+    if HAS_SEG:
+        end = lo_m
+    end = tl.maximum(tl.where(end_n <= k_len, end, lo_m), lo_m)  # a partial key block: none
+    start = tl.minimum(tl.maximum(start, lo_m), end)
     return start, end
 
 

@@ -77,11 +77,11 @@ class _Recorder:
 
 
 def _mask_args(mode: int, batch: int, q_len: int, device) -> launcher._MaskArgs:
-    prefix = prefix_max = None
+    prefix = prefix_range = None
     if mode == PREFIX:
         prefix = torch.zeros(batch, dtype=torch.int32, device=device)
-        prefix_max = prefix
-    return launcher._MaskArgs(mode, None, None, None, None, prefix, prefix_max, None, None, 0,
+        prefix_range = torch.zeros(batch, 2, dtype=torch.int32, device=device)
+    return launcher._MaskArgs(mode, None, None, None, None, prefix, prefix_range, None, None, 0,
                               0.1, None, None, None)
 
 
