@@ -88,7 +88,8 @@ def default_variants() -> list[Variant]:
         Variant("bwd_dkdv", fa.PREFIX, "bf16", 128),
         Variant("bwd_dq", fa.CROSS, "fp16", 64),
         Variant("fwd", fa.BIDIRECTIONAL, "fp32", 32, has_bias=False),  # 3xTF32 dots
-        *(Variant(kernel, fa.PREFIX, "bf16", 128, dropout=True) for kernel in KERNELS),
+        *(Variant(kernel, fa.PREFIX, "bf16", head_dim, dropout=True)
+          for kernel in KERNELS for head_dim in (64, 128)),  # the heaviest, at each default
         # without segment ids: the split loops (free tiles unmasked, then the masked ones)
         Variant("fwd", fa.CAUSAL, "fp16", 64, has_seg=False),
         Variant("bwd_dkdv", fa.PREFIX, "bf16", 128, has_seg=False, dropout=True),

@@ -43,23 +43,34 @@ class BlockConfig:
 
 
 def default_block_configs(head_dim: int, dtype: torch.dtype = torch.float16
-                          ) -> tuple[BlockConfig, BlockConfig]:
-    """(forward, backward) tile configs; both backward kernels share one.
+                          ) -> tuple[BlockConfig, tuple[BlockConfig, BlockConfig]]:
+    """(forward, (dK/dV, dQ)) tile configs: the pair is what ``bwd_config=`` takes.
 
-    fp16/bf16: the heaviest variant (prefix + segments + bias) compiles without register spills
-    on sm_90 with triton 3.6 and 3.9, and on sm_80 with 3.9 (3.6's sm_80 forward spills
-    ~100 bytes); tools/kernel_report.py prints the numbers. fp32 (3xTF32 dots) gets small
-    tiles: it is a correctness path, and its backward still spills at head dim 128.
+    fp16/bf16 at head dims 64 and 128: every mode, with and without segment ids and T5 bias,
+    compiles without register spills on sm_80 and sm_90 (triton 3.9; ``tools/kernel_report.py``
+    prints the numbers, kernels/README.md has the table). With dropout too on sm_90; on sm_80 a
+    few variants with dropout spill 4-16 B (the smallest tiles that remove those spill more
+    elsewhere). The spills the previous tiles had (bytes stored, sm_80): dK/dV 32x64x4x2 at d64
+    24-40 with segments and bias (104 with dropout), the forward 128x32x8x3 at d128 8 for prefix
+    (16 with dropout). fp32 (3xTF32 dots) gets small tiles: it is a correctness path, and its
+    backward still spills at head dim 128.
     """
-    # Register pressure comes mostly from the per-element mask and bias work on the
-    # [block_m, block_n] tile, so tiles stay at <= 32 score elements per thread.
+    # Register pressure comes mostly from the per-element mask, bias and dropout work on the
+    # [block_m, block_n] tile: dQ holds a [block_m, head_dim] accumulator next to it (32x64
+    # spills with dropout at d64), dK/dV two [block_n, head_dim] ones (64 queries x 32 keys
+    # with 3 stages fits), the d128 forward a 128-wide accumulator (64 rows over 8 warps fits).
     if dtype == torch.float32:
-        return BlockConfig(32, 32, num_warps=4, num_stages=2), BlockConfig(32, 32, num_warps=4)
-    if head_dim <= 32:
-        return BlockConfig(128, 32, num_warps=4, num_stages=3), BlockConfig(32, 64, num_warps=4)
+        small = BlockConfig(32, 32, num_warps=4, num_stages=2)
+        return small, (small, small)
+    dkdv = BlockConfig(64, 32, num_warps=4, num_stages=3)
+    if head_dim <= 32:  # (ptxas spills 32x32 dQ tiles at d32 on sm_90, not 32x64 ones)
+        return (BlockConfig(128, 32, num_warps=4, num_stages=3),
+                (dkdv, BlockConfig(32, 64, num_warps=4, num_stages=2)))
+    backward = (dkdv, BlockConfig(32, 32, num_warps=4, num_stages=2))
     if head_dim <= 64:
-        return BlockConfig(128, 64, num_warps=8, num_stages=3), BlockConfig(32, 64, num_warps=4)
-    return BlockConfig(128, 32, num_warps=8, num_stages=3), BlockConfig(32, 32, num_warps=4)
+        return BlockConfig(128, 64, num_warps=8, num_stages=3), backward
+    dq = BlockConfig(32, 32, num_warps=4, num_stages=2)
+    return BlockConfig(64, 32, num_warps=8, num_stages=3), (dq, dq)
 
 
 KERNELS = ("fwd", "dkdv", "dq")  # the forward kernel and the two backward kernels
@@ -68,8 +79,8 @@ CONFIG_ENV = "MEGARCH_FLASH_CONFIG"  # "auto" (default), "default", or "fwd=128x
 
 def default_block_config(kernel: str, head_dim: int, dtype: torch.dtype) -> BlockConfig:
     """The fixed default of one kernel ("fwd", "dkdv" or "dq"): ``default_block_configs``."""
-    fwd, bwd = default_block_configs(head_dim, dtype)
-    return fwd if kernel == "fwd" else bwd
+    fwd, (dkdv, dq) = default_block_configs(head_dim, dtype)
+    return {"fwd": fwd, "dkdv": dkdv, "dq": dq}[kernel]
 
 
 def candidate_block_configs(kernel: str, head_dim: int, dtype: torch.dtype
@@ -90,15 +101,15 @@ def candidate_block_configs(kernel: str, head_dim: int, dtype: torch.dtype
                  [BlockConfig(32, 32, 8, 2)] if wide else
                  [BlockConfig(32, 64, 4, 2)] if kernel == "dkdv" else [BlockConfig(64, 32, 4, 2)])
     elif kernel == "fwd":
-        extra = ([BlockConfig(64, 32, 4, 3), BlockConfig(64, 64, 8, 3), BlockConfig(128, 64, 8, 2),
-                  BlockConfig(128, 32, 8, 2)] if wide else
+        extra = ([BlockConfig(128, 16, 8, 3), BlockConfig(64, 32, 8, 2), BlockConfig(128, 32, 8, 3),
+                  BlockConfig(64, 64, 8, 3), BlockConfig(128, 32, 8, 2)] if wide else
                  [BlockConfig(128, 64, 8, 2), BlockConfig(64, 64, 4, 3), BlockConfig(64, 32, 4, 3),
                   BlockConfig(128, 32, 8, 3)])
     elif kernel == "dkdv":
         extra = ([BlockConfig(16, 64, 4, 2), BlockConfig(32, 64, 8, 2), BlockConfig(64, 64, 8, 2),
                   BlockConfig(16, 32, 4, 2)] if wide else
-                 [BlockConfig(32, 128, 8, 2), BlockConfig(64, 64, 8, 2), BlockConfig(16, 64, 4, 2),
-                  BlockConfig(32, 32, 4, 2)])
+                 [BlockConfig(32, 64, 4, 2), BlockConfig(32, 128, 8, 2), BlockConfig(64, 64, 8, 2),
+                  BlockConfig(16, 64, 4, 2), BlockConfig(32, 32, 4, 2)])
     else:
         extra = [BlockConfig(64, 32, 4, 2), BlockConfig(128, 32, 8, 2), BlockConfig(64, 64, 8, 2),
                  BlockConfig(32, 64, 4, 2)]

@@ -195,8 +195,8 @@ def test_no_tuning_without_a_gpu(monkeypatch):
 
     monkeypatch.setattr(autotune, "_AUTOTUNER", autotune._Autotuner(timer=fail))
     q = torch.zeros(1, 2, 40, 64, dtype=torch.float16)
-    fwd, bwd = fa.default_block_configs(64, torch.float16)
-    assert fa.selected_block_configs(q, 40, PREFIX) == {"fwd": fwd, "dkdv": bwd, "dq": bwd}
+    fwd, (dkdv, dq) = fa.default_block_configs(64, torch.float16)
+    assert fa.selected_block_configs(q, 40, PREFIX) == {"fwd": fwd, "dkdv": dkdv, "dq": dq}
     q, k, v, kwargs = make_case(PREFIX, torch.float32, 40, bias=False, seed=5)
     check_against_float64(PREFIX, torch.float32, q, k, v, kwargs, fwd=None, bwd=None)
 
@@ -219,7 +219,7 @@ def test_forced_configs_from_the_environment(tuner, monkeypatch):
     q = torch.zeros(1, 2, 40, 16)
     monkeypatch.setenv(fa.CONFIG_ENV, "default")
     assert fa.selected_block_configs(q, 40, PREFIX)["dq"] == fa.default_block_configs(
-        16, torch.float32)[1]
+        16, torch.float32)[1][1]
     monkeypatch.setenv(fa.CONFIG_ENV, "fwd=16x16x4x2,bwd=16x32x4x2")
     q, k, v, kwargs = make_case(PREFIX, torch.float32, 40, seed=6)
     check_against_float64(PREFIX, torch.float32, q, k, v, kwargs, fwd=None, bwd=None)

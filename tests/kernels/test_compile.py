@@ -70,10 +70,13 @@ def _check(row: dict) -> None:
         pytest.skip(row["reason"])
     assert row["status"] == "ok", row["reason"]
     assert row["registers"] > 0
-    if row["dtype"] != "fp32" and row["arch"] == 90:
-        # The default tiles are spill-free for 16-bit inputs on H100/H200 with triton 3.6 and
-        # 3.9 (sm_80 may spill a few bytes with older ptxas); a spill there is a regression.
-        assert row["spill_stores"] == 0, row
+    if row["dtype"] != "fp32":
+        # The default tiles are spill-free for 16-bit inputs on A100 and H100/H200 (triton
+        # 3.9's ptxas), every mode with and without segments and bias: a spill is a regression.
+        # With dropout too on sm_90; sm_80 spills at most 16 B there (recorded in
+        # kernels/README.md), more is a regression.
+        limit = 16 if row["dropout"] and row["arch"] == 80 else 0
+        assert row["spill_stores"] <= limit and row["spill_loads"] <= limit, row
 
 
 @pytest.mark.parametrize("arch", ARCHS)

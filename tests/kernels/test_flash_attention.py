@@ -339,6 +339,20 @@ def test_rejects_bad_inputs():
         flash_attention(torch.randn(1, 4, 8, 16), kv, kv, CAUSAL)
 
 
+@pytest.mark.parametrize("mode_name, head_dim", [("prefix", 80), ("cross", 96)])
+def test_head_dims_80_and_96(mode_name, head_dim):
+    """Head dims between powers of two run in place at the d128 default tiles (a 128-wide
+    register tile, the loads and stores masked to ``head_dim`` columns: no padded copy)."""
+    mode = MODES[mode_name]
+    fwd, bwd = fa.default_block_configs(head_dim, torch.float16)
+    assert (fwd, bwd) == fa.default_block_configs(128, torch.float16)
+    k_len = 50 if mode == CROSS else None
+    q, k, v, kwargs = make_case(mode, torch.float16, fwd.block_m + 9, k_len, head_dim=head_dim,
+                                seed=head_dim + mode)
+    assert q.shape[-1] == head_dim
+    check_against_float64(mode, torch.float16, q, k, v, kwargs, fwd=fwd, bwd=bwd)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype_name", INTERPRETED_DTYPES)
 @pytest.mark.parametrize("head_dim", [32, 64, 128])

@@ -100,12 +100,12 @@ def test_launcher_grid_for_batch_1024_by_64_heads(monkeypatch, mode):
     mask = _mask_args(mode, batch, length, meta)
     out, lse = launcher._forward(q, k, v, None, mask)
     launcher._backward(q, k, v, out, lse, torch.empty_like(out), None, mask)
-    fwd, bwd = default_block_configs(head_dim, torch.float16)
+    fwd, (dkdv, dq) = default_block_configs(head_dim, torch.float16)
     want = {"_fwd_kernel": triton.cdiv(length, fwd.block_m),
             "_bwd_preprocess_kernel": triton.cdiv(length, launcher._preprocess_blocks(
                 head_dim)[1]),
-            "_bwd_dkdv_kernel": triton.cdiv(length, bwd.block_n),
-            "_bwd_dq_kernel": triton.cdiv(length, bwd.block_m)}
+            "_bwd_dkdv_kernel": triton.cdiv(length, dkdv.block_n),
+            "_bwd_dq_kernel": triton.cdiv(length, dq.block_m)}
     for name, recorder in recorders.items():
         assert recorder.grids == [(want[name] * batch * heads,)], name
         for grid in recorder.grids:
