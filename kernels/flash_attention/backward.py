@@ -27,7 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .bias import _add_bias_grad, _distance_index, _position_run
+from .bias import _add_bias_grad, _position_run, _tile_bias
 from .dropout import _dropout_keep
 from .masks import (
     _free_key_end,
@@ -111,15 +111,13 @@ def _dkdv_tile(dk, dv, k, v, k_seg, k_pos, it, start_m, n_blocks_m, skip_from, s
         do = tl.load(do_ptrs, mask=d_valid[None, :], other=0.0)
         lse = tl.load(lse_head + offs_m)
         delta = tl.load(delta_head + offs_m)
+        visible = None
         if HAS_BIAS:
             q_pos = tl.load(QPOS + b * q_len + offs_m)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [M, N]
     if HAS_BIAS:
-        idx = _distance_index(q_pos, k_pos, BIAS_RANGE)
-        if MASKED:
-            s += tl.load(bias_row + idx, mask=visible, other=0.0) * _LOG2E
-        else:
-            s += tl.load(bias_row + idx) * _LOG2E
+        bias, _ = _tile_bias(bias_row, q_pos, k_pos, visible, BIAS_RANGE, MASKED)
+        s += bias
     if MASKED:
         p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
     else:
@@ -242,11 +240,8 @@ def _dq_tile(dq, q, do, lse, delta, K, V, KSEG, KPOS, bias_row, dbias_row, start
             k_pos = tl.load(KPOS + b * k_len + offs_n)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
     if HAS_BIAS:
-        idx = _distance_index(q_pos, k_pos, BIAS_RANGE)
-        if MASKED:
-            s += tl.load(bias_row + idx, mask=visible, other=0.0) * _LOG2E
-        else:
-            s += tl.load(bias_row + idx) * _LOG2E
+        bias, idx = _tile_bias(bias_row, q_pos, k_pos, visible, BIAS_RANGE, MASKED)
+        s += bias
     if MASKED:
         p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
     else:

@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .modes import _LOG2E
 from .reference import relative_position_bucket
 
 
@@ -20,6 +21,19 @@ def _distance_index(q_pos, k_pos, BIAS_RANGE: tl.constexpr):
     rel = k_pos[None, :] - q_pos[:, None]
     rel = tl.minimum(tl.maximum(rel, -BIAS_RANGE), BIAS_RANGE)
     return rel + BIAS_RANGE
+
+
+@triton.jit
+def _tile_bias(bias_row, q_pos, k_pos, visible, BIAS_RANGE: tl.constexpr,
+               MASKED: tl.constexpr):
+    """The tile's [BLOCK_M, BLOCK_N] bias in log2 units and its distance indices; a masked
+    tile gathers only its visible elements, a free tile (``visible`` None) every one."""
+    idx = _distance_index(q_pos, k_pos, BIAS_RANGE)
+    if MASKED:
+        bias = tl.load(bias_row + idx, mask=visible, other=0.0)
+    else:
+        bias = tl.load(bias_row + idx)
+    return bias * _LOG2E, idx
 
 
 

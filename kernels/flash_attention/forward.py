@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .bias import _distance_index
+from .bias import _tile_bias
 from .dropout import _dropout_keep
 from .masks import (
     _free_key_end,
@@ -50,15 +50,13 @@ def _fwd_tile(acc, m_i, l_i, q, K, V, KSEG, KPOS, bias_row, start_n, offs_m, off
     else:
         k_t = tl.load(k_ptrs, mask=d_valid[:, None], other=0.0)
         v = tl.load(v_ptrs, mask=d_valid[None, :], other=0.0)
+        visible = None
         if HAS_BIAS:
             k_pos = tl.load(KPOS + b * k_len + offs_n)
     s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
     if HAS_BIAS:
-        idx = _distance_index(q_pos, k_pos, BIAS_RANGE)
-        if MASKED:
-            s += tl.load(bias_row + idx, mask=visible, other=0.0) * _LOG2E
-        else:
-            s += tl.load(bias_row + idx) * _LOG2E
+        bias, _ = _tile_bias(bias_row, q_pos, k_pos, visible, BIAS_RANGE, MASKED)
+        s += bias
     if MASKED:
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
