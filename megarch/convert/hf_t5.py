@@ -97,7 +97,8 @@ def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConvertError(f"{where}: model_type={model_type!r} is not supported; supported: "
-                           f"{', '.join(SUPPORTED_MODEL_TYPES)} (T5ForConditionalGeneration)")
+                           f"{', '.join(SUPPORTED_MODEL_TYPES)} (T5ForConditionalGeneration) "
+                           "and gemma (GemmaForCausalLM, a causal decoder)")
     ffn = hf.get("feed_forward_proj", "relu")
     if ffn not in SUPPORTED_FFN:
         raise ConvertError(f"{where}: feed_forward_proj={ffn!r} is not supported; supported: "

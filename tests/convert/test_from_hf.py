@@ -74,7 +74,7 @@ def _fails(argv, capsys, *words) -> str:
 
 @pytest.mark.parametrize("field, value, words", [
     ("feed_forward_proj", "relu", ("feed_forward_proj='relu'", "gated-gelu")),
-    ("model_type", "bart", ("model_type='bart'", "t5")),
+    ("model_type", "bart", ("model_type='bart'", "t5", "gemma (GemmaForCausalLM")),
     ("num_key_value_heads", 2, ("num_key_value_heads=2", "no grouped-query attention")),
 ])
 def test_unsupported_configs_are_refused_and_nothing_is_written(tmp_path, spiece, capsys,
