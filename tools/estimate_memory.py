@@ -128,17 +128,35 @@ def parameters_per_rank(cfg: ModelConfig, tp: int = 1, pp: int = 1, virtual_stag
 
 
 def _optimizer_bytes(cfg: ModelConfig, name: str, params: int, tp: int,
-                     layers: int | None = None, embedding: bool = True) -> float:
+                     layers: int | None = None, embedding: bool = True,
+                     cross_layers: int | None = None) -> float:
     """AdamW's or Adafactor's state of a rank holding ``params`` parameters, ``layers``
-    blocks (default all) and (``embedding``) a copy of the embedding table."""
+    blocks (default all), ``cross_layers`` of them with cross-attention (an encoder-decoder's
+    decoder blocks; default all of the model's) and (``embedding``) a copy of the embedding
+    table. Adafactor keeps a row and a column moment per matrix and a full one per vector
+    (the norms); with the defaults the count is the optimizer's to the byte."""
     if name == "adamw":
         return 8.0 * params
     d, a, kv, f = cfg.d_model, cfg.n_heads * cfg.kv_dim, cfg.kv_heads * cfg.kv_dim, cfg.d_ff
-    if layers is None:
+    whole = layers is None
+    if whole:
         layers = cfg.n_layers + (cfg.decoder_layers if cfg.is_encoder_decoder else 0)
+    if cross_layers is None:
+        cross_layers = cfg.decoder_layers if cfg.is_encoder_decoder and whole else 0
     attention = 2 * (d + a // tp) + 2 * (d + kv // tp)  # q, o; k, v
-    per_layer = 4 * (attention + 3 * (d + f // tp))  # row + column moments
-    return float(layers * per_layer + (4 * (cfg.vocab_size // tp + d) if embedding else 0))
+    table = cfg.rel_buckets + cfg.n_heads // tp if cfg.position == "t5_relative" else 0
+    per_block = attention + 3 * (d + f // tp) + 2 * d  # + the two norms' full moments
+    floats = layers * per_block + cross_layers * (attention + d)  # cross-attention, its norm
+    if cfg.rel_bias_shared:  # one table per stack (no pipeline then)
+        floats += table * (2 if cfg.is_encoder_decoder else 1)
+    else:
+        floats += layers * table
+    if whole:
+        floats += d * (2 if cfg.is_encoder_decoder else 1)  # the final norms
+    if embedding:  # the table; with the whole model untied, the output layer too
+        copies = 2 if whole and not cfg.tie_embeddings else 1
+        floats += copies * (cfg.vocab_size // tp + d)
+    return 4.0 * floats
 
 
 @dataclasses.dataclass
@@ -424,12 +442,16 @@ def estimate_config(cfg: TrainConfig, tp: int, pp: int, dp: int, zero1: bool,
         tables = set(embedding_ranks(layout, model))
         tables.add(layout.rank_of(layout.n_virtual - 1))  # the output layer
         for r in range(pp):
-            blocks = sum(len(layout.layers[layout.virtual(r, c)]) for c in range(virtual_stages))
-            ranks.append((counts[r], blocks, r in tables,
+            chunks_r = [layout.virtual(r, c) for c in range(virtual_stages)]
+            blocks = sum(len(layout.layers[k]) for k in chunks_r)
+            cross = sum(len(layout.layers[k]) for k in chunks_r
+                        if _chunk_kind(model, layout, k) == "cross")
+            ranks.append((counts[r], (blocks, cross), r in tables,
                           *pipeline_rank_peak(layout, r, n_micro, stored, transient)))
     rows = []
     for r, (params, blocks, table, peak, stored, backward, live) in enumerate(ranks):
-        optimizer = _optimizer_bytes(model, cfg.optim.name, params, tp, blocks, table)
+        layers, cross = blocks if blocks is not None else (None, None)
+        optimizer = _optimizer_bytes(model, cfg.optim.name, params, tp, layers, table, cross)
         optimizer /= dp if zero1 else 1
         # the all-reduce's one bucket, after the backward (larger gradients go in place)
         allreduce = min(cfg.parallel.grad_bucket_mb * 2**20, 4.0 * params) if dp > 1 else 0.0

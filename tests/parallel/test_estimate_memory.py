@@ -22,11 +22,14 @@ import torch
 
 from megarch.config.model import ModelConfig
 from megarch.config.presets import tiny_model
+from megarch.config.train import OptimConfig
 from megarch.model import PipelineLayout, build_model, build_stage, lm_loss, pipeline_layout
 from megarch.parallel import partition_dims
 from megarch.parallel.context import ParallelContext
 from megarch.parallel.spawn import spawn
+from megarch.training.optim import build_optimizer
 from tools.estimate_memory import (
+    _optimizer_bytes,
     activation_bytes,
     chunk_activation_bytes,
     estimate,
@@ -402,3 +405,24 @@ def test_gpu_check_one_billion_run_is_a_valid_config_that_fits():
     assert 0.9e9 < config_parameter_count(cfg.model) < 1.2e9
     assert cfg.run.precision == "bf16"
     assert estimate_config(cfg, 1, 1, 1, False)["total_GiB"] < FIT_FRACTION * A100_GIB
+
+
+@pytest.mark.parametrize("arch", ["causal_decoder", "encoder_decoder"])
+@pytest.mark.parametrize("change", [{}, {"tie_embeddings": False}, {"rel_bias_shared": True},
+                                    {"position": "rotary"}, {"n_kv_heads": 1}])
+def test_adafactor_state_estimate_is_the_optimizers_to_the_byte(arch, change):
+    """Adafactor's factored state as estimated (row + column moments per matrix, cross-attention
+    of the decoder blocks included, full moments of the norms) equals the tensors a real step
+    leaves in the optimizer's state."""
+    cfg = tiny_model(arch)
+    for name, value in change.items():
+        setattr(cfg, name, value)
+    model = build_model(cfg.validate(), seed=0)
+    optimizer = build_optimizer(OptimConfig(name="adafactor"), model)
+    for param in model.parameters():
+        param.grad = torch.ones_like(param)
+    optimizer.step()
+    measured = sum(t.numel() * t.element_size() for state in optimizer.state.values()
+                   for key, t in state.items() if key != "step")
+    params = sum(p.numel() for p in model.parameters())
+    assert _optimizer_bytes(cfg, "adafactor", params, tp=1) == measured
