@@ -76,7 +76,8 @@ def block_parameters(cfg: ModelConfig, kind: str, tp: int = 1) -> int:
     """Parameters of one block on one TP rank: ``self`` (decoder-only or encoder layer) or
     ``cross`` (encoder-decoder decoder layer); norms whole, the rest split over tp."""
     d, a, kv, f = cfg.d_model, cfg.n_heads * cfg.kv_dim, cfg.kv_heads * cfg.kv_dim, cfg.d_ff
-    bias = cfg.rel_buckets * cfg.n_heads if cfg.position == "t5_relative" else 0
+    own_table = cfg.position == "t5_relative" and not cfg.rel_bias_shared
+    bias = cfg.rel_buckets * cfg.n_heads if own_table else 0  # (shared: stage_parameters)
     attention = 2 * d * a + 2 * d * kv  # q, o; k, v (n_kv_heads)
     if kind == "self":
         return (attention + 3 * d * f + bias) // tp + 2 * d
@@ -104,6 +105,8 @@ def stage_parameters(cfg: ModelConfig, tp: int = 1, pp: int = 1, virtual_stages:
         count = cfg.n_layers * block_parameters(cfg, "self", tp) + d + 2 * embedding
         if cfg.is_encoder_decoder:
             count += cfg.decoder_layers * block_parameters(cfg, "cross", tp) + d
+        if cfg.rel_bias_shared:  # one table per stack (no pipeline then)
+            count += (cfg.rel_buckets * cfg.n_heads // tp) * (1 + cfg.is_encoder_decoder)
         return [count - (embedding if cfg.tie_embeddings else 0)]
     from megarch.model import embedding_ranks
 

@@ -44,14 +44,16 @@ ARCHS = ("causal_decoder", "nonc_decoder", "encoder_decoder")
 ENC_LEN, DEC_LEN, ED_DEC_LEN, MICRO = 32, 32, 16, 2
 
 
-@pytest.mark.parametrize("kv_heads", [None, 4 // 2])
+@pytest.mark.parametrize("kv_heads, shared_bias", [(None, False), (4 // 2, False),
+                                                   (None, True)])
 @pytest.mark.parametrize("arch", ["causal_decoder", "encoder_decoder"])
 @pytest.mark.parametrize("tp", [1, 2, 4])
-def test_parameters_per_rank_match_the_tp_shards(arch, tp, kv_heads):
+def test_parameters_per_rank_match_the_tp_shards(arch, tp, kv_heads, shared_bias):
     if kv_heads is not None and kv_heads % tp:
         pytest.skip("tp must divide model.n_kv_heads")
     cfg = tiny_model(arch)
     cfg.n_kv_heads = kv_heads
+    cfg.rel_bias_shared = shared_bias  # one bias table per stack
     model = build_model(cfg, "meta")
     dims = partition_dims(model)
     shard = sum(p.numel() // (tp if dims[n] is not None else 1)
