@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 
 from megarch.config.model import ModelConfig
-from megarch.convert.hf_t5 import ConvertError
+from megarch.convert.hf_t5 import ConvertError, checked_model_config
 
 
 def check_gemma_exportable(cfg: ModelConfig) -> None:
@@ -117,10 +117,11 @@ def model_config_from_gemma(hf: dict, where: str = "config.json") -> ModelConfig
     if rope.get("rope_type", "default") != "default" or hf.get("rope_scaling"):
         raise ConvertError(f"{where}: rope scaling ({rope or hf.get('rope_scaling')}) is not "
                            "supported; only the default rotary embedding maps to megarch")
-    try:
+
+    def fields() -> dict:  # (a missing field raises KeyError: checked_model_config)
         heads = int(hf["num_attention_heads"])
         kv_heads = int(hf.get("num_key_value_heads") or heads)
-        cfg = ModelConfig(
+        return dict(
             arch="causal_decoder", position="rotary", vocab_size=int(hf["vocab_size"]),
             d_model=int(hf["hidden_size"]), n_heads=heads,
             n_kv_heads=None if kv_heads == heads else kv_heads,
@@ -130,13 +131,8 @@ def model_config_from_gemma(hf: dict, where: str = "config.json") -> ModelConfig
             norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             tie_embeddings=hf.get("tie_word_embeddings", True) is not False,
         )
-    except KeyError as err:
-        raise ConvertError(f"{where}: field {err.args[0]!r} is missing; a Gemma config has it") \
-            from None
-    try:
-        return cfg.validate()
-    except ValueError as err:
-        raise ConvertError(f"{where}: maps to an invalid megarch model: {err}") from None
+
+    return checked_model_config(fields, where, "Gemma")
 
 
 def gemma_to_megarch(cfg: ModelConfig, get: Callable[[str], torch.Tensor | None],

@@ -92,6 +92,20 @@ def hf_scales_output(hf: dict) -> bool:
     return hf.get("tie_word_embeddings", True) is not False
 
 
+def checked_model_config(fields: Callable[[], dict], where: str, family: str) -> ModelConfig:
+    """``ModelConfig(**fields())``, validated: a field missing from the HF config (a KeyError
+    of ``fields``) or an invalid result is one :class:`ConvertError` naming ``where``."""
+    try:
+        cfg = ModelConfig(**fields())
+    except KeyError as err:
+        raise ConvertError(f"{where}: field {err.args[0]!r} is missing; a {family} config has "
+                           "it") from None
+    try:
+        return cfg.validate()
+    except ValueError as err:
+        raise ConvertError(f"{where}: maps to an invalid megarch model: {err}") from None
+
+
 def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
     """The megarch :class:`ModelConfig` computing the same function as HF config ``hf``."""
     model_type = hf.get("model_type")
@@ -115,26 +129,18 @@ def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         raise ConvertError(f"{where}: num_key_value_heads={kv_heads} with num_heads="
                            f"{hf.get('num_heads')}: T5 has no grouped-query attention; only "
                            "multi-head T5 configs are supported")
-    try:
-        cfg = ModelConfig(
-            arch="encoder_decoder", vocab_size=int(hf["vocab_size"]),
-            d_model=int(hf["d_model"]), n_heads=int(hf["num_heads"]),
-            head_dim=int(hf["d_kv"]), d_ff=int(hf["d_ff"]), n_layers=int(hf["num_layers"]),
-            n_decoder_layers=int(hf.get("num_decoder_layers") or hf["num_layers"]),
-            dropout=float(hf.get("dropout_rate", 0.0)),
-            rel_buckets=int(hf.get("relative_attention_num_buckets", 32)),
-            rel_max_distance=int(hf.get("relative_attention_max_distance", 128)),
-            rel_bias_shared=True, position="t5_relative",
-            norm_eps=float(hf.get("layer_norm_epsilon", 1e-6)),
-            tie_embeddings=hf_scales_output(hf),
-        )
-    except KeyError as err:
-        raise ConvertError(f"{where}: field {err.args[0]!r} is missing; a T5 config has it") \
-            from None
-    try:
-        return cfg.validate()
-    except ValueError as err:
-        raise ConvertError(f"{where}: maps to an invalid megarch model: {err}") from None
+    return checked_model_config(lambda: dict(
+        arch="encoder_decoder", vocab_size=int(hf["vocab_size"]),
+        d_model=int(hf["d_model"]), n_heads=int(hf["num_heads"]),
+        head_dim=int(hf["d_kv"]), d_ff=int(hf["d_ff"]), n_layers=int(hf["num_layers"]),
+        n_decoder_layers=int(hf.get("num_decoder_layers") or hf["num_layers"]),
+        dropout=float(hf.get("dropout_rate", 0.0)),
+        rel_buckets=int(hf.get("relative_attention_num_buckets", 32)),
+        rel_max_distance=int(hf.get("relative_attention_max_distance", 128)),
+        rel_bias_shared=True, position="t5_relative",
+        norm_eps=float(hf.get("layer_norm_epsilon", 1e-6)),
+        tie_embeddings=hf_scales_output(hf),
+    ), where, "T5")
 
 
 def hf_config_from_model(cfg: ModelConfig, model_type: str = "t5", pad_id: int = 0,

@@ -181,3 +181,22 @@ def test_greedy_generation_with_the_cache_is_transformers(tmp_path, spiece):
         if tok.eos_id in expected:
             expected = expected[: expected.index(tok.eos_id) + 1]
         assert got == expected and len(got) >= 5
+
+
+@pytest.mark.parametrize("family, drop", [("T5", "d_model"), ("Gemma", "hidden_size")])
+def test_a_missing_config_field_is_one_error_naming_it(family, drop):
+    from megarch.convert.hf_gemma import model_config_from_gemma
+    from megarch.convert.hf_t5 import model_config_from_hf
+
+    if family == "T5":
+        hf, read = hf_config(False), model_config_from_hf
+    else:
+        hf = {"model_type": "gemma", "vocab_size": VOCAB, "hidden_size": 32,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+              "intermediate_size": 64, "num_hidden_layers": 2}
+        read = model_config_from_gemma
+        assert read(dict(hf), "x/config.json").n_kv_heads == 2  # complete: it reads
+    del hf[drop]
+    with pytest.raises(ConvertError, match=f"x/config.json: field '{drop}' is missing; a "
+                                           f"{family} config has it"):
+        read(hf, "x/config.json")
