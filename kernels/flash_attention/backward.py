@@ -68,6 +68,25 @@ def _bwd_preprocess_kernel(
 
 
 @triton.jit
+def _recompute_probs(q, k, lse, qk_scale, bias_row, q_pos, k_pos, visible,
+                     HAS_BIAS: tl.constexpr, BIAS_RANGE: tl.constexpr, MASKED: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
+    """The tile's probabilities P = exp2(S - lse) recomputed from q [M, D] and k [N, D] (the
+    bias added; a masked tile zeroes what is not ``visible``) and the bias's distance indices
+    (0 without bias): the start both backward tiles share."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+    idx = 0  # (a placeholder without bias: None does not compile as a return value)
+    if HAS_BIAS:
+        bias, idx = _tile_bias(bias_row, q_pos, k_pos, visible, BIAS_RANGE, MASKED)
+        s += bias
+    if MASKED:
+        p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
+    else:
+        p = tl.exp2(s - lse[:, None])
+    return p, idx
+
+
+@triton.jit
 def _dkdv_tile(dk, dv, k, v, k_seg, k_pos, it, start_m, n_blocks_m, skip_from, skip, h_kv,
                b, pid_n, offs_n, offs_d, d_valid, Q, DO, LSE, DELTA, QSEG, PREFIX, BIAS, QPOS,
                stride_qb, stride_qh, stride_qm, stride_qd,
@@ -112,16 +131,11 @@ def _dkdv_tile(dk, dv, k, v, k_seg, k_pos, it, start_m, n_blocks_m, skip_from, s
         lse = tl.load(lse_head + offs_m)
         delta = tl.load(delta_head + offs_m)
         visible = None
+        q_pos = None
         if HAS_BIAS:
             q_pos = tl.load(QPOS + b * q_len + offs_m)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [M, N]
-    if HAS_BIAS:
-        bias, _ = _tile_bias(bias_row, q_pos, k_pos, visible, BIAS_RANGE, MASKED)
-        s += bias
-    if MASKED:
-        p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
-    else:
-        p = tl.exp2(s - lse[:, None])
+    p, _ = _recompute_probs(q, k, lse, qk_scale, bias_row, q_pos, k_pos, visible, HAS_BIAS,
+                            BIAS_RANGE, MASKED, DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
     if HAS_DROPOUT:  # dV = (P o Z)^T dO, dP = Z o (dO V^T) (the _backward docstring)
         keep = _dropout_keep(seed, pid_bh, offs_m, pid_n * BLOCK_N, k_len, dropout_p,
@@ -236,16 +250,11 @@ def _dq_tile(dq, q, do, lse, delta, K, V, KSEG, KPOS, bias_row, dbias_row, start
         k = tl.load(k_ptrs, mask=d_valid[None, :], other=0.0)
         v_t = tl.load(v_ptrs, mask=d_valid[:, None], other=0.0)
         visible = None  # (no mask on the bias gradient's per-element atomics)
+        k_pos = None
         if HAS_BIAS:
             k_pos = tl.load(KPOS + b * k_len + offs_n)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-    if HAS_BIAS:
-        bias, idx = _tile_bias(bias_row, q_pos, k_pos, visible, BIAS_RANGE, MASKED)
-        s += bias
-    if MASKED:
-        p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
-    else:
-        p = tl.exp2(s - lse[:, None])
+    p, idx = _recompute_probs(q, k, lse, qk_scale, bias_row, q_pos, k_pos, visible, HAS_BIAS,
+                              BIAS_RANGE, MASKED, DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
     dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
     if HAS_DROPOUT:  # dP = Z o (dO V^T) (the _backward docstring)
         keep = _dropout_keep(seed, pid_bh, offs_m, start_n, k_len, dropout_p, BLOCK_M, BLOCK_N)
