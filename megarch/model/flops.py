@@ -50,12 +50,12 @@ _PEAK_BF16 = (
 
 def config_parameter_count(cfg: ModelConfig) -> int:
     """Parameters of the model ``cfg`` describes, in closed form (no model is built)."""
-    d, a, kv, f = cfg.d_model, cfg.n_heads * cfg.kv_dim, cfg.kv_heads * cfg.kv_dim, cfg.d_ff
+    d = cfg.d_model
     bias_table = cfg.rel_buckets * cfg.n_heads if cfg.position == "t5_relative" else 0
     shared = bias_table if cfg.rel_bias_shared else 0  # one table per stack, not per layer
     per_layer_bias = 0 if cfg.rel_bias_shared else bias_table
-    attention = 2 * d * a + 2 * d * kv  # q, o; k, v
-    self_block = attention + 3 * d * f + 2 * d + per_layer_bias  # attention, GEGLU, 2 norms
+    attention = _attention_matmul(cfg)
+    self_block = _stack_matmul(cfg) + 2 * d + per_layer_bias  # attention, GEGLU, 2 norms
     total = cfg.vocab_size * d + (0 if cfg.tie_embeddings else cfg.vocab_size * d)
     total += cfg.n_layers * self_block + d + shared  # layers and the final (encoder) norm
     if cfg.is_encoder_decoder:
@@ -64,10 +64,14 @@ def config_parameter_count(cfg: ModelConfig) -> int:
     return total
 
 
+def _attention_matmul(cfg: ModelConfig) -> int:
+    """2 d a + 2 d k: one attention's projections (q, o; k, v of the KV heads)."""
+    return 2 * cfg.d_model * cfg.kv_dim * (cfg.n_heads + cfg.kv_heads)
+
+
 def _stack_matmul(cfg: ModelConfig) -> int:
     """P of the module docstring: one self-attention layer's matmul weights."""
-    d, head = cfg.d_model, cfg.kv_dim
-    return 2 * d * cfg.n_heads * head + 2 * d * cfg.kv_heads * head + 3 * d * cfg.d_ff
+    return _attention_matmul(cfg) + 3 * cfg.d_model * cfg.d_ff
 
 
 def model_flops_per_sample(
